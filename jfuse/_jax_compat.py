@@ -1,0 +1,95 @@
+"""The few private JAX internals jfuse needs, behind one small surface.
+
+JAX's jaxpr internals drift between releases (jfuse supports jax 0.10 through 0.12). Everything
+that reaches into ``jax._src`` lives here, so a JAX change touches this file and nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Iterator
+
+import jax
+from jax._src import source_info_util
+from jax.extend import core as jex_core
+
+ClosedJaxpr = jex_core.ClosedJaxpr
+Jaxpr = jex_core.Jaxpr
+JaxprEqn = jex_core.JaxprEqn
+Literal = jex_core.Literal
+Var = jex_core.Var
+DropVar = jex_core.DropVar
+Tracer = jax.core.Tracer
+
+_JFUSE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+# Frames from these libraries are "how the model was built", not "where the user wrote it": the
+# report points past them to the user's own line when there is one.
+_LIBRARY_MARKERS = tuple(
+    os.sep + name + os.sep for name in ("flax", "equinox", "haiku", "optax", "chex")
+)
+
+
+def bind_params(eqn: JaxprEqn) -> dict[str, Any]:
+    """The params to re-bind ``eqn.primitive`` with (a dict on every supported JAX)."""
+    params = eqn.primitive.get_bind_params(eqn.params)
+    if isinstance(params, tuple):  # (subfuns, params) on JAX older than 0.9.2
+        raise NotImplementedError("jfuse needs jax >= 0.10")
+    return params
+
+
+@contextlib.contextmanager
+def equation_context(eqn: JaxprEqn) -> Iterator[None]:
+    """Re-bind under the equation's own source info and context, as ``core.eval_jaxpr`` does.
+
+    Keeping the user's traceback on every re-traced equation is what lets the fusion report (and
+    XLA's HLO metadata) point at the user's source line after jfuse rewrote the jaxpr.
+    """
+    name_stack = source_info_util.current_name_stack() + eqn.source_info.name_stack
+    with source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack):
+        with eqn.ctx.manager:
+            yield
+
+
+def _is_user_file(file_name: str) -> bool:
+    return not file_name.startswith(_JFUSE_DIR) and not any(
+        marker in file_name for marker in _LIBRARY_MARKERS
+    )
+
+
+def user_source_line(eqn: JaxprEqn) -> str:
+    """``file:line (function)`` of the user's code that produced ``eqn``.
+
+    Skips JAX's own frames (as ``source_info_util.summarize`` does) and also jfuse's and model
+    libraries' frames, so a ``flax.linen.Dense`` points at the user's module, not at Flax.
+    """
+    frames = list(source_info_util.user_frames(eqn.source_info.traceback))
+    if not frames:
+        return "unknown"
+    chosen = next((f for f in frames if _is_user_file(f.file_name)), frames[0])
+    return f"{chosen.file_name}:{chosen.start_line} ({chosen.function_name})"
+
+
+def jaxpr_params(eqn: JaxprEqn) -> list[tuple[str, Any]]:
+    """(name, value) of every param of ``eqn`` that holds a jaxpr or a tuple of jaxprs."""
+    found = []
+    for name, value in eqn.params.items():
+        if isinstance(value, (ClosedJaxpr, Jaxpr)):
+            found.append((name, value))
+        elif isinstance(value, tuple) and value and all(
+            isinstance(v, (ClosedJaxpr, Jaxpr)) for v in value
+        ):
+            found.append((name, value))
+    return found
+
+
+def open_and_consts(jaxpr: ClosedJaxpr | Jaxpr) -> tuple[Jaxpr, list[Any]]:
+    """Split a jaxpr param into its open jaxpr and its constants."""
+    if isinstance(jaxpr, ClosedJaxpr):
+        return jaxpr.jaxpr, list(jaxpr.consts)
+    return jaxpr, []
+
+
+def make_closed_jaxpr(fn, avals) -> ClosedJaxpr:
+    """Trace ``fn`` on abstract values (weak types kept) to a closed jaxpr."""
+    return jax.make_jaxpr(fn)(*avals)

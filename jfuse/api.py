@@ -1,0 +1,300 @@
+"""``jfuse.jit``, ``jfuse.fuse`` and ``jfuse.explain``: the public entry points.
+
+``fuse(fn)`` is the rewrite alone. Each call flattens the arguments, traces ``fn`` to a jaxpr,
+rewrites it (see :mod:`jfuse.rewrite`) and evaluates the result with ``jax.core.eval_jaxpr`` under
+whatever transformation is active, so ``jax.grad(fuse(f))``, ``jax.vmap``, ``jax.jvp``,
+``jax.checkpoint`` and ``jax.jit`` compose with it. Rewrites are cached per abstract signature
+(treedef, shapes, dtypes, weak types, shardings and the values of non-array arguments).
+
+``jit(fn)`` is ``jax.jit(fuse(fn))`` with jax.jit's own arguments passed through, so the object it
+returns lowers, traces and compiles exactly like jax.jit's.
+
+Nothing here may break a program that ``jax.jit`` runs: if tracing for the rewrite fails, ``fn``
+runs as it is; if the rewrite fails, the unfused jaxpr runs; both with a warning and the reason
+in the report.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import inspect
+import logging
+import warnings
+from typing import Any, Callable, Iterable
+
+import jax
+import numpy as np
+
+from jfuse import _jax_compat as jc
+from jfuse.config import FuseOptions, raise_internal_errors
+from jfuse.report import FusionReport
+from jfuse.rewrite import Rewriter
+
+logger = logging.getLogger("jfuse")
+
+_CACHE_SIZE = 64
+
+
+def _is_array_leaf(leaf: Any) -> bool:
+    return isinstance(leaf, (jax.Array, np.ndarray, np.generic, jc.Tracer))
+
+
+def _aval_key(leaf: Any) -> Any:
+    aval = jax.typeof(leaf)
+    sharding = getattr(leaf, "sharding", None) if not isinstance(leaf, jc.Tracer) else None
+    return (aval.shape, str(aval.dtype), getattr(aval, "weak_type", False), str(sharding))
+
+
+def _describe_function(fn: Callable) -> str:
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+    try:
+        target = inspect.unwrap(fn)
+        file = inspect.getsourcefile(target) or "?"
+        line = target.__code__.co_firstlineno
+        return f"{name} ({file}:{line})"
+    except (TypeError, AttributeError, OSError):
+        return name
+
+
+def _describe_signature(leaves) -> str:
+    parts = []
+    for leaf in leaves:
+        aval = jax.typeof(leaf)
+        parts.append(f"{aval.str_short()}" if hasattr(aval, "str_short") else str(aval))
+    return ", ".join(parts) or "()"
+
+
+class _Compiled:
+    """The rewrite of one signature, ready to evaluate."""
+
+    def __init__(self, jaxpr: jc.ClosedJaxpr, consts, out_tree, report: FusionReport,
+                 consts_as_inputs: bool, cacheable: bool):
+        self.jaxpr = jaxpr
+        self.consts = list(consts)
+        self.out_tree = out_tree
+        self.report = report
+        self.consts_as_inputs = consts_as_inputs
+        self.cacheable = cacheable
+
+    def __call__(self, dynamic: list) -> Any:
+        if self.consts_as_inputs:
+            outs = jax.core.eval_jaxpr(self.jaxpr.jaxpr, self.jaxpr.consts, *self.consts, *dynamic)
+        else:
+            outs = jax.core.eval_jaxpr(self.jaxpr.jaxpr, self.consts, *dynamic)
+        return jax.tree_util.tree_unflatten(self.out_tree, outs)
+
+
+class FusedFunction:
+    """``fn`` with jfuse's rewrite applied on every call; see :func:`fuse`.
+
+    Attributes:
+      last_report: the :class:`FusionReport` of the most recent new signature.
+      reports: reports of the cached signatures, most recent last.
+    """
+
+    def __init__(self, fn: Callable, options: FuseOptions):
+        functools.update_wrapper(self, fn)
+        self._fn = fn
+        self._options = options
+        self._cache: collections.OrderedDict[Any, _Compiled] = collections.OrderedDict()
+        self.last_report: FusionReport | None = None
+        self.trace_count = 0
+
+    @property
+    def reports(self) -> list[FusionReport]:
+        return [entry.report for entry in self._cache.values()]
+
+    def __get__(self, instance, owner=None):
+        # Used as a method decorator: bind like a function would.
+        return self if instance is None else functools.partial(self, instance)
+
+    def __call__(self, *args, **kwargs):
+        leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+        dynamic_positions = [i for i, leaf in enumerate(leaves) if _is_array_leaf(leaf)]
+        dynamic = [leaves[i] for i in dynamic_positions]
+        static = tuple(
+            (i, leaf) for i, leaf in enumerate(leaves) if i not in set(dynamic_positions)
+        )
+        key = self._cache_key(treedef, dynamic, static)
+        entry = self._cache.get(key) if key is not None else None
+        if entry is None:
+            entry = self._build(leaves, treedef, dynamic_positions, dynamic)
+            if entry is None:  # could not trace: run as written (eager code, or a user error)
+                return self._fn(*args, **kwargs)
+            if key is not None and entry.cacheable:
+                self._cache[key] = entry
+                while len(self._cache) > _CACHE_SIZE:
+                    self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(key)
+        return entry(dynamic)
+
+    def _cache_key(self, treedef, dynamic, static) -> Any:
+        try:
+            key = (
+                treedef,
+                tuple(_aval_key(d) for d in dynamic),
+                static,
+                bool(jax.config.jax_enable_x64),
+            )
+            hash(key)
+            return key
+        except TypeError:  # an unhashable non-array argument: no caching
+            return None
+
+    def _build(self, leaves, treedef, dynamic_positions, dynamic) -> _Compiled | None:
+        self.trace_count += 1
+
+        def flat_fn(*dynamic_values):
+            filled = list(leaves)
+            for i, value in zip(dynamic_positions, dynamic_values):
+                filled[i] = value
+            a, k = jax.tree_util.tree_unflatten(treedef, filled)
+            return self._fn(*a, **k)
+
+        try:
+            closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*dynamic)
+        except Exception:
+            return None
+        out_tree = jax.tree_util.tree_structure(out_shape)
+        cacheable = not any(isinstance(c, jc.Tracer) for c in closed.consts)
+        report = FusionReport(_describe_function(self._fn), _describe_signature(dynamic))
+        try:
+            rewriter = Rewriter(self._options)
+            rewritten = rewriter.rewrite(closed.jaxpr, closed.consts, consts_as_inputs=True)
+            rewriter.report.function, rewriter.report.signature = report.function, report.signature
+            report = rewriter.report
+            entry = _Compiled(rewritten, closed.consts, out_tree, report, True, cacheable)
+        except Exception as error:
+            if raise_internal_errors():
+                raise
+            message = (
+                f"the rewrite failed ({type(error).__name__}: {error}); the function runs unfused"
+            )
+            warnings.warn("jfuse: " + message, RuntimeWarning, stacklevel=3)
+            report.fallbacks.append(message)
+            entry = _Compiled(closed, closed.consts, out_tree, report, False, cacheable)
+        self.last_report = report
+        logger.info("%s", report)
+        if self._options.should_print_report():
+            print(report)
+        return entry
+
+
+def fuse(
+    fn: Callable | None = None,
+    *,
+    patterns: Iterable[str] | None = None,
+    implementation: str | None = None,
+    report: bool | None = None,
+) -> Any:
+    """The jfuse rewrite of ``fn``, as a function that composes with every JAX transformation.
+
+    Args:
+      fn: the function to rewrite. Also usable as ``@jfuse.fuse`` or ``@jfuse.fuse(...)``.
+      patterns: names of the patterns to apply (default: all, minus ``JFUSE_DISABLE``).
+      implementation: implementation for the fused ops (see :func:`jfuse.ops.linear`).
+      report: print the fusion report once per new signature (default: ``JFUSE_REPORT=1``).
+
+    Example::
+
+        grads = jax.jit(jax.grad(jfuse.fuse(loss)))(params, batch)
+    """
+    options = FuseOptions.create(patterns, implementation, report)
+    if fn is None:
+        return lambda f: FusedFunction(f, options)
+    return FusedFunction(fn, options)
+
+
+class JittedFusedFunction:
+    """What :func:`jit` returns: call it, ``.lower(...)`` or ``.trace(...)`` it like jax.jit's."""
+
+    def __init__(self, fused: FusedFunction, jitted):
+        functools.update_wrapper(self, fused._fn)
+        self._fused = fused
+        self._jitted = jitted
+
+    def __call__(self, *args, **kwargs):
+        return self._jitted(*args, **kwargs)
+
+    def __get__(self, instance, owner=None):
+        return self if instance is None else functools.partial(self, instance)
+
+    def lower(self, *args, **kwargs):
+        return self._jitted.lower(*args, **kwargs)
+
+    def trace(self, *args, **kwargs):
+        return self._jitted.trace(*args, **kwargs)
+
+    def eval_shape(self, *args, **kwargs):
+        return self._jitted.eval_shape(*args, **kwargs)
+
+    @property
+    def report(self) -> FusionReport | None:
+        """The fusion report of the most recently compiled signature."""
+        return self._fused.last_report
+
+    @property
+    def reports(self) -> list[FusionReport]:
+        return self._fused.reports
+
+    @property
+    def trace_count(self) -> int:
+        """How many times jfuse traced ``fn`` (once per new signature)."""
+        return self._fused.trace_count
+
+
+def jit(
+    fn: Callable | None = None,
+    *,
+    patterns: Iterable[str] | None = None,
+    implementation: str | None = None,
+    report: bool | None = None,
+    **jit_kwargs,
+) -> Any:
+    """A drop-in ``jax.jit`` that fuses ``fn`` first.
+
+    Every keyword jax.jit takes (``static_argnums``, ``static_argnames``, ``donate_argnums``,
+    ``in_shardings``, ``out_shardings``, ...) is passed through. The result lowers like jax.jit's:
+    ``jfuse.jit(f).lower(*args).compile().memory_analysis()`` and
+    ``jfuse.jit(f).trace(*args).lower(lowering_platforms=("tpu",))`` work.
+
+    Example::
+
+        @jfuse.jit(report=True)
+        def train_step(params, batch):
+            return jax.value_and_grad(loss)(params, batch)
+    """
+    if fn is None:
+        return lambda f: jit(
+            f, patterns=patterns, implementation=implementation, report=report, **jit_kwargs
+        )
+    fused = fuse(fn, patterns=patterns, implementation=implementation, report=report)
+    return JittedFusedFunction(fused, jax.jit(fused, **jit_kwargs))
+
+
+def explain(
+    fn: Callable,
+    *,
+    patterns: Iterable[str] | None = None,
+    implementation: str | None = None,
+    **jit_kwargs,
+) -> Callable[..., FusionReport]:
+    """What jfuse would do to ``fn``, without running it.
+
+    Returns a function taking ``fn``'s arguments (arrays or ``jax.ShapeDtypeStruct``) and
+    returning the :class:`FusionReport`. Only tracing happens: nothing is compiled or executed.
+
+    Example::
+
+        print(jfuse.explain(mlp)(params, jax.ShapeDtypeStruct((8, 512), jnp.float32)))
+    """
+    fused = fuse(fn, patterns=patterns, implementation=implementation, report=False)
+    jitted = jax.jit(fused, **jit_kwargs)
+
+    def run(*args, **kwargs) -> FusionReport:
+        jitted.trace(*args, **kwargs)
+        return fused.last_report
+
+    return run

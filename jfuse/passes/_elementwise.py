@@ -1,0 +1,302 @@
+"""Recognize an elementwise function of one value by what it computes, not how it is spelled.
+
+Activations reach a jaxpr in many spellings: ``jax.nn.silu`` (an inlined jit), ``x *
+sigmoid(x)``, ``x / (1 + exp(-x))``; GELU as JAX writes it, as PyTorch users write it, with bf16
+constants; upcasts to f32 around any of them. Instead of a template per spelling, this module
+collects the region of elementwise equations that depends on one value ``v`` and nothing else
+(literals aside), and evaluates candidate exits of that region in float64 on probe points spread
+over [-12, 12]. A candidate is the activation whose float64 reference it matches within the
+rounding of the narrowest dtype the region computes in.
+
+ReLU is the one activation whose derivative convention at 0 differs between spellings, so it is
+recognized by structure only: ``jax.nn.relu`` (custom_jvp, derivative 0 at 0), ``where(x > 0, x,
+0)`` (0 at 0) and ``max(x, 0)`` (0.5 at 0, JAX's tie rule) each map to the activation with the
+same derivative.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import numpy as np
+
+from jfuse import _jax_compat as jc
+from jfuse.graph import Graph, literal_value
+
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+_erfc = np.vectorize(math.erfc, otypes=[np.float64])
+
+
+def _sigmoid(x):
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+# float64 references of the smooth activations (see jfuse.ops.activations for the kernels').
+SMOOTH_REFERENCES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "silu": lambda x: x * _sigmoid(x),
+    "sigmoid": _sigmoid,
+    "tanh": np.tanh,
+    "gelu": lambda x: 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0))),
+    "gelu_tanh": lambda x: 0.5
+    * x
+    * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3))),
+}
+
+_PROBE = np.concatenate([np.linspace(-12.0, 12.0, 193), [-0.3, 0.7, 1.9, -2.6]])
+
+_UNARY_NUMPY: dict[str, Callable[..., np.ndarray]] = {
+    "neg": np.negative,
+    "exp": np.exp,
+    "exp2": np.exp2,
+    "log": np.log,
+    "log1p": np.log1p,
+    "expm1": np.expm1,
+    "tanh": np.tanh,
+    "logistic": _sigmoid,
+    "erf": _erf,
+    "erfc": _erfc,
+    "sqrt": np.sqrt,
+    "rsqrt": lambda x: 1.0 / np.sqrt(x),
+    "abs": np.abs,
+    "square": np.square,
+    "sign": np.sign,
+    "copy": lambda x: x,
+    "copy_p": lambda x: x,
+    "reduce_precision": lambda x: x,
+}
+_BINARY_NUMPY: dict[str, Callable[..., np.ndarray]] = {
+    "add": np.add,
+    "sub": np.subtract,
+    "mul": np.multiply,
+    "div": np.divide,
+    "max": np.maximum,
+    "min": np.minimum,
+    "pow": np.power,
+    "gt": np.greater,
+    "ge": np.greater_equal,
+    "lt": np.less,
+    "le": np.less_equal,
+    "eq": np.equal,
+    "ne": np.not_equal,
+}
+
+
+def _is_relu_custom_jvp(eqn: jc.JaxprEqn) -> bool:
+    """``jax.nn.relu``: a custom_jvp named relu whose body is max(x, 0) (after inner jits)."""
+    if eqn.primitive.name != "custom_jvp_call" or eqn.params.get("name") != "relu":
+        return False
+    body, _ = jc.open_and_consts(eqn.params["call_jaxpr"])
+    while len(body.eqns) == 1 and body.eqns[0].primitive.name in ("jit", "pjit"):
+        body, _ = jc.open_and_consts(body.eqns[0].params["jaxpr"])
+    return (
+        len(body.eqns) == 1
+        and body.eqns[0].primitive.name == "max"
+        and literal_value(body.eqns[0].invars[1]) == 0.0
+    )
+
+
+def _is_float(aval) -> bool:
+    return np.issubdtype(np.dtype(aval.dtype), np.floating) or str(aval.dtype) == "bfloat16"
+
+
+def _region_member(eqn: jc.JaxprEqn, shape: tuple) -> bool:
+    name = eqn.primitive.name
+    if eqn.effects or len(eqn.outvars) != 1 or tuple(eqn.outvars[0].aval.shape) != shape:
+        return False
+    if name in _UNARY_NUMPY or name in _BINARY_NUMPY or name in ("integer_pow", "select_n"):
+        return True
+    if name == "convert_element_type":
+        return _is_float(eqn.invars[0].aval) and _is_float(eqn.outvars[0].aval)
+    return _is_relu_custom_jvp(eqn)
+
+
+@dataclasses.dataclass
+class UnaryFunction:
+    """A recognized activation: ``output = activation(v)`` computed by ``eqns``."""
+
+    activation: str
+    output: jc.Var
+    eqns: list[jc.JaxprEqn]
+
+
+class _Region:
+    """Equations reachable from ``v`` that read only ``v``, each other and constants."""
+
+    def __init__(self, graph: Graph, v: jc.Var, max_eqns: int):
+        self.graph = graph
+        self.v = v
+        self.eqns: list[jc.JaxprEqn] = []
+        self.constants: dict[jc.Var, float] = {}  # scalar broadcasts feeding the region
+        self.constant_eqns: dict[jc.Var, jc.JaxprEqn] = {}
+        members: set[jc.Var] = {v}
+        frontier = [v]
+        seen: set[int] = set()
+        while frontier and len(self.eqns) < max_eqns:
+            var = frontier.pop()
+            for user in graph.users(var):
+                if id(user) in seen or not _region_member(user, tuple(v.aval.shape)):
+                    continue
+                if all(self._operand_ok(a, members) for a in user.invars):
+                    seen.add(id(user))
+                    self.eqns.append(user)
+                    members.add(user.outvars[0])
+                    frontier.append(user.outvars[0])
+        self.eqns.sort(key=graph.position)
+
+    def _operand_ok(self, atom: Any, members: set) -> bool:
+        if isinstance(atom, jc.Literal):
+            return literal_value(atom) is not None
+        if atom in members:
+            return True
+        producer = self.graph.producer(atom)
+        if (
+            producer is not None
+            and producer.primitive.name == "broadcast_in_dim"
+            and literal_value(producer.invars[0]) is not None
+        ):
+            self.constants[atom] = literal_value(producer.invars[0])
+            self.constant_eqns[atom] = producer
+            return True
+        return False
+
+    def scalar(self, atom: Any) -> float | None:
+        """The value of a scalar literal or of a broadcast scalar constant, else None."""
+        if isinstance(atom, jc.Literal):
+            return literal_value(atom)
+        return self.constants.get(atom)
+
+    def ancestors(self, out: jc.Var) -> list[jc.JaxprEqn]:
+        by_out = {e.outvars[0]: e for e in self.eqns}
+        needed: dict[int, jc.JaxprEqn] = {}
+        stack = [out]
+        while stack:
+            eqn = by_out.get(stack.pop())
+            if eqn is None or id(eqn) in needed:
+                continue
+            needed[id(eqn)] = eqn
+            stack.extend(a for a in eqn.invars if isinstance(a, jc.Var))
+        return sorted(needed.values(), key=self.graph.position)
+
+    def evaluate(self, eqns: list[jc.JaxprEqn], x: np.ndarray) -> np.ndarray | None:
+        env: dict[jc.Var, np.ndarray] = {self.v: x}
+
+        def read(atom):
+            if isinstance(atom, jc.Literal):
+                return np.float64(literal_value(atom))
+            if atom in self.constants:
+                return np.float64(self.constants[atom])
+            return env[atom]
+
+        with np.errstate(all="ignore"):
+            for eqn in eqns:
+                name = eqn.primitive.name
+                args = [read(a) for a in eqn.invars]
+                if name in _UNARY_NUMPY:
+                    out = _UNARY_NUMPY[name](args[0])
+                elif name in _BINARY_NUMPY:
+                    out = _BINARY_NUMPY[name](args[0], args[1])
+                elif name == "integer_pow":
+                    out = np.power(args[0], eqn.params["y"])
+                elif name == "select_n":
+                    out = np.choose(np.asarray(args[0], dtype=np.int64), args[1:])
+                elif name == "convert_element_type":
+                    out = args[0]
+                elif _is_relu_custom_jvp(eqn):
+                    out = np.maximum(args[0], 0.0)
+                else:
+                    return None
+                env[eqn.outvars[0]] = np.asarray(out, dtype=np.float64)
+        return env[eqns[-1].outvars[0]]
+
+
+def _rounding_tolerance(eqns: list[jc.JaxprEqn], v: jc.Var) -> float:
+    """Relative tolerance: a few ulps of the narrowest float dtype the region computes in."""
+    eps = np.finfo(np.float64).eps
+    for aval in [v.aval] + [e.outvars[0].aval for e in eqns]:
+        try:
+            eps = max(eps, float(np.finfo(aval.dtype).eps))
+        except (TypeError, ValueError):
+            pass
+    # f32 regions: 1e-5 separates gelu from gelu_tanh (they differ by ~1e-3); bf16: 0.05.
+    return max(1e-9, 8.0 * eps) if eps < 1e-6 else 6.0 * eps
+
+
+def _relu_by_structure(region: "_Region", eqns: list[jc.JaxprEqn], v: jc.Var) -> str | None:
+    """Which ReLU (by derivative convention) a block is, if it is exactly one known spelling."""
+    names = [e.primitive.name for e in eqns]
+    if names == ["custom_jvp_call"] and _is_relu_custom_jvp(eqns[0]):
+        return "relu"
+    if names == ["max"]:
+        a, b = eqns[0].invars
+        other = b if a is v else a
+        if (a is v or b is v) and region.scalar(other) == 0.0:
+            return "relu_max"
+    if len(eqns) == 2 and names == ["gt", "select_n"]:
+        gt, sel = eqns
+        if gt.invars[0] is v and region.scalar(gt.invars[1]) == 0.0 and sel.invars[0] is gt.outvars[0]:
+            # where(v > 0, v, 0) binds select_n(pred, 0, v): the derivative at 0 is 0.
+            if sel.invars[2] is v and region.scalar(sel.invars[1]) == 0.0:
+                return "relu"
+    return None
+
+
+def match_activation(graph: Graph, v: jc.Var, max_eqns: int = 48) -> UnaryFunction | None:
+    """The largest block downstream of ``v`` that computes a known activation of ``v``.
+
+    The block's intermediates must be read only inside the block; its output may be read
+    anywhere. Returns None if no such block computes a supported activation.
+    """
+    if not _is_float(v.aval):
+        return None
+    region = _Region(graph, v, max_eqns)
+    if not region.eqns:
+        return None
+    for candidate in reversed(region.eqns):
+        out = candidate.outvars[0]
+        eqns = region.ancestors(out)
+        internal = [e.outvars[0] for e in eqns if e.outvars[0] is not out]
+        if not all(graph.read_only_within(var, eqns) for var in internal):
+            continue
+        activation = _identify(region, eqns, v)
+        if activation is not None:
+            constant_eqns = [
+                region.constant_eqns[a]
+                for e in eqns
+                for a in e.invars
+                if isinstance(a, jc.Var)
+                and a in region.constant_eqns
+                and graph.read_only_within(a, eqns)
+            ]
+            unique = {id(e): e for e in eqns + constant_eqns}
+            return UnaryFunction(activation, out, sorted(unique.values(), key=graph.position))
+    return None
+
+
+def _identify(region: _Region, eqns: list[jc.JaxprEqn], v: jc.Var) -> str | None:
+    relu = _relu_by_structure(region, eqns, v)
+    if relu is not None:
+        return relu
+    names = {e.primitive.name for e in eqns}
+    if names & {"max", "min", "select_n", "custom_jvp_call", "sign", "abs"}:
+        return None  # piecewise: only the exact ReLU spellings above are trusted
+    got = region.evaluate(eqns, _PROBE)
+    if got is None or not np.all(np.isfinite(got)):
+        return None
+    tol = _rounding_tolerance(eqns, v)
+    best, best_err = None, math.inf
+    for name, ref in SMOOTH_REFERENCES.items():
+        want = ref(_PROBE)
+        err = float(np.max(np.abs(got - want) / (1.0 + np.abs(want))))
+        if err < best_err:
+            best, best_err = name, err
+    if best_err > tol:
+        return None
+    # bf16 rounding can blur gelu and gelu_tanh: let the spelling decide between them.
+    if best in ("gelu", "gelu_tanh") and tol > 1e-4:
+        if "tanh" in names:
+            best = "gelu_tanh"
+        elif names & {"erf", "erfc"}:
+            best = "gelu"
+    return best

@@ -1,0 +1,170 @@
+"""What a pattern pass returns, and the driver that runs the passes over one jaxpr.
+
+A pass is a :class:`Pattern`: a name, the primitives a match can start from, and a ``match``
+function that inspects the graph around one anchor equation. It answers with a :class:`Site`
+(a block to replace and how to compute it) and/or :class:`MissedFusion` entries, or ``None`` when
+the anchor is not the start of anything it knows. The driver resolves overlaps (earlier patterns in
+the pipeline win), places each fused call where its inputs exist, and never absorbs an equation
+with side effects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from jfuse import _jax_compat as jc
+from jfuse.config import FuseOptions
+from jfuse.graph import Graph
+from jfuse.report import FusedSite, MissedFusion, MissReason
+
+
+@dataclasses.dataclass
+class Site:
+    """A block of equations to replace by one call of a fused op.
+
+    ``emit(*values of inputs)`` returns the values of ``outputs``; the absorbed equations are not
+    evaluated. Every output must be defined by an absorbed equation.
+    """
+
+    pattern: str
+    absorbed: list[jc.JaxprEqn]
+    inputs: list[Any]
+    outputs: list[jc.Var]
+    emit: Callable[..., Sequence[Any]]
+    where: str
+    detail: str
+
+    def bytes_saved(self) -> int:
+        """Bytes of intermediates the unfused block wrote to memory and read back."""
+        outputs = set(self.outputs)
+        total = 0
+        for eqn in self.absorbed:
+            for var in eqn.outvars:
+                if var not in outputs and not isinstance(var, jc.DropVar):
+                    aval = var.aval
+                    total += 2 * int(np.prod(aval.shape)) * np.dtype(aval.dtype).itemsize
+        return total
+
+    def to_report(self) -> FusedSite:
+        return FusedSite(self.pattern, self.where, self.detail, self.bytes_saved())
+
+
+@dataclasses.dataclass
+class MatchResult:
+    site: Site | None = None
+    misses: list[MissedFusion] = dataclasses.field(default_factory=list)
+
+
+MatchFn = Callable[[Graph, jc.JaxprEqn, FuseOptions], "MatchResult | None"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Pattern:
+    """A pattern pass: ``match`` is tried on every equation whose primitive is in ``anchors``."""
+
+    name: str
+    anchors: frozenset[str]
+    match: MatchFn
+
+
+@dataclasses.dataclass
+class Plan:
+    """The sites chosen for one jaxpr, indexed for the rewriting interpreter."""
+
+    emit_before: dict[int, list[Site]]  # position -> sites to emit before that equation
+    absorbed: set[int]  # positions of equations a site replaces
+    sites: list[Site]
+    misses: list[MissedFusion]
+
+
+def _emission_position(graph: Graph, site: Site) -> int | None:
+    """The earliest position at which all inputs exist, if every outside reader comes later."""
+    absorbed_ids = {id(e) for e in site.absorbed}
+    position = 0
+    for atom in site.inputs:
+        producer = graph.producer(atom)
+        if producer is not None:
+            if id(producer) in absorbed_ids:
+                return None  # an input computed inside the block: malformed site
+            position = max(position, graph.position(producer) + 1)
+    for var in site.outputs:
+        for reader in graph.readers_outside(var, site.absorbed):
+            if graph.position(reader) < position:
+                return None
+    return position
+
+
+def plan_rewrites(graph: Graph, patterns: Sequence[Pattern], options: FuseOptions) -> Plan:
+    """Run every pattern over ``graph`` and choose non-overlapping sites."""
+    claimed: set[int] = set()
+    sites: list[Site] = []
+    misses: list[MissedFusion] = []
+    emit_before: dict[int, list[Site]] = {}
+    for pattern in patterns:
+        for eqn in graph.eqns:
+            if eqn.primitive.name not in pattern.anchors or graph.position(eqn) in claimed:
+                continue
+            result = pattern.match(graph, eqn, options)
+            if result is None:
+                continue
+            misses.extend(result.misses)
+            site = result.site
+            if site is None:
+                continue
+            positions = {graph.position(e) for e in site.absorbed}
+            if positions & claimed or any(e.effects for e in site.absorbed):
+                continue
+            at = _emission_position(graph, site)
+            if at is None:
+                continue
+            if not options.enabled(pattern.name):
+                misses.append(
+                    MissedFusion(
+                        pattern.name,
+                        MissReason.PATTERN_DISABLED,
+                        site.where,
+                        f"'{pattern.name}' is turned off by patterns= or JFUSE_DISABLE; enable it "
+                        "to fuse this block.",
+                        site.detail,
+                    )
+                )
+                continue
+            claimed |= positions
+            sites.append(site)
+            emit_before.setdefault(at, []).append(site)
+    sites.sort(key=lambda s: min(graph.position(e) for e in s.absorbed))
+    return Plan(emit_before, claimed, sites, misses)
+
+
+def replay_block(
+    eqns: Sequence[jc.JaxprEqn], inputs: Sequence[Any], outputs: Sequence[jc.Var]
+) -> Callable[..., tuple]:
+    """A function evaluating ``eqns`` exactly as the user's program did, inputs to outputs.
+
+    Fused ops use it as their XLA implementation inside a rewrite, so on a backend without a
+    kernel the fused program computes the same values, equation for equation.
+    """
+    eqns = list(eqns)
+    inputs = list(inputs)
+
+    def replay(*values):
+        env: dict[jc.Var, Any] = {}
+        for atom, value in zip(inputs, values):
+            if isinstance(atom, jc.Var):
+                env[atom] = value
+
+        def read(atom):
+            return atom.val if isinstance(atom, jc.Literal) else env[atom]
+
+        for eqn in eqns:
+            with jc.equation_context(eqn):
+                outs = eqn.primitive.bind(*[read(a) for a in eqn.invars], **jc.bind_params(eqn))
+            if not eqn.primitive.multiple_results:
+                outs = [outs]
+            env.update(zip(eqn.outvars, outs))
+        return tuple(env[v] for v in outputs)
+
+    return replay

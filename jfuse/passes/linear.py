@@ -1,0 +1,299 @@
+"""The ``linear`` pattern: a matmul with a 2-D weight, then a bias and/or an activation.
+
+Recognized spellings: ``x @ W``, ``x @ W.T`` (torch-style weights), ``jnp.dot``, ``einsum`` with
+leading batch/sequence dims, and Equinox's vmapped ``W · x`` whose output has the features first
+(the transpose back may come before or after the bias and activation, or never). The bias is any
+value that varies only along the output features, reaching the add through ``reshape``,
+``broadcast_in_dim`` or a float ``convert``, on either side of the add. Activations are matched by
+meaning (see ``_elementwise``).
+
+A bare matmul is not a site. When the pre-activation is read elsewhere, only the matmul and bias
+fuse and a miss explains why the activation did not.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from jfuse import _jax_compat as jc
+from jfuse.config import FuseOptions
+from jfuse.graph import Graph, literal_value
+from jfuse.ops.linear import fused_linear
+from jfuse.passes._elementwise import match_activation
+from jfuse.passes.base import MatchResult, Pattern, Site, replay_block
+from jfuse.report import MissedFusion, MissReason
+
+NAME = "linear"
+
+
+def _is_float(aval) -> bool:
+    return np.issubdtype(np.dtype(aval.dtype), np.inexact) and not np.issubdtype(
+        np.dtype(aval.dtype), np.complexfloating
+    )
+
+
+def _moves_first_axis_last(eqn: jc.JaxprEqn) -> bool:
+    perm = tuple(eqn.params["permutation"])
+    return eqn.primitive.name == "transpose" and perm == tuple(range(1, len(perm))) + (0,)
+
+
+class _Block:
+    """The equations matched so far, and where the output features sit in the current value."""
+
+    def __init__(self, graph: Graph, dot: jc.JaxprEqn):
+        self.graph = graph
+        self.dot = dot
+        self.eqns: list[jc.JaxprEqn] = [dot]
+        self.value: jc.Var = dot.outvars[0]
+        self.features_first = False
+
+    def absorb(self, eqn: jc.JaxprEqn) -> None:
+        self.eqns.append(eqn)
+        self.value = eqn.outvars[0]
+
+    def feature_axis(self) -> int:
+        return 0 if self.features_first else self.value.aval.ndim - 1
+
+    def take_transpose_back(self) -> None:
+        """Absorb a following transpose that puts features last (Equinox's vmap)."""
+        if not self.features_first or self.value.aval.ndim < 2:
+            self.features_first = False
+            return
+        user = self.graph.sole_user(self.value)
+        if user is not None and user.primitive.name == "transpose" and _moves_first_axis_last(user):
+            self.absorb(user)
+            self.features_first = False
+
+
+def _orientation(graph: Graph, dot: jc.JaxprEqn):
+    """(x, w, w_is_nk, features_first) for a linear-layer matmul, else None."""
+    (lc, rc), (lb, rb) = dot.params["dimension_numbers"]
+    if lb or rb or len(lc) != 1:
+        return None
+    lhs, rhs = dot.invars
+    if not all(_is_float(a.aval) for a in (lhs, rhs, dot.outvars[0])):
+        return None
+    if rhs.aval.ndim == 2 and lc[0] == lhs.aval.ndim - 1:
+        return lhs, rhs, rc[0] == 1, False
+    if lhs.aval.ndim == 2 and rc[0] == rhs.aval.ndim - 1:
+        return rhs, lhs, lc[0] == 1, rhs.aval.ndim > 1
+    return None
+
+
+def _other_operand(eqn: jc.JaxprEqn, value: Any) -> Any:
+    a, b = eqn.invars
+    return b if a is value else a
+
+
+def _is_miss(found) -> bool:
+    return isinstance(found, tuple) and isinstance(found[0], MissReason)
+
+
+def _bias_source(graph: Graph, operand: Any, add: jc.JaxprEqn, block: _Block):
+    """Trace an addend back to a vector over the output features.
+
+    Returns (source, eqns) where ``eqns`` are the private broadcast/reshape/convert equations
+    between the source and the add, or a (MissReason, text) pair, or None if it is not bias-like.
+    """
+    if literal_value(operand) is not None:
+        return operand, []
+    n = block.value.aval.shape[block.feature_axis()] if block.value.aval.ndim else 1
+    chain: list[jc.JaxprEqn] = []
+    current = operand
+    producer = graph.producer(current)
+    if producer is not None and producer.primitive.name == "broadcast_in_dim":
+        source = producer.invars[0]
+        dims = producer.params["broadcast_dimensions"]
+        varying = [dims[i] for i, size in enumerate(np.shape(source.aval)) if size != 1]
+        if any(axis != block.feature_axis() for axis in varying):
+            return MissReason.BIAS_SHAPE, (
+                f"the added term {tuple(source.aval.shape)} varies along axis "
+                f"{[a for a in varying if a != block.feature_axis()][0]}, not only along the "
+                "output features"
+            )
+        chain.append(producer)
+        current = source
+    elif tuple(operand.aval.shape) == tuple(block.value.aval.shape) and block.value.aval.ndim > 1:
+        return MissReason.BIAS_SHAPE, (
+            f"the added term is a full {tuple(operand.aval.shape)} array, not a bias over the "
+            "output features"
+        )
+    # Walk back through layout-only steps; stop where a value is shared with other code.
+    while isinstance(current, jc.Var):
+        producer = graph.producer(current)
+        readers = graph.users(current)
+        if producer is None or not chain or len(readers) != 1 or readers[0] is not chain[-1]:
+            break
+        name = producer.primitive.name
+        source = producer.invars[0] if producer.invars else None
+        if name in ("reshape", "squeeze", "broadcast_in_dim", "expand_dims") and source is not None:
+            if sum(d != 1 for d in np.shape(source.aval)) > 1:
+                break
+        elif name == "convert_element_type" and source is not None:
+            if not (_is_float(source.aval) and _is_float(producer.outvars[0].aval)):
+                break
+        else:
+            break
+        chain.append(producer)
+        current = source
+    sizes = [d for d in np.shape(current.aval) if d != 1]
+    if sizes not in ([], [n]):
+        return None
+    private = []
+    for eqn in chain:  # from the add outwards: each step must feed only the block
+        if not graph.read_only_within(eqn.outvars[0], block.eqns + [add] + private):
+            break
+        private.append(eqn)
+    if len(private) < len(chain):
+        return None
+    return current, private
+
+
+def _where(eqn: jc.JaxprEqn) -> str:
+    return jc.user_source_line(eqn)
+
+
+def _escape_miss(graph: Graph, block: _Block, what: str, readers) -> MissedFusion:
+    reader = readers[0] if readers else None
+    by = f"{reader.primitive.name} at {jc.user_source_line(reader)}" if reader else "the output"
+    return MissedFusion(
+        NAME,
+        MissReason.INTERMEDIATE_ESCAPES,
+        _where(block.dot),
+        f"the {what} is also read by {by}; compute what reads it from the fused output, or "
+        "accept the unfused epilogue",
+        f"{what} of a {tuple(block.dot.outvars[0].aval.shape)} matmul read elsewhere",
+    )
+
+
+def match_linear(graph: Graph, dot: jc.JaxprEqn, options: FuseOptions) -> MatchResult | None:
+    oriented = _orientation(graph, dot)
+    if oriented is None:
+        return None
+    x, w, w_is_nk, features_first = oriented
+    block = _Block(graph, dot)
+    block.features_first = features_first
+    result = MatchResult()
+    weight_eqns: list[jc.JaxprEqn] = []
+    producer = graph.producer(w)
+    if (
+        producer is not None
+        and producer.primitive.name == "transpose"
+        and tuple(producer.params["permutation"]) == (1, 0)
+        and graph.sole_user(w) is dot
+    ):
+        weight_eqns.append(producer)  # look through W.T: the kernel reads W as it is stored
+        w, w_is_nk = producer.invars[0], not w_is_nk
+    block.take_transpose_back()
+
+    bias = None
+    users = graph.users(block.value)
+    adds = [u for u in users if u.primitive.name == "add"]
+    if len(adds) == 1 and len(users) == 1 and not graph.is_output(block.value):
+        add = adds[0]
+        found = _bias_source(graph, _other_operand(add, block.value), add, block)
+        if _is_miss(found):
+            reason, text = found
+            if match_activation(graph, add.outvars[0]) is not None:
+                hint = "make the bias a vector over the output features (shape (N,))"
+                result.misses.append(MissedFusion(NAME, reason, _where(dot), hint, text))
+            return result
+        if found is not None:
+            bias, bias_eqns = found
+            block.eqns.extend(bias_eqns)
+            block.absorb(add)
+            block.take_transpose_back()
+    else:
+        for add in adds:  # a bias add, but the matmul output is read by something else too
+            found = _bias_source(graph, _other_operand(add, block.value), add, block)
+            if found is not None and not _is_miss(found):
+                readers = [u for u in users if u is not add]
+                result.misses.append(_escape_miss(graph, block, "matmul output", readers))
+                return result
+
+    preactivation = block.value
+    activation = match_activation(graph, preactivation)
+    if activation is not None:
+        if graph.read_only_within(preactivation, activation.eqns):
+            for eqn in activation.eqns:
+                block.eqns.append(eqn)
+            block.value = activation.output
+            block.take_transpose_back()
+        else:
+            readers = graph.readers_outside(preactivation, activation.eqns)
+            result.misses.append(_escape_miss(graph, block, "pre-activation", readers))
+            activation = None
+    if bias is None and activation is None:
+        return result
+    result.site = _make_site(graph, block, x, w, w_is_nk, bias, preactivation, activation,
+                             weight_eqns, options)
+    return result
+
+
+def _make_site(graph, block, x, w, w_is_nk, bias, preactivation, activation, weight_eqns,
+               options: FuseOptions) -> Site:
+    eqns = sorted({id(e): e for e in block.eqns + weight_eqns}.values(), key=graph.position)
+    inputs = [x, w] + ([bias] if bias is not None else [])
+    out = block.value
+    features_first = block.features_first and out.aval.ndim > 1
+    block_replay = replay_block(eqns, inputs, [out, preactivation])
+
+    def replay(x_, w_, b_):
+        y, z = block_replay(x_, w_, *([] if bias is None else [b_]))
+        if features_first:  # the op's own layout has the features last
+            y, z = _moveaxis(y, 0, -1), _moveaxis(z, 0, -1)
+        return y, z
+
+    act_name = activation.activation if activation is not None else None
+    dot = block.dot
+
+    def emit(x_, w_, b_=None):
+        y = fused_linear(
+            x_,
+            w_,
+            b_,
+            activation=act_name,
+            transpose_w=w_is_nk,
+            out_dtype=out.aval.dtype,
+            preactivation_dtype=preactivation.aval.dtype,
+            precision=dot.params.get("precision"),
+            implementation=options.implementation,
+            replay=replay,
+        )
+        return [_moveaxis(y, -1, 0) if features_first else y]
+
+    k = x.aval.shape[-1]
+    n = w.aval.shape[0] if w_is_nk else w.aval.shape[1]
+    m = int(np.prod(x.aval.shape[:-1], dtype=np.int64))
+    parts = [p for p in (act_name, "bias" if bias is not None else None) if p]
+    detail = f"{'+'.join(parts)} ({m}x{k})@({k}x{n}) {np.dtype(out.aval.dtype).name}"
+    if w_is_nk:
+        detail += ", W as (N, K)"
+    detail += _kernel_notes(m, k, n, x.aval.dtype)
+    return Site(NAME, eqns, inputs, [out], emit, _where(dot), detail)
+
+
+def _moveaxis(a, source: int, destination: int):
+    import jax.numpy as jnp
+
+    return jnp.moveaxis(a, source, destination)
+
+
+def _kernel_notes(m: int, k: int, n: int, dtype) -> str:
+    """Why a platform's kernel would not serve this site (it then runs on XLA), if it would not."""
+    try:
+        from jfuse.pallas import linear as kernels
+    except ImportError:  # pragma: no cover - the kernels ship with the package
+        return ""
+    notes = []
+    for backend, check in (("TPU", kernels.tpu_unsupported_reason),
+                           ("GPU", kernels.triton_unsupported_reason)):
+        reason = check(m, k, n, dtype)
+        if reason:
+            notes.append(f"{backend} kernel declines: {reason}; XLA runs it there")
+    return "" if not notes else " [" + "; ".join(notes) + "]"
+
+
+PATTERN = Pattern(NAME, frozenset({"dot_general"}), match_linear)

@@ -1,0 +1,154 @@
+"""What jfuse did to one compiled function: the fused sites, the near-misses and why.
+
+A :class:`FusionReport` is produced for every traced signature. ``str(report)`` is the table a
+person reads; ``report.to_dict()`` is the same content for JSON; ``report.summary_line()`` is one
+line for logs. Misses carry a :class:`MissReason` (a stable enum), the user's source line and a
+hint that says what to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+
+class MissReason(str, enum.Enum):
+    """Why a block that looked like a pattern was left unfused."""
+
+    INTERMEDIATE_ESCAPES = "intermediate read elsewhere"
+    UNSUPPORTED_ACTIVATION = "unsupported activation"
+    BIAS_SHAPE = "bias shape"
+    NORMALIZED_AXIS = "normalized axis"
+    DTYPE = "dtype"
+    SHAPE = "shape not tileable or too small"
+    OPAQUE_CUSTOM_VJP = "inside an opaque custom_vjp"
+    PATTERN_DISABLED = "pattern disabled"
+    NO_KERNEL = "no kernel for this backend"
+    SHARDING = "sharding layout not supported"
+    INTERNAL_ERROR = "internal error"
+
+
+@dataclasses.dataclass(frozen=True)
+class MissedFusion:
+    """A block that looked like ``pattern`` but was not fused."""
+
+    pattern: str
+    reason: MissReason
+    where: str
+    hint: str
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        return {
+            "pattern": self.pattern,
+            "reason": self.reason.name,
+            "reason_text": self.reason.value,
+            "where": self.where,
+            "hint": self.hint,
+            "detail": self.detail,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedSite:
+    """A block replaced by a fused op."""
+
+    pattern: str
+    where: str
+    detail: str
+    bytes_saved: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class FusionReport:
+    """Everything jfuse did (and did not do) for one function at one signature.
+
+    Attributes:
+      function: qualified name and ``file:line`` of the user's function.
+      signature: the abstract argument types it was traced with.
+      sites: every fused site, in program order.
+      missed: every near-miss, in program order.
+      fallbacks: internal failures that made jfuse run part or all of the function unfused.
+    """
+
+    function: str = ""
+    signature: str = ""
+    sites: list[FusedSite] = dataclasses.field(default_factory=list)
+    missed: list[MissedFusion] = dataclasses.field(default_factory=list)
+    fallbacks: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def fused(self) -> dict[str, int]:
+        """Number of sites replaced, keyed by pattern name."""
+        counts: dict[str, int] = {}
+        for site in self.sites:
+            counts[site.pattern] = counts.get(site.pattern, 0) + 1
+        return counts
+
+    @property
+    def bytes_saved(self) -> int:
+        """Estimated intermediate bytes no longer written and read back, per call."""
+        return sum(site.bytes_saved for site in self.sites)
+
+    def merge(self, other: "FusionReport") -> None:
+        """Fold in the report of a nested jaxpr (a scan body, a remat region)."""
+        self.sites.extend(other.sites)
+        self.missed.extend(other.missed)
+        self.fallbacks.extend(other.fallbacks)
+
+    def summary_line(self) -> str:
+        fused = ", ".join(f"{k}={v}" for k, v in sorted(self.fused.items())) or "nothing"
+        text = f"jfuse {self.function or '<fn>'}: fused {fused}; {len(self.missed)} missed"
+        if self.fallbacks:
+            text += f"; {len(self.fallbacks)} fallback(s)"
+        return text + f"; ~{_human_bytes(self.bytes_saved)} of intermediates saved per call"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "function": self.function,
+            "signature": self.signature,
+            "fused": self.fused,
+            "bytes_saved": self.bytes_saved,
+            "sites": [s.to_dict() for s in self.sites],
+            "missed": [m.to_dict() for m in self.missed],
+            "fallbacks": list(self.fallbacks),
+        }
+
+    def __str__(self) -> str:
+        lines = [f"jfuse fusion report: {self.function or '<fn>'}"]
+        if self.signature:
+            lines.append(f"  signature: {self.signature}")
+        patterns = sorted({s.pattern for s in self.sites} | {m.pattern for m in self.missed})
+        if patterns:
+            lines.append(f"  {'pattern':<16}{'fused':>6}{'missed':>8}")
+            for name in patterns:
+                n_missed = sum(m.pattern == name for m in self.missed)
+                lines.append(f"  {name:<16}{self.fused.get(name, 0):>6}{n_missed:>8}")
+        else:
+            lines.append("  no fusible blocks found")
+        if self.sites:
+            lines.append("  fused:")
+            for site in self.sites:
+                lines.append(f"    {site.pattern:<10} {site.detail}  at {site.where}")
+        if self.missed:
+            lines.append("  missed:")
+            for miss in self.missed:
+                lines.append(f"    {miss.pattern:<10} {miss.reason.value}: {miss.detail}")
+                lines.append(f"               at {miss.where}")
+                lines.append(f"               hint: {miss.hint}")
+        for fallback in self.fallbacks:
+            lines.append(f"  fallback: {fallback}")
+        lines.append(f"  {self.summary_line()}")
+        return "\n".join(lines)
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
