@@ -70,6 +70,14 @@ def user_source_line(eqn: JaxprEqn) -> str:
     return f"{chosen.file_name}:{chosen.start_line} ({chosen.function_name})"
 
 
+def custom_jvp_origin(eqn: JaxprEqn) -> str:
+    """``"name at file:line"`` of the Python function a ``custom_jvp_call`` was traced from."""
+    body = eqn.params.get("call_jaxpr")
+    jaxpr = body.jaxpr if isinstance(body, ClosedJaxpr) else body
+    info = getattr(jaxpr, "debug_info", None)
+    return str(getattr(info, "func_src_info", "") or "")
+
+
 def jaxpr_params(eqn: JaxprEqn) -> list[tuple[str, Any]]:
     """(name, value) of every param of ``eqn`` that holds a jaxpr or a tuple of jaxprs."""
     found = []

@@ -138,8 +138,11 @@ def _jvp_parts(spec: LinearSpec, primals, tangents):
     if act is None:
         dy = dz.astype(y.dtype)
     else:
-        slope = act.derivative(z.astype(jnp.promote_types(z.dtype, jnp.float32))).astype(z.dtype)
-        dy = (slope * dz).astype(y.dtype)
+        f32 = jnp.promote_types(z.dtype, jnp.float32)
+        # The slope is what grad saves for the backward: keep it in z's dtype (as small as the
+        # unfused residual), but multiply in f32 so only one rounding happens.
+        slope = act.derivative(z.astype(f32)).astype(z.dtype)
+        dy = (slope.astype(f32) * dz.astype(f32)).astype(y.dtype)
     return (y, z), (dy, dz)
 
 

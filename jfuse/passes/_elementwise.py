@@ -20,6 +20,7 @@ import dataclasses
 import math
 from typing import Any, Callable
 
+import jax.numpy as jnp
 import numpy as np
 
 from jfuse import _jax_compat as jc
@@ -84,8 +85,11 @@ _BINARY_NUMPY: dict[str, Callable[..., np.ndarray]] = {
 
 
 def _is_relu_custom_jvp(eqn: jc.JaxprEqn) -> bool:
-    """``jax.nn.relu``: a custom_jvp named relu whose body is max(x, 0) (after inner jits)."""
-    if eqn.primitive.name != "custom_jvp_call" or eqn.params.get("name") != "relu":
+    """``jax.nn.relu`` itself: its custom_jvp (derivative 0 at 0) around max(x, 0)."""
+    if eqn.primitive.name != "custom_jvp_call":
+        return False
+    origin = jc.custom_jvp_origin(eqn).replace("\\", "/")
+    if not (origin.startswith("relu at ") and "jax/_src/nn/functions.py" in origin):
         return False
     body, _ = jc.open_and_consts(eqn.params["call_jaxpr"])
     while len(body.eqns) == 1 and body.eqns[0].primitive.name in ("jit", "pjit"):
@@ -98,7 +102,7 @@ def _is_relu_custom_jvp(eqn: jc.JaxprEqn) -> bool:
 
 
 def _is_float(aval) -> bool:
-    return np.issubdtype(np.dtype(aval.dtype), np.floating) or str(aval.dtype) == "bfloat16"
+    return jnp.issubdtype(aval.dtype, jnp.floating)
 
 
 def _region_member(eqn: jc.JaxprEqn, shape: tuple) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from jfuse import _jax_compat as jc
@@ -29,9 +30,7 @@ NAME = "linear"
 
 
 def _is_float(aval) -> bool:
-    return np.issubdtype(np.dtype(aval.dtype), np.inexact) and not np.issubdtype(
-        np.dtype(aval.dtype), np.complexfloating
-    )
+    return jnp.issubdtype(aval.dtype, jnp.floating)
 
 
 def _moves_first_axis_last(eqn: jc.JaxprEqn) -> bool:
@@ -75,9 +74,18 @@ def _orientation(graph: Graph, dot: jc.JaxprEqn):
     lhs, rhs = dot.invars
     if not all(_is_float(a.aval) for a in (lhs, rhs, dot.outvars[0])):
         return None
-    if rhs.aval.ndim == 2 and lc[0] == lhs.aval.ndim - 1:
+    activation_first = rhs.aval.ndim == 2 and lc[0] == lhs.aval.ndim - 1
+    weight_first = lhs.aval.ndim == 2 and rc[0] == rhs.aval.ndim - 1
+    if activation_first and weight_first:
+        # Both operands 2-D: `W·xᵀ` announces itself by the transpose that puts features last.
+        user = graph.sole_user(dot.outvars[0])
+        weight_first = user is not None and user.primitive.name == "transpose" and (
+            _moves_first_axis_last(user)
+        )
+        activation_first = not weight_first
+    if activation_first:
         return lhs, rhs, rc[0] == 1, False
-    if lhs.aval.ndim == 2 and rc[0] == rhs.aval.ndim - 1:
+    if weight_first:
         return rhs, lhs, lc[0] == 1, rhs.aval.ndim > 1
     return None
 
@@ -94,61 +102,53 @@ def _is_miss(found) -> bool:
 def _bias_source(graph: Graph, operand: Any, add: jc.JaxprEqn, block: _Block):
     """Trace an addend back to a vector over the output features.
 
-    Returns (source, eqns) where ``eqns`` are the private broadcast/reshape/convert equations
-    between the source and the add, or a (MissReason, text) pair, or None if it is not bias-like.
+    ``add`` broadcasts size-1 dims itself, so the addend may be (1, N), (M, 1), (M, N) or a
+    scalar. Returns (source, eqns) where ``eqns`` are the private broadcast/reshape/convert steps
+    between the source and the add, or a (MissReason, text) pair when the addend varies along
+    other axes, or None when it is not a bias at all.
     """
     if literal_value(operand) is not None:
         return operand, []
-    n = block.value.aval.shape[block.feature_axis()] if block.value.aval.ndim else 1
-    chain: list[jc.JaxprEqn] = []
-    current = operand
-    producer = graph.producer(current)
-    if producer is not None and producer.primitive.name == "broadcast_in_dim":
-        source = producer.invars[0]
-        dims = producer.params["broadcast_dimensions"]
-        varying = [dims[i] for i, size in enumerate(np.shape(source.aval)) if size != 1]
-        if any(axis != block.feature_axis() for axis in varying):
+    shape = tuple(operand.aval.shape)
+    value_shape = tuple(block.value.aval.shape)
+    if len(shape) == len(value_shape):
+        varying = [i for i, d in enumerate(shape) if d != 1]
+        others = [i for i in varying if i != block.feature_axis()]
+        if others and shape == value_shape:
             return MissReason.BIAS_SHAPE, (
-                f"the added term {tuple(source.aval.shape)} varies along axis "
-                f"{[a for a in varying if a != block.feature_axis()][0]}, not only along the "
+                f"the added term is a full {shape} array (a residual?), not a bias over the "
                 "output features"
             )
-        chain.append(producer)
-        current = source
-    elif tuple(operand.aval.shape) == tuple(block.value.aval.shape) and block.value.aval.ndim > 1:
-        return MissReason.BIAS_SHAPE, (
-            f"the added term is a full {tuple(operand.aval.shape)} array, not a bias over the "
-            "output features"
-        )
-    # Walk back through layout-only steps; stop where a value is shared with other code.
+        if others:
+            return MissReason.BIAS_SHAPE, (
+                f"the added term {shape} varies along axis {others[0]}, not only along the "
+                "output features"
+            )
+    elif shape:
+        return None
+    chain: list[jc.JaxprEqn] = []
+    current = operand
+    # Walk back through steps that keep a vector a vector; stop where a value is shared.
     while isinstance(current, jc.Var):
         producer = graph.producer(current)
+        reader = chain[-1] if chain else add
         readers = graph.users(current)
-        if producer is None or not chain or len(readers) != 1 or readers[0] is not chain[-1]:
+        if producer is None or len(readers) != 1 or readers[0] is not reader:
             break
-        name = producer.primitive.name
         source = producer.invars[0] if producer.invars else None
-        if name in ("reshape", "squeeze", "broadcast_in_dim", "expand_dims") and source is not None:
-            if sum(d != 1 for d in np.shape(source.aval)) > 1:
-                break
-        elif name == "convert_element_type" and source is not None:
+        name = producer.primitive.name
+        if source is None or sum(d != 1 for d in np.shape(source.aval)) > 1:
+            break
+        if name == "convert_element_type":
             if not (_is_float(source.aval) and _is_float(producer.outvars[0].aval)):
                 break
-        else:
+        elif name not in ("reshape", "squeeze", "broadcast_in_dim", "expand_dims"):
             break
         chain.append(producer)
         current = source
-    sizes = [d for d in np.shape(current.aval) if d != 1]
-    if sizes not in ([], [n]):
+    if sum(d != 1 for d in np.shape(current.aval)) > 1:
         return None
-    private = []
-    for eqn in chain:  # from the add outwards: each step must feed only the block
-        if not graph.read_only_within(eqn.outvars[0], block.eqns + [add] + private):
-            break
-        private.append(eqn)
-    if len(private) < len(chain):
-        return None
-    return current, private
+    return current, chain
 
 
 def _where(eqn: jc.JaxprEqn) -> str:

@@ -1,0 +1,221 @@
+"""The `linear` pattern on real code: every spelling fuses once, answers and gradients match jax.jit,
+and the near-misses stay unfused with the right reason."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import jfuse
+from jfuse import MissReason
+
+from conftest import tolerance
+
+
+def _data(rng, x_shape=(4, 6, 32), w_shape=(32, 48), dtype=np.float32):
+    x = jnp.asarray(rng.standard_normal(x_shape), dtype)
+    w = jnp.asarray(rng.standard_normal(w_shape) / np.sqrt(w_shape[0]), dtype)
+    b = jnp.asarray(rng.standard_normal(w_shape[1] if w_shape[0] == x_shape[-1] else w_shape[0]), dtype)
+    return x, w, b
+
+
+def _check_same_answers(f, *args, dtype=np.float32):
+    """Forward bitwise equal on the CPU (XLA path replays the user's equations); grads close."""
+    fused = jfuse.jit(f)(*args)
+    chex.assert_trees_all_equal(fused, jax.jit(f)(*args))
+    cot = jax.tree.map(lambda o: jnp.cos(jnp.arange(o.size, dtype=o.dtype).reshape(o.shape)), fused)
+
+    def loss(fn):
+        return lambda *a: sum(jnp.sum((o * c).astype(jnp.float32))
+                              for o, c in zip(jax.tree.leaves(fn(*a)), jax.tree.leaves(cot)))
+
+    argnums = tuple(range(len(args)))
+    got = jax.jit(jax.grad(loss(jfuse.fuse(f)), argnums=argnums))(*args)
+    want = jax.jit(jax.grad(loss(f), argnums=argnums))(*args)
+    if np.dtype(dtype) == np.float32:
+        chex.assert_trees_all_close(got, want, **tolerance(dtype))
+        return
+    # Low precision: gradients are reductions of rounded terms, so fused and unfused differ by
+    # rounding that grows with the reduction length. Judge both against an f32 computation
+    # instead: the fused gradient must be about as accurate as the unfused one.
+    upcast = lambda a: a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a
+    ref = jax.grad(loss(f), argnums=argnums)(*jax.tree.map(upcast, args))
+    for g, u, r in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(ref)):
+        g, u, r = (np.asarray(a, np.float32) for a in (g, u, r))
+        scale = np.max(np.abs(r)) + 1e-6
+        assert np.max(np.abs(g - r)) <= 2 * np.max(np.abs(u - r)) + 1e-2 * scale
+
+
+SPELLINGS = {
+    "relu": (lambda x, w, b: jax.nn.relu(x @ w + b), "relu"),
+    "maximum, bias first": (lambda x, w, b: jnp.maximum(b + x @ w, 0.0), "relu_max"),
+    "where relu": (lambda x, w, b: jnp.where(x @ w + b > 0, x @ w + b, 0.0), "relu"),
+    "silu (nested jit)": (lambda x, w, b: jax.nn.silu(x @ w + b), "silu"),
+    "z*sigmoid(z)": (lambda x, w, b: (lambda z: z * jax.nn.sigmoid(z))(x @ w + b), "silu"),
+    "z/(1+exp(-z))": (lambda x, w, b: (lambda z: z / (1 + jnp.exp(-z)))(x @ w + b), "silu"),
+    "gelu tanh": (lambda x, w, b: jax.nn.gelu(x @ w + b), "gelu_tanh"),
+    "gelu tanh, torch spelling": (
+        lambda x, w, b: (lambda z: 0.5 * z * (1.0 + jnp.tanh(0.7978845608 * (z + 0.044715 * z**3))))(x @ w + b),
+        "gelu_tanh",
+    ),
+    "gelu exact (erfc)": (lambda x, w, b: jax.nn.gelu(x @ w + b, approximate=False), "gelu"),
+    "gelu exact (erf)": (
+        lambda x, w, b: (lambda z: 0.5 * z * (1 + lax.erf(z / np.sqrt(2.0))))(x @ w + b),
+        "gelu",
+    ),
+    "sigmoid": (lambda x, w, b: jax.nn.sigmoid(x @ w + b), "sigmoid"),
+    "tanh": (lambda x, w, b: jnp.tanh(x @ w + b), "tanh"),
+    "einsum": (lambda x, w, b: jnp.tanh(jnp.einsum("bsk,kn->bsn", x, w) + b), "tanh"),
+    "jnp.dot": (lambda x, w, b: jax.nn.relu(jnp.dot(x, w) + b), "relu"),
+    "bias only": (lambda x, w, b: x @ w + b, None),
+    "bias through reshape": (lambda x, w, b: jax.nn.gelu(x @ w + b.reshape(1, 1, -1)), "gelu_tanh"),
+    "activation only": (lambda x, w, b: jax.nn.silu(x @ w), "silu"),
+}
+
+
+@pytest.mark.parametrize("name", list(SPELLINGS))
+def test_each_spelling_fuses_once_with_the_right_activation(name, rng):
+    f, activation = SPELLINGS[name]
+    x, w, b = _data(rng)
+    report = jfuse.explain(f)(x, w, b)
+    assert report.fused == {"linear": 1}, str(report)
+    assert not report.missed and not report.fallbacks, str(report)
+    detail = report.sites[0].detail
+    assert detail.startswith(activation or "bias"), detail
+    _check_same_answers(f, x, w, b)
+
+
+@pytest.mark.parametrize(
+    "f",
+    [
+        lambda x, w, b: jax.nn.relu(x @ w.T + b),
+        lambda x, w, b: jax.nn.gelu(jnp.einsum("mk,nk->mn", x, w) + b),
+    ],
+    ids=["x@W.T", "einsum mk,nk"],
+)
+def test_torch_style_weights_are_read_in_place(f, rng):
+    x, w, b = _data(rng, x_shape=(5, 32), w_shape=(48, 32))
+    report = jfuse.explain(f)(x, w, b)
+    assert report.fused == {"linear": 1}
+    assert "W as (N, K)" in report.sites[0].detail
+    _check_same_answers(f, x, w, b)
+
+
+def test_flax_dense_stack_fuses_every_layer(rng):
+    flax_nn = pytest.importorskip("flax.linen")
+
+    class MLP(flax_nn.Module):
+        @flax_nn.compact
+        def __call__(self, x):
+            x = flax_nn.gelu(flax_nn.Dense(48)(x))
+            x = flax_nn.relu(flax_nn.Dense(40)(x))
+            return flax_nn.Dense(8)(x)
+
+    model = MLP()
+    x = jnp.asarray(rng.standard_normal((6, 32)), jnp.float32)
+    params = model.init(jax.random.key(0), x)
+    report = jfuse.explain(model.apply)(params, x)
+    assert report.fused == {"linear": 3}, str(report)
+    # The report points at the user's module, not at Flax's Dense.
+    assert all("test_linear_pattern.py" in site.where for site in report.sites), str(report)
+    _check_same_answers(model.apply, params, x)
+
+
+@pytest.mark.parametrize("layout", ["vmap outside", "vmap inside", "unbatched"])
+def test_equinox_linear_fuses_in_every_vmap_layout(layout, rng):
+    eqx = pytest.importorskip("equinox")
+    layer = eqx.nn.Linear(32, 48, key=jax.random.key(1))
+    x = jnp.asarray(rng.standard_normal((5, 32)), jnp.float32)
+    f = {
+        "vmap outside": lambda m, x: jax.nn.relu(jax.vmap(m)(x)),
+        "vmap inside": lambda m, x: jax.vmap(lambda v: jax.nn.gelu(m(v)))(x),
+        "unbatched": lambda m, x: jnp.tanh(m(x[0])),
+    }[layout]
+    report = jfuse.explain(f)(layer, x)
+    assert report.fused == {"linear": 1}, str(report)
+    _check_same_answers(f, layer, x)
+
+
+def test_bf16_model_with_f32_upcast_around_the_activation(rng):
+    def f(x, w, b):
+        z = x @ w + b
+        return jax.nn.gelu(z.astype(jnp.float32)).astype(jnp.bfloat16)
+
+    x, w, b = _data(rng, dtype=jnp.bfloat16)
+    report = jfuse.explain(f)(x, w, b)
+    assert report.fused == {"linear": 1}, str(report)
+    assert report.sites[0].detail.startswith("gelu_tanh")
+    _check_same_answers(f, x, w, b, dtype=jnp.bfloat16)
+
+
+def test_escaped_preactivation_fuses_only_matmul_and_bias(rng):
+    def f(x, w, b):
+        z = x @ w + b
+        return jax.nn.relu(z), z
+
+    x, w, b = _data(rng)
+    report = jfuse.explain(f)(x, w, b)
+    assert report.fused == {"linear": 1}
+    assert report.sites[0].detail.startswith("bias")
+    assert [m.reason for m in report.missed] == [MissReason.INTERMEDIATE_ESCAPES]
+    assert "test_linear_pattern.py" in report.missed[0].where
+    _check_same_answers(f, x, w, b)
+
+
+def test_escaped_matmul_output_is_a_miss(rng):
+    def f(x, w, b):
+        y = x @ w
+        return jax.nn.relu(y + b), y
+
+    x, w, b = _data(rng)
+    report = jfuse.explain(f)(x, w, b)
+    assert report.fused == {}
+    assert [m.reason for m in report.missed] == [MissReason.INTERMEDIATE_ESCAPES]
+    _check_same_answers(f, x, w, b)
+
+
+@pytest.mark.parametrize(
+    "f, fragment",
+    [
+        (lambda x, w, b, m: jax.nn.relu(x @ w + x[..., :1]), "varies along axis"),
+        (lambda x, w, b, m: jax.nn.relu(x @ w + m), "full"),
+    ],
+    ids=["per-row bias", "full-matrix addend"],
+)
+def test_non_vector_bias_is_a_bias_shape_miss(f, fragment, rng):
+    x, w, b = _data(rng)
+    m = jnp.asarray(rng.standard_normal((4, 6, 48)), jnp.float32)
+    report = jfuse.explain(f)(x, w, b, m)
+    assert report.fused == {}
+    assert [miss.reason for miss in report.missed] == [MissReason.BIAS_SHAPE]
+    assert fragment in report.missed[0].detail
+    _check_same_answers(f, x, w, b, m)
+
+
+@pytest.mark.parametrize(
+    "f",
+    [
+        lambda x, w, b: x @ w,  # a bare matmul is not a site
+        lambda x, w, b: jnp.einsum("bsk,bsk->bs", x, x) + 1.0,  # batched contraction
+        lambda x, w, b: jnp.sin(x @ w + b) * 0 + x.sum(),
+    ],
+    ids=["bare matmul", "batched dot", "unknown activation"],
+)
+def test_not_a_site(f, rng):
+    x, w, b = _data(rng)
+    report = jfuse.explain(f)(x, w, b)
+    if "unknown" in str(f):
+        pass
+    assert "linear" not in report.fused or report.sites[0].detail.startswith("bias")
+
+
+def test_integer_matmul_is_left_alone():
+    x = jnp.arange(12, dtype=jnp.int32).reshape(3, 4)
+    w = jnp.ones((4, 5), jnp.int32)
+    f = lambda x, w: jax.nn.relu(x @ w + 1)
+    assert jfuse.explain(f)(x, w).fused == {}
+    chex.assert_trees_all_equal(jfuse.jit(f)(x, w), jax.jit(f)(x, w))
