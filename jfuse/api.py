@@ -17,7 +17,10 @@ in the report.
 from __future__ import annotations
 
 import collections
+import dataclasses
+import contextlib
 import functools
+import threading
 import inspect
 import logging
 import warnings
@@ -34,6 +37,50 @@ from jfuse.rewrite import Rewriter
 logger = logging.getLogger("jfuse")
 
 _CACHE_SIZE = 64
+
+# jax.grad(loss) inside a jfuse-traced function differentiates `loss` before jfuse sees it, and
+# the joint forward+backward graph hides the forward blocks behind their backward readers. So
+# while jfuse traces a function, these JAX entry points fuse the function they differentiate
+# first: jax.grad(loss) becomes jax.grad(jfuse.fuse(loss)), whose fused ops carry their own JVPs.
+_DIFFERENTIATING = ("grad", "value_and_grad", "vjp")
+_patch_lock = threading.RLock()
+_patch_depth = 0
+
+
+@contextlib.contextmanager
+def _fusing_differentiated_functions(options: FuseOptions, inner_reports: list):
+    global _patch_depth
+    with _patch_lock:
+        if _patch_depth:  # already inside a jfuse trace: the outer patch is in place
+            _patch_depth += 1
+            try:
+                yield
+            finally:
+                _patch_depth -= 1
+            return
+        originals = {name: getattr(jax, name) for name in _DIFFERENTIATING}
+
+        def patched(name):
+            original = originals[name]
+
+            @functools.wraps(original)
+            def differentiate(fun, *args, **kwargs):
+                if not isinstance(fun, FusedFunction):
+                    fun = FusedFunction(fun, dataclasses.replace(options, report=False),
+                                        inner_reports=inner_reports)
+                return original(fun, *args, **kwargs)
+
+            return differentiate
+
+        _patch_depth = 1
+        try:
+            for name in _DIFFERENTIATING:
+                setattr(jax, name, patched(name))
+            yield
+        finally:
+            for name, original in originals.items():
+                setattr(jax, name, original)
+            _patch_depth = 0
 
 
 def _is_array_leaf(leaf: Any) -> bool:
@@ -57,11 +104,19 @@ def _describe_function(fn: Callable) -> str:
         return name
 
 
-def _describe_signature(leaves) -> str:
-    parts = []
-    for leaf in leaves:
-        aval = jax.typeof(leaf)
-        parts.append(f"{aval.str_short()}" if hasattr(aval, "str_short") else str(aval))
+def _describe_signature(args, kwargs) -> str:
+    """``float32[8,16], <pytree: 12 arrays, 1.5 MiB>, key=...``: one entry per argument."""
+
+    def describe(value) -> str:
+        leaves = [leaf for leaf in jax.tree_util.tree_leaves(value) if _is_array_leaf(leaf)]
+        if len(leaves) == 1 and leaves[0] is value:
+            return jax.typeof(value).str_short()
+        if not leaves:
+            return repr(value) if len(repr(value)) < 40 else type(value).__name__
+        size = sum(np.prod(jax.typeof(x).shape) * jax.typeof(x).dtype.itemsize for x in leaves)
+        return f"<pytree: {len(leaves)} arrays, {size / 2**20:.2f} MiB>"
+
+    parts = [describe(a) for a in args] + [f"{k}={describe(v)}" for k, v in kwargs.items()]
     return ", ".join(parts) or "()"
 
 
@@ -93,10 +148,13 @@ class FusedFunction:
       reports: reports of the cached signatures, most recent last.
     """
 
-    def __init__(self, fn: Callable, options: FuseOptions):
+    def __init__(self, fn: Callable, options: FuseOptions, inner_reports: list | None = None):
         functools.update_wrapper(self, fn)
         self._fn = fn
         self._options = options
+        # Set for functions fused on the fly inside another jfuse trace: their reports are folded
+        # into the outer function's report instead of being printed.
+        self._inner_reports = inner_reports
         self._cache: collections.OrderedDict[Any, _Compiled] = collections.OrderedDict()
         self.last_report: FusionReport | None = None
         self.trace_count = 0
@@ -153,18 +211,23 @@ class FusedFunction:
             a, k = jax.tree_util.tree_unflatten(treedef, filled)
             return self._fn(*a, **k)
 
+        inner_reports: list[FusionReport] = []
         try:
-            closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*dynamic)
+            with _fusing_differentiated_functions(self._options, inner_reports):
+                closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*dynamic)
         except Exception:
             return None
         out_tree = jax.tree_util.tree_structure(out_shape)
         cacheable = not any(isinstance(c, jc.Tracer) for c in closed.consts)
-        report = FusionReport(_describe_function(self._fn), _describe_signature(dynamic))
+        a, k = jax.tree_util.tree_unflatten(treedef, leaves)
+        report = FusionReport(_describe_function(self._fn), _describe_signature(a, k))
         try:
             rewriter = Rewriter(self._options)
             rewritten = rewriter.rewrite(closed.jaxpr, closed.consts, consts_as_inputs=True)
             rewriter.report.function, rewriter.report.signature = report.function, report.signature
             report = rewriter.report
+            for inner in inner_reports:
+                report.merge(inner)
             entry = _Compiled(rewritten, closed.consts, out_tree, report, True, cacheable)
         except Exception as error:
             if raise_internal_errors():
@@ -176,6 +239,9 @@ class FusedFunction:
             report.fallbacks.append(message)
             entry = _Compiled(closed, closed.consts, out_tree, report, False, cacheable)
         self.last_report = report
+        if self._inner_reports is not None:
+            self._inner_reports.append(report)
+            return entry
         logger.info("%s", report)
         if self._options.should_print_report():
             print(report)

@@ -356,3 +356,37 @@ def test_kernel_refusal_in_interpret_mode_falls_back_per_site(rng, monkeypatch):
         warnings.simplefilter("ignore")
         got = jfuse.jit(f, implementation="interpret")(x)
     chex.assert_trees_all_close(got.astype(np.float32), jax.jit(f)(x).astype(np.float32), rtol=1e-2, atol=1e-2)
+
+
+def test_grad_taken_inside_the_jitted_step_still_fuses_the_forward(model):
+    """jfuse.jit(train_step) where train_step differentiates an unfused loss itself."""
+    params, x = model
+
+    def train_step(p, x):
+        value, grads = jax.value_and_grad(loss)(p, x)
+        return value, jax.tree.map(lambda a, g: a - 0.1 * g, p, grads)
+
+    f = jfuse.jit(train_step)
+    got = f(params, x)
+    assert f.report.fused == {"linear": 2}, str(f.report)
+    assert all(s.detail.startswith("gelu_tanh+bias") for s in f.report.sites)
+    want = jax.jit(train_step)(params, x)
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+    assert jax.grad is not None and jax.grad.__module__.startswith("jax")  # patch undone
+
+
+def test_equinox_filter_value_and_grad_inside_jfuse_jit(rng):
+    eqx = pytest.importorskip("equinox")
+    model = eqx.nn.MLP(8, 4, width_size=16, depth=2, activation=jax.nn.silu, key=jax.random.key(0))
+    x = jnp.asarray(rng.standard_normal((5, 8)), jnp.float32)
+
+    params, static = eqx.partition(model, eqx.is_array)
+
+    def step(params, x):
+        m = eqx.combine(params, static)
+        return eqx.filter_value_and_grad(lambda m: jnp.sum(jax.vmap(m)(x) ** 2))(m)
+
+    f = jfuse.jit(step)
+    got = f(params, x)
+    assert f.report.fused == {"linear": 3}, str(f.report)
+    chex.assert_trees_all_close(got, jax.jit(step)(params, x), rtol=1e-5, atol=1e-6)

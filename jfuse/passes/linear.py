@@ -272,7 +272,10 @@ def _make_site(graph, block, x, w, w_is_nk, bias, preactivation, activation, wei
     if w_is_nk:
         detail += ", W as (N, K)"
     detail += _kernel_notes(m, k, n, x.aval.dtype)
-    return Site(NAME, eqns, inputs, [out], emit, _where(dot), detail)
+    # Unfused, the matmul result goes to memory and comes back for the bias/activation.
+    matmul_out = dot.outvars[0].aval
+    saved = 2 * m * n * np.dtype(matmul_out.dtype).itemsize
+    return Site(NAME, eqns, inputs, [out], emit, _where(dot), detail, saved)
 
 
 def _moveaxis(a, source: int, destination: int):

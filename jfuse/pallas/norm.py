@@ -1,0 +1,585 @@
+"""Pallas kernels for the fused norms: RMSNorm and LayerNorm, optionally with the residual add
+fused in front (``h = x + residual``, then the norm of ``h``), in one pass over each row.
+
+Two kernels, one per accelerator family, with the same contract:
+
+* :func:`norm_tpu` is a Mosaic kernel: a 1-D grid over blocks of whole rows (``(br, H)``
+  blocks, ragged row counts handled by a partial edge block); ``br`` is the most rows whose
+  double-buffered blocks and f32 temporaries fit a VMEM budget.
+* :func:`norm_triton` is a Triton kernel: a 1-D grid over groups of rows, each program holding
+  its rows whole in a power-of-two block over H, masked where H is not a power of two.
+
+Both do all arithmetic in f32 and round once to the output dtype:
+
+    mean = mean(h)                                  (LayerNorm only)
+    var  = mean((h - mean)**2)  |  mean(h**2)       (LayerNorm | RMSNorm)
+    rstd = rsqrt(var + eps)
+    y    = (h - mean) * rstd [* (scale + scale_offset)] [+ bias]
+
+``scale_offset=1.0`` gives Gemma's ``(1 + w)`` scale. With a residual, ``h`` is the sum rounded
+to ``x.dtype`` (exactly what the unfused ``x + residual`` produces, and what the kernel writes
+out), so the statistics describe the ``h`` a caller sees. The f32 statistics (``mean``, ``rstd``,
+shape ``(R,)``) are returned for the backward pass. A row holding NaN or inf comes out exactly
+as the plain ``jnp`` computation would make it (e.g. an inf in an RMSNorm row gives that lane
+NaN and the others 0); other rows are untouched, and no padding lane enters any row's sums.
+
+``interpret=True`` runs either kernel in Pallas' HLO interpreter, which is how their numerics
+are tested on a CPU. ``*_unsupported_reason`` say, without tracing anything, whether a kernel
+can serve a problem; the kernels raise ``NotImplementedError`` with that reason otherwise, so a
+caller can fall back to XLA. Nothing here knows about jaxprs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
+
+from jfuse.pallas._common import (
+    cdiv,
+    is_power_of_2,
+    next_power_of_2,
+    quiet_triton_deprecation,
+    round_up,
+)
+
+Array = jax.Array
+
+__all__ = [
+    "norm_tpu",
+    "norm_triton",
+    "tpu_unsupported_reason",
+    "triton_unsupported_reason",
+    "tpu_block_rows",
+    "tpu_vmem_bytes",
+]
+
+_TPU_DTYPES = (jnp.float32, jnp.bfloat16)
+_TRITON_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+# TPU. Every block is pipelined (double-buffered), and whole rows must fit: the row-block size is
+# chosen so that one grid step stays within 12 MiB of VMEM, under Mosaic's default scoped limit
+# on every chip (16 MiB on the smallest), so the limit is never raised for default blocks. Past
+# 1024 rows a block gains nothing (per-step overhead is already amortized) but latency.
+_TPU_VMEM_BUDGET = 12 * 2**20
+_TPU_MAX_BLOCK_ROWS = 1024
+_TPU_LANES = 128
+# f32 temporaries per row element the estimate allows for: h, h - mean and y in f32.
+_TPU_F32_TEMPS = 3
+
+# Triton. A program holds its rows whole in registers; past 64Ki elements per row (the same
+# ceiling as Liger-Kernel's and Unsloth's norms, MAX_FUSED_SIZE) the row no longer fits one
+# program, and the kernel refuses rather than loop over H. Small rows are grouped so that one
+# program has ~4096 elements to work on.
+_TRITON_MAX_BLOCK_H = 65536
+_TRITON_TILE_ELEMENTS = 4096
+_TRITON_MAX_BLOCK_ROWS = 16
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared pieces
+# ----------------------------------------------------------------------------------------------
+
+
+def _dtype_reason(backend: str, dtype: Any, allowed: tuple[Any, ...]) -> str | None:
+    dtype = jnp.dtype(dtype)
+    if dtype not in [jnp.dtype(d) for d in allowed]:
+        names = ", ".join(jnp.dtype(d).name for d in allowed)
+        return f"dtype {dtype.name} is not supported by the {backend} kernel ({names} only)"
+    return None
+
+
+def _shape_reason(rows: int, hidden: int) -> str | None:
+    if min(rows, hidden) <= 0:
+        return f"empty input (rows={rows}, hidden={hidden}) has nothing for a kernel to do"
+    return None
+
+
+def _check_operands(
+    x: Array,
+    scale: Array | None,
+    bias: Array | None,
+    residual: Array | None,
+    scale_offset: float,
+) -> tuple[int, int]:
+    """Validates ranks and shapes (a caller bug, so ValueError) and returns (R, H)."""
+    if x.ndim != 2:
+        raise ValueError(
+            f"norm kernels take a 2-D x (rows, hidden); got x{x.shape}. Flatten the leading "
+            "axes first: x.reshape(-1, x.shape[-1])."
+        )
+    rows, hidden = x.shape
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual must have x's shape {x.shape}; got {residual.shape}.")
+    for name, param in (("scale", scale), ("bias", bias)):
+        if param is not None and param.shape != (hidden,):
+            raise ValueError(f"{name} must have shape ({hidden},); got {param.shape}.")
+    if scale is None and scale_offset != 0.0:
+        raise ValueError(f"scale_offset={scale_offset} needs a scale (it multiplies by "
+                         "scale + scale_offset); pass scale or drop scale_offset.")
+    return rows, hidden
+
+
+def _raise_if_unsupported(
+    reason_fn: Callable[..., str | None],
+    x: Array,
+    scale: Array | None,
+    bias: Array | None,
+    residual: Array | None,
+    out_dtype: Any,
+) -> None:
+    """NotImplementedError (the caller's cue to fall back to XLA) with the first reason found."""
+    rows, hidden = x.shape
+    reason = reason_fn(rows, hidden, x.dtype)
+    if reason is None and residual is not None and residual.dtype != x.dtype:
+        reason = (f"mixed x/residual dtypes (x {x.dtype.name}, residual "
+                  f"{residual.dtype.name}) are not supported")
+    others = (("scale", scale), ("bias", bias), ("out_dtype", out_dtype))
+    for what, dtype in ((w, getattr(d, "dtype", d)) for w, d in others):
+        if reason is None and dtype is not None and (other := reason_fn(rows, hidden, dtype)):
+            reason = f"{what} {other}"
+    if reason is not None:
+        raise NotImplementedError(reason)
+
+
+def _normalize(h: Array, hidden: int, lane_mask: Array | None, *, subtract_mean: bool,
+               eps: float, scale: Array | None, scale_offset: float, bias: Array | None):
+    """The norm of f32 rows ``h`` (reduced over the last axis, ``hidden`` real lanes).
+
+    ``lane_mask`` marks real lanes when the block is wider than ``hidden`` (Triton); padding
+    lanes must hold 0 in ``h``. Returns ``(y_f32, mean | None, rstd)``, statistics with keepdims.
+    """
+    if subtract_mean:
+        mean = jnp.sum(h, axis=-1, keepdims=True) / hidden
+        centered = h - mean
+        if lane_mask is not None:  # padding lanes hold -mean now; keep them out of the variance
+            centered = jnp.where(lane_mask, centered, 0.0)
+    else:
+        mean, centered = None, h
+    var = jnp.sum(centered * centered, axis=-1, keepdims=True) / hidden
+    rstd = lax.rsqrt(var + eps)
+    y = centered * rstd
+    if scale is not None:
+        y = y * (scale.astype(jnp.float32) + scale_offset)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y, mean, rstd
+
+
+def _sum_in_f32(x: Array, residual: Array | None) -> tuple[Array, Array | None]:
+    """(h in f32, h in x.dtype or None): the residual add rounded as the unfused add rounds."""
+    if residual is None:
+        return x.astype(jnp.float32), None
+    h = (x.astype(jnp.float32) + residual.astype(jnp.float32)).astype(x.dtype)
+    return h.astype(jnp.float32), h
+
+
+def _kernel_name(subtract_mean: bool, has_residual: bool) -> str:
+    base = "layer_norm" if subtract_mean else "rms_norm"
+    return f"jfuse_{'add_' if has_residual else ''}{base}"
+
+
+def _finish(y, h, mean, rstd) -> tuple[Array, ...]:
+    return tuple(a for a in (y, h, mean, rstd) if a is not None)
+
+
+# ----------------------------------------------------------------------------------------------
+# TPU (Mosaic)
+# ----------------------------------------------------------------------------------------------
+
+
+def _tpu_sublanes(dtype: Any) -> int:
+    # Packed 16-bit dtypes fill a (16, 128) tile; 32-bit ones an (8, 128) tile.
+    return 8 * (4 // jnp.dtype(dtype).itemsize)
+
+
+def tpu_vmem_bytes(
+    block_rows: int,
+    hidden: int,
+    dtype: Any,
+    out_dtype: Any = None,
+    *,
+    has_residual: bool = True,
+    n_params: int = 2,
+    n_stats: int = 2,
+) -> int:
+    """VMEM one grid step of :func:`norm_tpu` holds, by its layout in (sublane, 128-lane) tiles.
+
+    Every block is double-buffered by the pipeline: ``x`` (and ``residual``) in, ``y`` (and
+    ``h``) out, each ``(block_rows, H)`` with H padded to 128 lanes; each ``(block_rows, 1)``
+    f32 statistic pads to 128 lanes; each ``(1, H)`` scale/bias pads to a full sublane tile. On
+    top, ``_TPU_F32_TEMPS`` f32 copies of the block for the in-kernel temporaries. The defaults
+    are the worst case (residual, scale, bias, LayerNorm).
+    """
+    out_dtype = dtype if out_dtype is None else out_dtype
+    in_size, out_size = jnp.dtype(dtype).itemsize, jnp.dtype(out_dtype).itemsize
+    lanes = round_up(hidden, _TPU_LANES)
+    row_blocks = lanes * (in_size * (2 if has_residual else 1)          # x, residual
+                          + out_size + (in_size if has_residual else 0))  # y, h
+    stats = n_stats * _TPU_LANES * 4
+    per_row = 2 * (row_blocks + stats) + _TPU_F32_TEMPS * lanes * 4
+    params = n_params * 2 * 32 * lanes  # (8 x 4 B or 16 x 2 B) per lane, double-buffered
+    return block_rows * per_row + params
+
+
+def _tpu_min_block_rows(rows: int, sublanes: int) -> int:
+    return min(rows, sublanes)
+
+
+def tpu_unsupported_reason(rows: int, hidden: int, dtype: Any) -> str | None:
+    """Why :func:`norm_tpu` cannot serve ``rows`` rows of width ``hidden``, or None if it can
+    (with or without residual, scale and bias, for any supported ``out_dtype``)."""
+    reason = _shape_reason(rows, hidden) or _dtype_reason("TPU", dtype, _TPU_DTYPES)
+    if reason is not None:
+        return reason
+    # Widest case: the smallest legal row block with every optional input and output, and an
+    # f32 y. Sixteen rows if either the input or the output is 16-bit.
+    min_rows = _tpu_min_block_rows(rows, 16 if jnp.dtype(dtype).itemsize == 2 else 8)
+    need = tpu_vmem_bytes(min_rows, hidden, dtype, jnp.float32)
+    if need > _TPU_VMEM_BUDGET:
+        return (f"rows of {hidden} {jnp.dtype(dtype).name} elements are too wide for the TPU "
+                f"kernel: a {min_rows}-row block needs ~{need / 2**20:.1f} MiB of VMEM "
+                f"(budget {_TPU_VMEM_BUDGET // 2**20} MiB)")
+    return None
+
+
+def tpu_block_rows(
+    rows: int,
+    hidden: int,
+    dtype: Any,
+    out_dtype: Any = None,
+    *,
+    has_residual: bool,
+    n_params: int,
+    n_stats: int,
+    block_rows: int | None = None,
+) -> int:
+    """The row-block size :func:`norm_tpu` uses: ``block_rows`` if given (checked, clipped to
+    ``rows``), else the most rows (a multiple of 8, or 16 for 16-bit data; at most 1024) whose
+    :func:`tpu_vmem_bytes` fits the budget, balanced so the edge block is not mostly empty."""
+    out_dtype = dtype if out_dtype is None else out_dtype
+    sublanes = max(_tpu_sublanes(dtype), _tpu_sublanes(out_dtype))
+    if block_rows is not None:
+        if block_rows >= rows:
+            return rows
+        if block_rows <= 0 or block_rows % sublanes:
+            raise ValueError(f"block_rows={block_rows} must be a multiple of {sublanes} or "
+                             f"cover all {rows} rows.")
+        return block_rows
+    estimate = functools.partial(tpu_vmem_bytes, hidden=hidden, dtype=dtype,
+                                 out_dtype=out_dtype, has_residual=has_residual,
+                                 n_params=n_params, n_stats=n_stats)
+    fixed = estimate(0)
+    per_row = estimate(1) - fixed
+    fit = (_TPU_VMEM_BUDGET - fixed) // per_row
+    max_rows = max(sublanes, min(_TPU_MAX_BLOCK_ROWS, fit - fit % sublanes))
+    if rows <= max_rows:
+        return rows
+    return round_up(cdiv(rows, cdiv(rows, max_rows)), sublanes)
+
+
+def _tpu_norm_kernel(x_ref, *refs, hidden, has_residual, has_scale, has_bias, subtract_mean,
+                     eps, scale_offset):
+    """One (br, H) block of whole rows; each row's statistics are its own, so the garbage rows
+    of a ragged edge block only produce garbage that Pallas never writes back."""
+    refs = list(refs)
+    res_ref = refs.pop(0) if has_residual else None
+    scale_ref = refs.pop(0) if has_scale else None
+    bias_ref = refs.pop(0) if has_bias else None
+    y_ref = refs.pop(0)
+    h_ref = refs.pop(0) if has_residual else None
+    mean_ref = refs.pop(0) if subtract_mean else None
+    (rstd_ref,) = refs
+
+    h, h_out = _sum_in_f32(x_ref[...], None if res_ref is None else res_ref[...])
+    if h_ref is not None:
+        h_ref[...] = h_out
+    y, mean, rstd = _normalize(
+        h, hidden, None, subtract_mean=subtract_mean, eps=eps,
+        scale=None if scale_ref is None else scale_ref[...],  # (1, H) broadcasts over rows
+        scale_offset=scale_offset,
+        bias=None if bias_ref is None else bias_ref[...],
+    )
+    y_ref[...] = y.astype(y_ref.dtype)
+    if mean_ref is not None:
+        mean_ref[...] = mean
+    rstd_ref[...] = rstd
+
+
+def norm_tpu(
+    x: Array,
+    scale: Array | None = None,
+    bias: Array | None = None,
+    residual: Array | None = None,
+    *,
+    subtract_mean: bool,
+    eps: float,
+    scale_offset: float = 0.0,
+    out_dtype: Any = None,
+    interpret: bool = False,
+    block_rows: int | None = None,
+) -> tuple[Array, ...]:
+    """RMSNorm (``subtract_mean=False``) or LayerNorm of the rows of ``x`` (or of
+    ``x + residual``), as one Mosaic (TPU) kernel.
+
+    Args:
+      x: ``(R, H)``, normalized over H.
+      scale, bias: ``(H,)`` or None; any supported float dtype (math is f32).
+      residual: ``(R, H)`` in ``x.dtype``, or None. When given, the kernel normalizes
+        ``h = x + residual`` (rounded to ``x.dtype``) and also returns ``h``.
+      subtract_mean: False for RMSNorm, True for LayerNorm.
+      eps: added to the variance under the rsqrt.
+      scale_offset: the norm multiplies by ``scale + scale_offset`` (1.0 for Gemma); needs a
+        scale.
+      out_dtype: dtype of ``y``; default ``x.dtype``.
+      interpret: run in Pallas' HLO interpreter (any backend, e.g. CPU for tests).
+      block_rows: rows per grid step; None picks the most that fit the VMEM budget (see
+        :func:`tpu_block_rows`). Must be a multiple of 8 (16 for 16-bit x or y) or cover all
+        rows. Blocks over the budget raise Mosaic's scoped VMEM limit.
+
+    Returns:
+      ``(y, rstd)`` for RMSNorm, ``(y, mean, rstd)`` for LayerNorm; with a residual,
+      ``(y, h, rstd)`` / ``(y, h, mean, rstd)``. Statistics are f32 of shape ``(R,)``.
+
+    Raises:
+      NotImplementedError: when :func:`tpu_unsupported_reason` (or a mixed x/residual dtype)
+        rules the problem out, so the caller can fall back to XLA.
+    """
+    rows, hidden = _check_operands(x, scale, bias, residual, scale_offset)
+    out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
+    _raise_if_unsupported(tpu_unsupported_reason, x, scale, bias, residual, out_dtype)
+    n_params = (scale is not None) + (bias is not None)
+    n_stats = 2 if subtract_mean else 1
+    layout = dict(has_residual=residual is not None, n_params=n_params, n_stats=n_stats)
+    br = tpu_block_rows(rows, hidden, x.dtype, out_dtype, block_rows=block_rows, **layout)
+    vmem = tpu_vmem_bytes(br, hidden, x.dtype, out_dtype, **layout)
+
+    row_block = pl.BlockSpec((br, hidden), lambda i: (i, 0))  # H whole: always a legal block
+    whole_row = pl.BlockSpec((1, hidden), lambda i: (0, 0))
+    # Statistics as (R, 1) columns: a (br, 1) block is legal (its last dim is the array's), and
+    # the keepdims reductions already have that shape, so no in-kernel relayout is needed.
+    stat_block = pl.BlockSpec((br, 1), lambda i: (i, 0))
+    operands, in_specs = [x], [row_block]
+    if residual is not None:
+        operands.append(residual)
+        in_specs.append(row_block)
+    for param in (scale, bias):
+        if param is not None:
+            operands.append(param.reshape(1, hidden))
+            in_specs.append(whole_row)
+    out_shape = [jax.ShapeDtypeStruct((rows, hidden), out_dtype)]
+    out_specs = [row_block]
+    if residual is not None:
+        out_shape.append(jax.ShapeDtypeStruct((rows, hidden), x.dtype))
+        out_specs.append(row_block)
+    out_shape += [jax.ShapeDtypeStruct((rows, 1), jnp.float32)] * n_stats
+    out_specs += [stat_block] * n_stats
+
+    kernel = functools.partial(
+        _tpu_norm_kernel,
+        hidden=hidden,
+        has_residual=residual is not None,
+        has_scale=scale is not None,
+        has_bias=bias is not None,
+        subtract_mean=subtract_mean,
+        eps=float(eps),
+        scale_offset=float(scale_offset),
+    )
+    outs = pl.pallas_call(
+        kernel,
+        out_shape=tuple(out_shape),
+        grid=(cdiv(rows, br),),
+        in_specs=in_specs,
+        out_specs=tuple(out_specs),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=(pltpu.PARALLEL,),
+            vmem_limit_bytes=None if vmem <= _TPU_VMEM_BUDGET else int(vmem * 1.25),
+        ),
+        interpret=interpret,
+        name=_kernel_name(subtract_mean, residual is not None),
+    )(*operands)
+    y, *rest = outs
+    h = rest.pop(0) if residual is not None else None
+    stats = [s.reshape(rows) for s in rest]
+    mean, rstd = stats if subtract_mean else (None, stats[0])
+    return _finish(y, h, mean, rstd)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU (Triton)
+# ----------------------------------------------------------------------------------------------
+
+
+def triton_unsupported_reason(rows: int, hidden: int, dtype: Any) -> str | None:
+    """Why :func:`norm_triton` cannot serve ``rows`` rows of width ``hidden``, or None."""
+    reason = _shape_reason(rows, hidden) or _dtype_reason("Triton", dtype, _TRITON_DTYPES)
+    if reason is not None:
+        return reason
+    if next_power_of_2(hidden) > _TRITON_MAX_BLOCK_H:
+        return (f"rows of {hidden} elements are too wide for the Triton kernel, which holds a "
+                f"row in one program (at most {_TRITON_MAX_BLOCK_H})")
+    if rows * next_power_of_2(hidden) >= 2**31:
+        return (f"{rows} x {hidden} elements (padded to a power of two per row) would overflow "
+                "the kernel's int32 offsets")
+    return None
+
+
+def _triton_block_rows(rows: int, block_h: int, block_rows: int | None) -> int:
+    if block_rows is not None:
+        if not is_power_of_2(block_rows):
+            raise ValueError(f"block_rows={block_rows} must be a power of two (Triton).")
+        return block_rows
+    fit = max(1, _TRITON_TILE_ELEMENTS // block_h)
+    return min(fit, _TRITON_MAX_BLOCK_ROWS, next_power_of_2(rows))
+
+
+def _triton_num_warps(tile_elements: int) -> int:
+    # Liger-Kernel's calculate_settings: about 16-64 elements per thread.
+    if tile_elements >= 32768:
+        return 32
+    if tile_elements >= 8192:
+        return 16
+    if tile_elements >= 2048:
+        return 8
+    return 4
+
+
+def _edge_mask(start: Array, size: int, dim: int) -> Array | None:
+    """Which of indices ``start .. start+size-1`` lie inside ``dim``; None when ``size``
+    divides ``dim`` (no block is ragged, so accesses need no mask)."""
+    return None if dim % size == 0 else start + jnp.arange(size) < dim
+
+
+def _outer_and(rows: Array | None, cols: Array | None) -> Array | None:
+    if rows is None and cols is None:
+        return None
+    if rows is None:
+        return cols[None, :]
+    if cols is None:
+        return rows[:, None]
+    return rows[:, None] & cols[None, :]
+
+
+def _load(ref, mask: Array | None) -> Array:
+    # Masked-off lanes read as 0, which adds nothing to a sum or a sum of squares.
+    return pltriton.load(ref) if mask is None else pltriton.load(ref, mask=mask, other=0)
+
+
+def _store(ref, value: Array, mask: Array | None) -> None:
+    if mask is None:
+        pltriton.store(ref, value)
+    else:
+        pltriton.store(ref, value, mask=mask)
+
+
+def _triton_norm_kernel(x_ref, *refs, rows, hidden, block_rows, block_h, has_residual,
+                        has_scale, has_bias, subtract_mean, eps, scale_offset):
+    """``block_rows`` whole rows over whole-array refs, each row one ``block_h``-lane vector
+    (a power of two >= H, masked past H)."""
+    refs = list(refs)
+    res_ref = refs.pop(0) if has_residual else None
+    scale_ref = refs.pop(0) if has_scale else None
+    bias_ref = refs.pop(0) if has_bias else None
+    y_ref = refs.pop(0)
+    h_ref = refs.pop(0) if has_residual else None
+    mean_ref = refs.pop(0) if subtract_mean else None
+    (rstd_ref,) = refs
+
+    row0 = pl.program_id(0) * block_rows
+    row_mask = _edge_mask(row0, block_rows, rows)
+    lane_mask = _edge_mask(0, block_h, hidden)
+    tile_mask = _outer_and(row_mask, lane_mask)
+
+    def tile(ref):
+        return ref.at[pl.ds(row0, block_rows), pl.ds(0, block_h)]
+
+    def param(ref):
+        return None if ref is None else _load(ref.at[pl.ds(0, block_h)], lane_mask)[None, :]
+
+    x = _load(tile(x_ref), tile_mask)
+    residual = None if res_ref is None else _load(tile(res_ref), tile_mask)
+    h, h_out = _sum_in_f32(x, residual)
+    if h_ref is not None:
+        _store(tile(h_ref), h_out, tile_mask)
+    y, mean, rstd = _normalize(
+        h, hidden, None if lane_mask is None else lane_mask[None, :],
+        subtract_mean=subtract_mean, eps=eps, scale=param(scale_ref),
+        scale_offset=scale_offset, bias=param(bias_ref),
+    )
+    _store(tile(y_ref), y.astype(y_ref.dtype), tile_mask)
+    # Statistics leave as (R,) vectors: sum over the unit lane axis rather than reshape it away.
+    stat_block = lambda ref: ref.at[pl.ds(row0, block_rows)]
+    if mean_ref is not None:
+        _store(stat_block(mean_ref), jnp.sum(mean, axis=1), row_mask)
+    _store(stat_block(rstd_ref), jnp.sum(rstd, axis=1), row_mask)
+
+
+def norm_triton(
+    x: Array,
+    scale: Array | None = None,
+    bias: Array | None = None,
+    residual: Array | None = None,
+    *,
+    subtract_mean: bool,
+    eps: float,
+    scale_offset: float = 0.0,
+    out_dtype: Any = None,
+    interpret: bool = False,
+    block_rows: int | None = None,
+) -> tuple[Array, ...]:
+    """RMSNorm or LayerNorm of the rows of ``x`` (or of ``x + residual``), as one Triton (GPU)
+    kernel.
+
+    Same arguments and results as :func:`norm_tpu`, except ``block_rows``: rows per program, a
+    power of two; None groups rows until a program has ~4096 elements (at most 16 rows). A row
+    is one power-of-two block (``next_pow2(H)`` lanes, masked past H), so H is limited to 65536
+    (see :func:`triton_unsupported_reason`).
+
+    Raises:
+      NotImplementedError: when :func:`triton_unsupported_reason` (or a mixed x/residual dtype)
+        rules the problem out, so the caller can fall back to XLA.
+    """
+    rows, hidden = _check_operands(x, scale, bias, residual, scale_offset)
+    out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
+    _raise_if_unsupported(triton_unsupported_reason, x, scale, bias, residual, out_dtype)
+    block_h = next_power_of_2(hidden)
+    br = _triton_block_rows(rows, block_h, block_rows)
+    n_stats = 2 if subtract_mean else 1
+
+    out_shape = [jax.ShapeDtypeStruct((rows, hidden), out_dtype)]
+    if residual is not None:
+        out_shape.append(jax.ShapeDtypeStruct((rows, hidden), x.dtype))
+    out_shape += [jax.ShapeDtypeStruct((rows,), jnp.float32)] * n_stats
+    operands = [a for a in (x, residual, scale, bias) if a is not None]
+
+    kernel = functools.partial(
+        _triton_norm_kernel,
+        rows=rows, hidden=hidden, block_rows=br, block_h=block_h,
+        has_residual=residual is not None,
+        has_scale=scale is not None,
+        has_bias=bias is not None,
+        subtract_mean=subtract_mean,
+        eps=float(eps),
+        scale_offset=float(scale_offset),
+    )
+    # No BlockSpecs: every program sees whole arrays and slices them itself, because BlockSpec
+    # blocks are loaded unmasked by the Triton lowering (the lanes past H would be read).
+    with quiet_triton_deprecation():
+        outs = pl.pallas_call(
+            kernel,
+            out_shape=tuple(out_shape),
+            grid=(cdiv(rows, br),),
+            compiler_params=pltriton.CompilerParams(num_warps=_triton_num_warps(br * block_h)),
+            interpret=interpret,
+            name=_kernel_name(subtract_mean, residual is not None),
+        )(*operands)
+    y, *rest = outs
+    h = rest.pop(0) if residual is not None else None
+    mean, rstd = rest if subtract_mean else (None, rest[0])
+    return _finish(y, h, mean, rstd)
