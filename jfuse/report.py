@@ -26,6 +26,7 @@ class MissReason(str, enum.Enum):
     PATTERN_DISABLED = "pattern disabled"
     NO_KERNEL = "no kernel for this backend"
     SHARDING = "sharding layout not supported"
+    DIFFERENT_INPUTS = "operands read different inputs"
     INTERNAL_ERROR = "internal error"
 
 

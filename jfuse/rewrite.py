@@ -98,9 +98,7 @@ class Rewriter:
             self.report.fallbacks.append(message)
             self.report.sites = [s for s in self.report.sites if s.where != site.where or
                                  s.pattern != site.pattern]
-            from jfuse.passes.base import replay_block
-
-            outs = list(replay_block(site.absorbed, site.inputs, site.outputs)(*values))
+            outs = list(site.replay()(*values))
         env.update(zip(site.outputs, outs))
 
     # --- nested jaxprs ------------------------------------------------------------------------

@@ -77,10 +77,11 @@ _TRITON_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 # TPU defaults. Same bm and bk as the linear kernel (512: block size is everything on TPU), but
 # bn halved to 256 because every K step holds two weight tiles and two accumulators (tokamax
-# halves block_n for the same reason). Worst case, f32 in and out with all three outputs and
-# both biases: 2 x (x 1 MiB + weights 1 MiB + outputs 1.5 MiB) + accumulators 1 MiB ~= 8 MiB,
-# inside the linear kernel's 12 MiB budget, so the defaults never raise Mosaic's scoped VMEM
-# limit; 256 lanes still fill a v6e MXU (256 x 256) and two v5e MXU passes (128 x 128).
+# halves block_n for the same reason). The two weight tiles form a 512-wide right-hand side, so
+# each x tile does as many flops per byte loaded as in the linear kernel's 512 x 512 tile.
+# Worst case, f32 in and out with all three outputs and both biases: 2 x (x 1 MiB + weights
+# 1 MiB + outputs 1.5 MiB) + accumulators 1 MiB ~= 8 MiB (4.5 MiB in bf16), inside the linear
+# kernel's 12 MiB budget, so the defaults never raise Mosaic's scoped VMEM limit.
 _TPU_BLOCK_M = 512
 _TPU_BLOCK_N = 256
 _TPU_BLOCK_K = 512
@@ -104,13 +105,16 @@ _TRITON_BLOCK_N = 64
 # caches (forward, XLA vs Pallas-Triton; see reference/pallas_tokamax_xla.md §1.7):
 #   f32  K=128 -> N=256: 2.30x;  K=384 -> 768: 1.08x;  K=768 -> 1536: 0.77x (Triton slower).
 #   bf16 K=64: 2.1-2.3x;  K=128: 1.74-1.86x;  K=384 -> 1536: 1.13x (1.02-1.26).
-# A two-parameter fit, speedup = e * (1 + c/K) (e: Triton GEMM efficiency vs cuBLAS, c/K: the
-# saved traffic), reproduces the f32 K=768 point from the other two (predicts 0.78x) and puts the
-# break-even near K=440 for f32 and K=670 for bf16. Hence, conservatively:
+# A crude two-parameter model, speedup = e * (1 + c/K) (e: the Triton GEMM's efficiency against
+# cuBLAS; c/K: the saved traffic relative to the GEMM), fitted to the f32 K=128 and K=384 points
+# predicts the measured K=768 point (0.78x vs 0.77x) and puts the f32 break-even near K=440.
+# Fitted to the bf16 K=128 and K=384 points it puts the bf16 break-even near K=600-670 and
+# predicts 0.80-0.88x at K=2048-4096. (The points mix different M and N; treat it as a trend.)
+# Hence, conservatively:
 #   f32: fuse up to K=384, the largest K measured to win (K=512 is predicted ~0.93x).
-#   bf16/f16: fuse up to K=512, just past the largest measured win and short of the predicted
-#     break-even (~1.05x predicted at 512). Nothing above K=384 was measured in 16-bit; an LLM
-#     MLP (K >= 2048) is predicted to lose 10-15%, so it stays on XLA until hardware says
+#   bf16/f16: fuse up to K=512, past the largest measured win (384) and short of the predicted
+#     break-even (~1.04-1.05x predicted at 512). Nothing above K=384 was measured in 16-bit; an
+#     LLM MLP (K >= 2048) is predicted to lose 10-20%, so it stays on XLA until hardware says
 #     otherwise. f16 has no data and follows bf16 (same tensor-core path).
 # TPU has no entry: tokamax ships no TPU GLU kernel and there are no TPU GLU timings at all, so
 # there is nothing to base a rule on; profitability_reason always allows the TPU kernel until a
@@ -120,9 +124,9 @@ GPU_MAX_PROFITABLE_K: dict[str, int] = {"float32": 384, "bfloat16": 512, "float1
 _GPU_EVIDENCE = {
     "float32": "tokamax measured 0.77x for f32 768→1536 already",
     "bfloat16": "tokamax's bf16 gain fell from ~2x at K=64 to 1.13x at K=384, and its trend "
-    "crosses 1x near K=670",
+    "crosses 1x near K=600-670",
     "float16": "no f16 data; it follows bf16, whose gain fell to 1.13x at K=384 and whose trend "
-    "crosses 1x near K=670",
+    "crosses 1x near K=600-670",
 }
 _BACKENDS = {"tpu": "tpu", "triton": "gpu", "gpu": "gpu", "cuda": "gpu"}
 
@@ -148,8 +152,8 @@ def profitability_reason(backend: str, m: int, k: int, n: int, dtype: Any) -> st
     if limit is None or k <= limit:
         return None
     return (
-        f"K={k} > {limit}: on GPU the fused Triton GLU loses to XLA's two cuBLAS GEMMs at large "
-        f"K in {name} ({_GPU_EVIDENCE[name]})"
+        f"K={k} > {limit}: on GPU the fused Triton GLU is expected to lose to XLA's two cuBLAS "
+        f"GEMMs at this K in {name} ({_GPU_EVIDENCE[name]})"
     )
 
 

@@ -56,8 +56,6 @@ __all__ = [
     "norm_triton",
     "tpu_unsupported_reason",
     "triton_unsupported_reason",
-    "tpu_block_rows",
-    "tpu_vmem_bytes",
 ]
 
 _TPU_DTYPES = (jnp.float32, jnp.bfloat16)
@@ -65,7 +63,7 @@ _TRITON_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 # TPU. Every block is pipelined (double-buffered), and whole rows must fit: the row-block size is
 # chosen so that one grid step stays within 12 MiB of VMEM, under Mosaic's default scoped limit
-# on every chip (16 MiB on the smallest), so the limit is never raised for default blocks. Past
+# on every chip (16 MiB on v4 and v5e), so the limit is never raised for default blocks. Past
 # 1024 rows a block gains nothing (per-step overhead is already amortized) but latency.
 _TPU_VMEM_BUDGET = 12 * 2**20
 _TPU_MAX_BLOCK_ROWS = 1024
@@ -199,7 +197,7 @@ def _tpu_sublanes(dtype: Any) -> int:
     return 8 * (4 // jnp.dtype(dtype).itemsize)
 
 
-def tpu_vmem_bytes(
+def _tpu_vmem_bytes(
     block_rows: int,
     hidden: int,
     dtype: Any,
@@ -228,20 +226,13 @@ def tpu_vmem_bytes(
     return block_rows * per_row + params
 
 
-def _tpu_min_block_rows(rows: int, sublanes: int) -> int:
-    return min(rows, sublanes)
-
-
-def tpu_unsupported_reason(rows: int, hidden: int, dtype: Any) -> str | None:
-    """Why :func:`norm_tpu` cannot serve ``rows`` rows of width ``hidden``, or None if it can
-    (with or without residual, scale and bias, for any supported ``out_dtype``)."""
-    reason = _shape_reason(rows, hidden) or _dtype_reason("TPU", dtype, _TPU_DTYPES)
-    if reason is not None:
-        return reason
-    # Widest case: the smallest legal row block with every optional input and output, and an
-    # f32 y. Sixteen rows if either the input or the output is 16-bit.
-    min_rows = _tpu_min_block_rows(rows, 16 if jnp.dtype(dtype).itemsize == 2 else 8)
-    need = tpu_vmem_bytes(min_rows, hidden, dtype, jnp.float32)
+def _tpu_too_wide_reason(rows: int, hidden: int, dtype: Any, out_dtype: Any = None,
+                         **layout: Any) -> str | None:
+    """Whether the smallest legal row block is over the VMEM budget (default ``layout``: the
+    widest case, with residual, scale, bias and both statistics)."""
+    out_dtype = dtype if out_dtype is None else out_dtype
+    min_rows = min(rows, max(_tpu_sublanes(dtype), _tpu_sublanes(out_dtype)))
+    need = _tpu_vmem_bytes(min_rows, hidden, dtype, out_dtype, **layout)
     if need > _TPU_VMEM_BUDGET:
         return (f"rows of {hidden} {jnp.dtype(dtype).name} elements are too wide for the TPU "
                 f"kernel: a {min_rows}-row block needs ~{need / 2**20:.1f} MiB of VMEM "
@@ -249,7 +240,15 @@ def tpu_unsupported_reason(rows: int, hidden: int, dtype: Any) -> str | None:
     return None
 
 
-def tpu_block_rows(
+def tpu_unsupported_reason(rows: int, hidden: int, dtype: Any) -> str | None:
+    """Why :func:`norm_tpu` cannot serve ``rows`` rows of width ``hidden``, or None if it can,
+    with or without residual, scale and bias, for ``out_dtype=dtype``. (A wider ``out_dtype``
+    on rows near the limit, about 26k f32 or 21k bf16 elements, can still be refused.)"""
+    return (_shape_reason(rows, hidden) or _dtype_reason("TPU", dtype, _TPU_DTYPES)
+            or _tpu_too_wide_reason(rows, hidden, dtype))
+
+
+def _tpu_block_rows(
     rows: int,
     hidden: int,
     dtype: Any,
@@ -262,7 +261,7 @@ def tpu_block_rows(
 ) -> int:
     """The row-block size :func:`norm_tpu` uses: ``block_rows`` if given (checked, clipped to
     ``rows``), else the most rows (a multiple of 8, or 16 for 16-bit data; at most 1024) whose
-    :func:`tpu_vmem_bytes` fits the budget, balanced so the edge block is not mostly empty."""
+    :func:`_tpu_vmem_bytes` fits the budget, balanced so the edge block is not mostly empty."""
     out_dtype = dtype if out_dtype is None else out_dtype
     sublanes = max(_tpu_sublanes(dtype), _tpu_sublanes(out_dtype))
     if block_rows is not None:
@@ -272,7 +271,7 @@ def tpu_block_rows(
             raise ValueError(f"block_rows={block_rows} must be a multiple of {sublanes} or "
                              f"cover all {rows} rows.")
         return block_rows
-    estimate = functools.partial(tpu_vmem_bytes, hidden=hidden, dtype=dtype,
+    estimate = functools.partial(_tpu_vmem_bytes, hidden=hidden, dtype=dtype,
                                  out_dtype=out_dtype, has_residual=has_residual,
                                  n_params=n_params, n_stats=n_stats)
     fixed = estimate(0)
@@ -340,7 +339,7 @@ def norm_tpu(
       out_dtype: dtype of ``y``; default ``x.dtype``.
       interpret: run in Pallas' HLO interpreter (any backend, e.g. CPU for tests).
       block_rows: rows per grid step; None picks the most that fit the VMEM budget (see
-        :func:`tpu_block_rows`). Must be a multiple of 8 (16 for 16-bit x or y) or cover all
+        :func:`_tpu_block_rows`). Must be a multiple of 8 (16 for 16-bit x or y) or cover all
         rows. Blocks over the budget raise Mosaic's scoped VMEM limit.
 
     Returns:
@@ -357,8 +356,11 @@ def norm_tpu(
     n_params = (scale is not None) + (bias is not None)
     n_stats = 2 if subtract_mean else 1
     layout = dict(has_residual=residual is not None, n_params=n_params, n_stats=n_stats)
-    br = tpu_block_rows(rows, hidden, x.dtype, out_dtype, block_rows=block_rows, **layout)
-    vmem = tpu_vmem_bytes(br, hidden, x.dtype, out_dtype, **layout)
+    if block_rows is None and (reason := _tpu_too_wide_reason(rows, hidden, x.dtype, out_dtype,
+                                                              **layout)):
+        raise NotImplementedError(reason)
+    br = _tpu_block_rows(rows, hidden, x.dtype, out_dtype, block_rows=block_rows, **layout)
+    vmem = _tpu_vmem_bytes(br, hidden, x.dtype, out_dtype, **layout)
 
     row_block = pl.BlockSpec((br, hidden), lambda i: (i, 0))  # H whole: always a legal block
     whole_row = pl.BlockSpec((1, hidden), lambda i: (0, 0))
@@ -496,11 +498,16 @@ def _triton_norm_kernel(x_ref, *refs, rows, hidden, block_rows, block_h, has_res
     lane_mask = _edge_mask(0, block_h, hidden)
     tile_mask = _outer_and(row_mask, lane_mask)
 
+    # Lanes are indexed by an index vector, not a slice: a static slice past H is rejected at
+    # trace time, and a masked gather is how Pallas Triton spells a ragged block.
+    lanes = jnp.arange(block_h)
+    row_ids = row0 + jnp.arange(block_rows)
+
     def tile(ref):
-        return ref.at[pl.ds(row0, block_rows), pl.ds(0, block_h)]
+        return ref.at[row_ids[:, None], lanes[None, :]]
 
     def param(ref):
-        return None if ref is None else _load(ref.at[pl.ds(0, block_h)], lane_mask)[None, :]
+        return None if ref is None else _load(ref.at[lanes], lane_mask)[None, :]
 
     x = _load(tile(x_ref), tile_mask)
     residual = None if res_ref is None else _load(tile(res_ref), tile_mask)
@@ -513,11 +520,10 @@ def _triton_norm_kernel(x_ref, *refs, rows, hidden, block_rows, block_h, has_res
         scale_offset=scale_offset, bias=param(bias_ref),
     )
     _store(tile(y_ref), y.astype(y_ref.dtype), tile_mask)
-    # Statistics leave as (R,) vectors: sum over the unit lane axis rather than reshape it away.
     stat_block = lambda ref: ref.at[pl.ds(row0, block_rows)]
     if mean_ref is not None:
-        _store(stat_block(mean_ref), jnp.sum(mean, axis=1), row_mask)
-    _store(stat_block(rstd_ref), jnp.sum(rstd, axis=1), row_mask)
+        _store(stat_block(mean_ref), mean[:, 0], row_mask)
+    _store(stat_block(rstd_ref), rstd[:, 0], row_mask)
 
 
 def norm_triton(

@@ -5,7 +5,7 @@ Adding a pattern: write ``passes/<name>.py`` exposing ``PATTERN`` and add it to 
 
 from __future__ import annotations
 
-from jfuse.passes import linear
+from jfuse.passes import glu, linear, norm
 
-PIPELINE = (linear.PATTERN,)
-PATTERN_NAMES = tuple(p.name for p in PIPELINE)
+PIPELINE = (glu.PATTERN, linear.PATTERN, norm.PATTERN)
+PATTERN_NAMES = tuple(name for pattern in PIPELINE for name in pattern.site_names)

@@ -40,6 +40,11 @@ class Site:
     # Bytes of intermediates the unfused block writes to memory and reads back (e.g. the matmul
     # output before its epilogue); each pass estimates it from the avals.
     bytes_saved: int = 0
+    graph: Graph | None = None
+
+    def replay(self) -> Callable[..., tuple]:
+        """The block as the user wrote it: what runs if the fused op fails."""
+        return replay_block(self.absorbed, self.inputs, self.outputs, self.graph)
 
     def to_report(self) -> FusedSite:
         return FusedSite(self.pattern, self.where, self.detail, self.bytes_saved)
@@ -56,11 +61,20 @@ MatchFn = Callable[[Graph, jc.JaxprEqn, FuseOptions], "MatchResult | None"]
 
 @dataclasses.dataclass(frozen=True)
 class Pattern:
-    """A pattern pass: ``match`` is tried on every equation whose primitive is in ``anchors``."""
+    """A pattern pass: ``match`` is tried on every equation whose primitive is in ``anchors``.
+
+    ``names`` are the pattern names its sites may carry (one pass can produce several, like
+    ``rms_norm`` and ``add_rms_norm``); by default just ``name``.
+    """
 
     name: str
     anchors: frozenset[str]
     match: MatchFn
+    names: tuple[str, ...] = ()
+
+    @property
+    def site_names(self) -> tuple[str, ...]:
+        return self.names or (self.name,)
 
 
 @dataclasses.dataclass
@@ -113,13 +127,13 @@ def plan_rewrites(graph: Graph, patterns: Sequence[Pattern], options: FuseOption
             at = _emission_position(graph, site)
             if at is None:
                 continue
-            if not options.enabled(pattern.name):
+            if not options.enabled(site.pattern):
                 misses.append(
                     MissedFusion(
-                        pattern.name,
+                        site.pattern,
                         MissReason.PATTERN_DISABLED,
                         site.where,
-                        f"'{pattern.name}' is turned off by patterns= or JFUSE_DISABLE; enable it "
+                        f"'{site.pattern}' is turned off by patterns= or JFUSE_DISABLE; enable it "
                         "to fuse this block.",
                         site.detail,
                     )
@@ -133,12 +147,17 @@ def plan_rewrites(graph: Graph, patterns: Sequence[Pattern], options: FuseOption
 
 
 def replay_block(
-    eqns: Sequence[jc.JaxprEqn], inputs: Sequence[Any], outputs: Sequence[jc.Var]
+    eqns: Sequence[jc.JaxprEqn],
+    inputs: Sequence[Any],
+    outputs: Sequence[jc.Var],
+    graph: Graph | None = None,
 ) -> Callable[..., tuple]:
     """A function evaluating ``eqns`` exactly as the user's program did, inputs to outputs.
 
     Fused ops use it as their XLA implementation inside a rewrite, so on a backend without a
-    kernel the fused program computes the same values, equation for equation.
+    kernel the fused program computes the same values, equation for equation. A constant the
+    block reads but does not compute (a broadcast literal shared with other code) is recomputed
+    from its own equations in ``graph``.
     """
     eqns = list(eqns)
     inputs = list(inputs)
@@ -149,15 +168,37 @@ def replay_block(
             if isinstance(atom, jc.Var):
                 env[atom] = value
 
+        def bind(eqn):
+            args = [read(a) for a in eqn.invars]
+            with jc.equation_context(eqn):
+                outs = eqn.primitive.bind(*args, **jc.bind_params(eqn))
+            env.update(zip(eqn.outvars, outs if eqn.primitive.multiple_results else [outs]))
+
         def read(atom):
-            return atom.val if isinstance(atom, jc.Literal) else env[atom]
+            if isinstance(atom, jc.Literal):
+                return atom.val
+            if atom not in env:
+                producer = graph.producer(atom) if graph is not None else None
+                if producer is None or producer.effects or not _computed_from_literals(
+                        graph, producer):
+                    raise KeyError(f"{atom} is read by the block but is not one of its inputs")
+                bind(producer)
+            return env[atom]
 
         for eqn in eqns:
-            with jc.equation_context(eqn):
-                outs = eqn.primitive.bind(*[read(a) for a in eqn.invars], **jc.bind_params(eqn))
-            if not eqn.primitive.multiple_results:
-                outs = [outs]
-            env.update(zip(eqn.outvars, outs))
+            bind(eqn)
         return tuple(env[v] for v in outputs)
 
     return replay
+
+
+def _computed_from_literals(graph: Graph, eqn: jc.JaxprEqn, depth: int = 8) -> bool:
+    if depth == 0 or jc.jaxpr_params(eqn):
+        return False
+    for atom in eqn.invars:
+        if isinstance(atom, jc.Literal):
+            continue
+        producer = graph.producer(atom)
+        if producer is None or not _computed_from_literals(graph, producer, depth - 1):
+            return False
+    return True

@@ -13,29 +13,26 @@ fuse and a miss explains why the activation did not.
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax.numpy as jnp
 import numpy as np
 
 from jfuse import _jax_compat as jc
 from jfuse.config import FuseOptions
-from jfuse.graph import Graph, literal_value
+from jfuse.graph import Graph
 from jfuse.ops.linear import fused_linear
 from jfuse.passes._elementwise import match_activation
+from jfuse.passes._matmul import (
+    bias_source,
+    is_miss,
+    look_through_weight_transpose,
+    matmul_orientation,
+    moves_first_axis_last,
+    other_operand,
+)
 from jfuse.passes.base import MatchResult, Pattern, Site, replay_block
 from jfuse.report import MissedFusion, MissReason
 
 NAME = "linear"
-
-
-def _is_float(aval) -> bool:
-    return jnp.issubdtype(aval.dtype, jnp.floating)
-
-
-def _moves_first_axis_last(eqn: jc.JaxprEqn) -> bool:
-    perm = tuple(eqn.params["permutation"])
-    return eqn.primitive.name == "transpose" and perm == tuple(range(1, len(perm))) + (0,)
 
 
 class _Block:
@@ -61,94 +58,9 @@ class _Block:
             self.features_first = False
             return
         user = self.graph.sole_user(self.value)
-        if user is not None and user.primitive.name == "transpose" and _moves_first_axis_last(user):
+        if user is not None and user.primitive.name == "transpose" and moves_first_axis_last(user):
             self.absorb(user)
             self.features_first = False
-
-
-def _orientation(graph: Graph, dot: jc.JaxprEqn):
-    """(x, w, w_is_nk, features_first) for a linear-layer matmul, else None."""
-    (lc, rc), (lb, rb) = dot.params["dimension_numbers"]
-    if lb or rb or len(lc) != 1:
-        return None
-    lhs, rhs = dot.invars
-    if not all(_is_float(a.aval) for a in (lhs, rhs, dot.outvars[0])):
-        return None
-    activation_first = rhs.aval.ndim == 2 and lc[0] == lhs.aval.ndim - 1
-    weight_first = lhs.aval.ndim == 2 and rc[0] == rhs.aval.ndim - 1
-    if activation_first and weight_first:
-        # Both operands 2-D: `W·xᵀ` announces itself by the transpose that puts features last.
-        user = graph.sole_user(dot.outvars[0])
-        weight_first = user is not None and user.primitive.name == "transpose" and (
-            _moves_first_axis_last(user)
-        )
-        activation_first = not weight_first
-    if activation_first:
-        return lhs, rhs, rc[0] == 1, False
-    if weight_first:
-        return rhs, lhs, lc[0] == 1, rhs.aval.ndim > 1
-    return None
-
-
-def _other_operand(eqn: jc.JaxprEqn, value: Any) -> Any:
-    a, b = eqn.invars
-    return b if a is value else a
-
-
-def _is_miss(found) -> bool:
-    return isinstance(found, tuple) and isinstance(found[0], MissReason)
-
-
-def _bias_source(graph: Graph, operand: Any, add: jc.JaxprEqn, block: _Block):
-    """Trace an addend back to a vector over the output features.
-
-    ``add`` broadcasts size-1 dims itself, so the addend may be (1, N), (M, 1), (M, N) or a
-    scalar. Returns (source, eqns) where ``eqns`` are the private broadcast/reshape/convert steps
-    between the source and the add, or a (MissReason, text) pair when the addend varies along
-    other axes, or None when it is not a bias at all.
-    """
-    if literal_value(operand) is not None:
-        return operand, []
-    shape = tuple(operand.aval.shape)
-    value_shape = tuple(block.value.aval.shape)
-    if len(shape) == len(value_shape):
-        varying = [i for i, d in enumerate(shape) if d != 1]
-        others = [i for i in varying if i != block.feature_axis()]
-        if others and shape == value_shape:
-            return MissReason.BIAS_SHAPE, (
-                f"the added term is a full {shape} array (a residual?), not a bias over the "
-                "output features"
-            )
-        if others:
-            return MissReason.BIAS_SHAPE, (
-                f"the added term {shape} varies along axis {others[0]}, not only along the "
-                "output features"
-            )
-    elif shape:
-        return None
-    chain: list[jc.JaxprEqn] = []
-    current = operand
-    # Walk back through steps that keep a vector a vector; stop where a value is shared.
-    while isinstance(current, jc.Var):
-        producer = graph.producer(current)
-        reader = chain[-1] if chain else add
-        readers = graph.users(current)
-        if producer is None or len(readers) != 1 or readers[0] is not reader:
-            break
-        source = producer.invars[0] if producer.invars else None
-        name = producer.primitive.name
-        if source is None or sum(d != 1 for d in np.shape(source.aval)) > 1:
-            break
-        if name == "convert_element_type":
-            if not (_is_float(source.aval) and _is_float(producer.outvars[0].aval)):
-                break
-        elif name not in ("reshape", "squeeze", "broadcast_in_dim", "expand_dims"):
-            break
-        chain.append(producer)
-        current = source
-    if sum(d != 1 for d in np.shape(current.aval)) > 1:
-        return None
-    return current, chain
 
 
 def _where(eqn: jc.JaxprEqn) -> str:
@@ -169,23 +81,14 @@ def _escape_miss(graph: Graph, block: _Block, what: str, readers) -> MissedFusio
 
 
 def match_linear(graph: Graph, dot: jc.JaxprEqn, options: FuseOptions) -> MatchResult | None:
-    oriented = _orientation(graph, dot)
+    oriented = matmul_orientation(graph, dot)
     if oriented is None:
         return None
     x, w, w_is_nk, features_first = oriented
     block = _Block(graph, dot)
     block.features_first = features_first
     result = MatchResult()
-    weight_eqns: list[jc.JaxprEqn] = []
-    producer = graph.producer(w)
-    if (
-        producer is not None
-        and producer.primitive.name == "transpose"
-        and tuple(producer.params["permutation"]) == (1, 0)
-        and graph.sole_user(w) is dot
-    ):
-        weight_eqns.append(producer)  # look through W.T: the kernel reads W as it is stored
-        w, w_is_nk = producer.invars[0], not w_is_nk
+    w, w_is_nk, weight_eqns = look_through_weight_transpose(graph, dot, w, w_is_nk)
     block.take_transpose_back()
 
     bias = None
@@ -193,8 +96,8 @@ def match_linear(graph: Graph, dot: jc.JaxprEqn, options: FuseOptions) -> MatchR
     adds = [u for u in users if u.primitive.name == "add"]
     if len(adds) == 1 and len(users) == 1 and not graph.is_output(block.value):
         add = adds[0]
-        found = _bias_source(graph, _other_operand(add, block.value), add, block)
-        if _is_miss(found):
+        found = bias_source(graph, other_operand(add, block.value), add, block.value, block.feature_axis())
+        if is_miss(found):
             reason, text = found
             if match_activation(graph, add.outvars[0]) is not None:
                 hint = "make the bias a vector over the output features (shape (N,))"
@@ -207,8 +110,8 @@ def match_linear(graph: Graph, dot: jc.JaxprEqn, options: FuseOptions) -> MatchR
             block.take_transpose_back()
     else:
         for add in adds:  # a bias add, but the matmul output is read by something else too
-            found = _bias_source(graph, _other_operand(add, block.value), add, block)
-            if found is not None and not _is_miss(found):
+            found = bias_source(graph, other_operand(add, block.value), add, block.value, block.feature_axis())
+            if found is not None and not is_miss(found):
                 readers = [u for u in users if u is not add]
                 result.misses.append(_escape_miss(graph, block, "matmul output", readers))
                 return result
@@ -238,7 +141,7 @@ def _make_site(graph, block, x, w, w_is_nk, bias, preactivation, activation, wei
     inputs = [x, w] + ([bias] if bias is not None else [])
     out = block.value
     features_first = block.features_first and out.aval.ndim > 1
-    block_replay = replay_block(eqns, inputs, [out, preactivation])
+    block_replay = replay_block(eqns, inputs, [out, preactivation], graph)
 
     def replay(x_, w_, b_):
         y, z = block_replay(x_, w_, *([] if bias is None else [b_]))
@@ -275,7 +178,7 @@ def _make_site(graph, block, x, w, w_is_nk, bias, preactivation, activation, wei
     # Unfused, the matmul result goes to memory and comes back for the bias/activation.
     matmul_out = dot.outvars[0].aval
     saved = 2 * m * n * np.dtype(matmul_out.dtype).itemsize
-    return Site(NAME, eqns, inputs, [out], emit, _where(dot), detail, saved)
+    return Site(NAME, eqns, inputs, [out], emit, _where(dot), detail, saved, graph)
 
 
 def _moveaxis(a, source: int, destination: int):

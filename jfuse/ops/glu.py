@@ -1,0 +1,285 @@
+"""``glu``: a gated linear unit, ``act(x·Wg + bg) ⊙ (x·Wu + bu)``, as one fused op.
+
+SwiGLU (silu), GeGLU (gelu), ReGLU (relu) and GLU (sigmoid) are this op with different gates.
+Unfused, XLA runs two GEMMs, writes both (M, N) products to memory and reads them back for the
+gate. The kernels load each x tile once, keep two f32 accumulators and apply the gate before the
+only write. The derivative is a ``jax.custom_jvp`` in plain primitives: under ``grad`` it keeps
+``x``, the weights and two (M, N) arrays (``act'(g)·u`` and ``act(g)``), never the activation's
+own intermediates.
+
+Example::
+
+    y = jfuse.ops.glu(x, w_gate, w_up, activation="silu")   # SwiGLU; x (..., K), w (K, N)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.custom_derivatives import SymbolicZero
+
+from jfuse.ops._dispatch import check_implementation, dispatch
+from jfuse.ops.activations import get_activation
+
+Array = jax.Array
+
+# Where each of (w_gate, w_up, b_gate, b_up) comes from: (index into the op's params tuple, a
+# linear selector such as "take the first half of the columns" or None for the param itself).
+Source = tuple[int, Callable[[Any], Any] | None] | None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class GluSpec:
+    """Everything about one GLU call that is not an array."""
+
+    activation: str
+    weights_transposed: bool  # weights are (N, K), contracted on dim 1
+    out_dtype: Any
+    sources: tuple[Source, Source, Source, Source]
+    precision: Any = None
+    implementation: str | None = None
+    # The user's own equations, (x, *params) -> (y, gate_pre, up_pre), used as the XLA
+    # implementation inside a rewrite so the CPU result is exactly the unfused one.
+    replay: Callable[..., tuple] | None = None
+
+
+def _take(params: Sequence[Any], source: Source):
+    if source is None:
+        return None
+    index, select = source
+    value = params[index]
+    if value is None or isinstance(value, SymbolicZero):
+        return None
+    return value if select is None else select(value)
+
+
+def _operands(params, spec: GluSpec):
+    return tuple(_take(params, s) for s in spec.sources)
+
+
+def _dims(x_ndim: int, spec: GluSpec):
+    return (((x_ndim - 1,), (1 if spec.weights_transposed else 0,)), ((), ()))
+
+
+def _reference(x, params, spec: GluSpec):
+    if spec.replay is not None:
+        return spec.replay(x, *params)
+    w_gate, w_up, b_gate, b_up = _operands(params, spec)
+    acc = jnp.promote_types(spec.out_dtype, jnp.float32)
+    dims = _dims(x.ndim, spec)
+    g = lax.dot_general(x, w_gate, dims, precision=spec.precision, preferred_element_type=acc)
+    u = lax.dot_general(x, w_up, dims, precision=spec.precision, preferred_element_type=acc)
+    if b_gate is not None:
+        g = g + b_gate.astype(acc)
+    if b_up is not None:
+        u = u + b_up.astype(acc)
+    y = get_activation(spec.activation).forward(g) * u
+    return y.astype(spec.out_dtype), g.astype(spec.out_dtype), u.astype(spec.out_dtype)
+
+
+def _vector(b, n: int):
+    """A bias as (N,): the rewrite may hand it over as (1, 1, N) or as a scalar."""
+    if b is None:
+        return None
+    return jnp.broadcast_to(jnp.reshape(b, (-1,)), (n,)) if b.size == 1 else jnp.reshape(b, (n,))
+
+
+def _kernel(x, params, spec: GluSpec, backend: str, interpret: bool):
+    from jfuse.pallas import glu as kernels
+
+    w_gate, w_up, b_gate, b_up = _operands(params, spec)
+    lead, k = x.shape[:-1], x.shape[-1]
+    n = w_gate.shape[0] if spec.weights_transposed else w_gate.shape[1]
+    m = int(np.prod(lead, dtype=np.int64))
+    if not interpret:
+        reason = kernels.profitability_reason("tpu" if backend == "tpu" else "gpu", m, k, n, x.dtype)
+        if reason:
+            raise NotImplementedError(reason)
+    run = kernels.glu_tpu if backend == "tpu" else kernels.glu_triton
+    y, g, u = run(
+        jnp.reshape(x, (m, k)),
+        w_gate,
+        w_up,
+        _vector(b_gate, n),
+        _vector(b_up, n),
+        activation=spec.activation,
+        weights_transposed=spec.weights_transposed,
+        out_dtype=spec.out_dtype,
+        return_preactivations=True,
+        interpret=interpret,
+        precision=spec.precision,
+    )
+    shape = lead + (n,)
+    return jnp.reshape(y, shape), jnp.reshape(g, shape), jnp.reshape(u, shape)
+
+
+def _forward(x, params, spec: GluSpec):
+    """(y, gate pre-activation, up projection) from the chosen implementation."""
+    return dispatch(
+        spec.implementation,
+        reference=lambda: _reference(x, params, spec),
+        tpu_kernel=lambda: _kernel(x, params, spec, "tpu", interpret=False),
+        gpu_kernel=lambda: _kernel(x, params, spec, "triton", interpret=False),
+        interpret_kernel=lambda: _kernel(x, params, spec, "tpu", interpret=True),
+        name="glu",
+    )
+
+
+def _is_zero(t) -> bool:
+    return t is None or isinstance(t, SymbolicZero)
+
+
+def _branch_tangent(x, dx, w, dw, db, spec: GluSpec, shape, dtype):
+    """d(x·w + b) = dx·w + x·dw + db, skipping zero terms."""
+    dims = _dims(x.ndim, spec)
+    terms = []
+    if not _is_zero(dx):
+        terms.append(lax.dot_general(dx, w, dims, precision=spec.precision,
+                                     preferred_element_type=dtype))
+    if dw is not None:
+        terms.append(lax.dot_general(x, dw, dims, precision=spec.precision,
+                                     preferred_element_type=dtype))
+    if db is not None:
+        terms.append(jnp.broadcast_to(jnp.reshape(db, (-1,)).astype(dtype), shape))
+    if not terms:
+        return None
+    return functools.reduce(lambda a, b: a + b, terms).astype(dtype)
+
+
+def _jvp(spec: GluSpec, primals, tangents):
+    x, params = primals
+    dx, dparams = tangents
+    y, g, u = _glu_with_preactivations(x, params, spec)
+    w_gate, w_up, _, _ = _operands(params, spec)
+    if isinstance(dparams, SymbolicZero):
+        dparams = (None,) * len(params)
+    dw_gate, dw_up, db_gate, db_up = _operands(dparams, spec)
+    dg = _branch_tangent(x, dx, w_gate, dw_gate, db_gate, spec, g.shape, g.dtype)
+    du = _branch_tangent(x, dx, w_up, dw_up, db_up, spec, u.shape, u.dtype)
+    act = get_activation(spec.activation)
+    f32 = jnp.promote_types(g.dtype, jnp.float32)
+    g32, u32 = g.astype(f32), u.astype(f32)
+    dy = jnp.zeros(y.shape, f32)
+    # What grad saves: act'(g)·u and act(g), each in the pre-activations' dtype.
+    if dg is not None:
+        dy = dy + (act.derivative(g32) * u32).astype(g.dtype).astype(f32) * dg.astype(f32)
+    if du is not None:
+        dy = dy + act.forward(g32).astype(g.dtype).astype(f32) * du.astype(f32)
+    zeros = lambda a: jnp.zeros(a.shape, a.dtype)
+    dg = zeros(g) if dg is None else dg
+    du = zeros(u) if du is None else du
+    return (y, g, u), (dy.astype(y.dtype), dg, du)
+
+
+# As for linear: `_glu` writes y alone; its JVP calls `_glu_with_preactivations`, itself a
+# custom_jvp, so derivatives of any order never differentiate a kernel.
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _glu_with_preactivations(x, params, spec: GluSpec):
+    return _forward(x, params, spec)
+
+
+_glu_with_preactivations.defjvp(_jvp, symbolic_zeros=True)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _glu(x, params, spec: GluSpec):
+    return _forward(x, params, spec)[0]
+
+
+def _glu_jvp(spec, primals, tangents):
+    (y, _, _), (dy, _, _) = _jvp(spec, primals, tangents)
+    return y, dy
+
+
+_glu.defjvp(_glu_jvp, symbolic_zeros=True)
+
+
+def fused_glu(x, params: tuple, *, activation: str, sources, weights_transposed: bool = False,
+              out_dtype=None, precision=None, implementation=None, replay=None) -> Array:
+    """The op as the rewrite calls it: weights and biases selected from ``params`` by ``sources``."""
+    spec = GluSpec(
+        activation=activation,
+        weights_transposed=weights_transposed,
+        out_dtype=np.dtype(out_dtype if out_dtype is not None else x.dtype),
+        sources=tuple(sources),
+        precision=precision,
+        implementation=implementation,
+        replay=replay,
+    )
+    return _glu(x, tuple(params), spec)
+
+
+def _check(name: str, a, ndim=None, shape=None) -> None:
+    if not jnp.issubdtype(a.dtype, jnp.floating):
+        raise TypeError(f"jfuse.ops.glu: {name} must be a floating array, got dtype {a.dtype}.")
+    if ndim is not None and a.ndim != ndim:
+        raise ValueError(f"jfuse.ops.glu: {name} must be {ndim}-D, got shape {a.shape}.")
+    if shape is not None and a.shape != shape:
+        raise ValueError(f"jfuse.ops.glu: {name} must have shape {shape}, got {a.shape}.")
+
+
+def glu(
+    x: Array,
+    w_gate: Array,
+    w_up: Array,
+    *,
+    activation: str = "silu",
+    b_gate: Array | None = None,
+    b_up: Array | None = None,
+    implementation: str | None = None,
+) -> Array:
+    """``activation(x @ w_gate + b_gate) * (x @ w_up + b_up)`` as one fused op.
+
+    Args:
+      x: activations, shape ``(..., K)``, floating.
+      w_gate, w_up: weights, shape ``(K, N)`` each (pass ``w.T`` for torch-style ``(N, K)``).
+      activation: the gate: ``"silu"`` (SwiGLU), ``"gelu_tanh"``/``"gelu"`` (GeGLU), ``"relu"``
+        (ReGLU), ``"sigmoid"`` (GLU), or any name in ``jfuse.ops.ACTIVATIONS``.
+      b_gate, b_up: optional biases, shape ``(N,)``.
+      implementation: as for :func:`jfuse.ops.linear`. Where the fused kernel cannot beat XLA
+        (see ``jfuse.pallas.glu.profitability_reason``) ``None`` uses XLA.
+
+    Returns:
+      ``(..., N)`` in ``result_type(x, w_gate, w_up)``; f32 accumulation and gating.
+
+    Example::
+
+        >>> x, wg, wu = jnp.ones((4, 8)), jnp.ones((8, 16)), jnp.ones((8, 16))
+        >>> jfuse.ops.glu(x, wg, wu, activation="silu").shape
+        (4, 16)
+    """
+    check_implementation(implementation)
+    if activation is None:
+        raise ValueError("jfuse.ops.glu: activation=None is not a gate; use jfuse.ops.linear.")
+    get_activation(activation)
+    x, w_gate, w_up = jnp.asarray(x), jnp.asarray(w_gate), jnp.asarray(w_up)
+    _check("x", x)
+    if x.ndim < 1:
+        raise ValueError(f"jfuse.ops.glu: x must have at least 1 dimension, got shape {x.shape}.")
+    _check("w_gate", w_gate, ndim=2)
+    _check("w_up", w_up, shape=w_gate.shape)
+    if x.shape[-1] != w_gate.shape[0]:
+        raise ValueError(
+            f"jfuse.ops.glu: x's last dim ({x.shape[-1]}) must equal the weights' first dim "
+            f"({w_gate.shape[0]}); got x {x.shape} and w_gate {w_gate.shape}."
+        )
+    n = w_gate.shape[1]
+    dtype = jnp.result_type(x, w_gate, w_up)
+    biases = []
+    for name, b in (("b_gate", b_gate), ("b_up", b_up)):
+        if b is not None:
+            b = jnp.asarray(b)
+            _check(name, b, shape=(n,))
+            b = b.astype(dtype)
+        biases.append(b)
+    params = (w_gate.astype(dtype), w_up.astype(dtype), *biases)
+    sources = ((0, None), (1, None), None if biases[0] is None else (2, None),
+               None if biases[1] is None else (3, None))
+    return fused_glu(x.astype(dtype), params, activation=activation, sources=sources,
+                     implementation=implementation)

@@ -1,0 +1,497 @@
+"""The norm patterns: ``rms_norm``, ``layer_norm``, and ``add_rms_norm`` / ``add_layer_norm``
+when the residual add ``h = x + y`` feeds the norm.
+
+Every library spells a norm differently (``mean(x*x)``, ``square``, ``x**2``, ``sum/n``;
+``E[x²] − E[x]²`` clamped or not; ``x * rsqrt(v + eps)`` or ``x / sqrt(v + eps)``; Gemma's
+``(1 + w)``; f32 upcasts in Llama's or Gemma's places), so the block is recognized by meaning:
+
+1. Start at the ``rsqrt`` / ``sqrt`` / ``pow(·, -0.5)``; find the row reductions (``reduce_sum``
+   over the last axis) behind it and the one value ``h`` they all reduce (the *root*).
+2. Collect the region computed from ``h``, per-row statistics, vectors over the hidden dim
+   (scale/bias parameters) and constants.
+3. For each candidate output (latest first) whose intermediates are private, evaluate the block
+   in float64 on probe rows (large/small mean and variance, so ``eps`` matters) and compare with
+   the reference norm for every configuration: RMS or LayerNorm, which parameter is the scale,
+   which the bias, scale offset 0 or 1, ``eps`` among the block's constants. The first exact match
+   (relative error < 1e-6) is the fused op's configuration.
+
+A norm over any other axis is a miss (``NORMALIZED_AXIS``). When ``h = x + y`` of two full
+arrays, the add joins the block; if ``h`` is read elsewhere (the next residual add) the fused op
+returns it as a second output.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import numpy as np
+
+from jfuse import _jax_compat as jc
+from jfuse.config import FuseOptions
+from jfuse.graph import Graph, literal_value
+from jfuse.ops.norm import fused_norm
+from jfuse.passes._elementwise import _BINARY_NUMPY, _UNARY_NUMPY
+from jfuse.passes._matmul import is_float
+from jfuse.passes.base import MatchResult, Pattern, Site, replay_block
+from jfuse.report import MissedFusion, MissReason
+
+NAMES = ("rms_norm", "layer_norm", "add_rms_norm", "add_layer_norm")
+_MAX_REGION = 64
+_SHAPE_OPS = {"broadcast_in_dim", "reshape", "squeeze", "expand_dims"}
+_ELEMENTWISE = set(_UNARY_NUMPY) | set(_BINARY_NUMPY) | {"integer_pow", "select_n",
+                                                          "convert_element_type"}
+_REGION_OPS = _ELEMENTWISE | _SHAPE_OPS | {"reduce_sum"}
+
+
+def _scalar_constant(graph: Graph, atom: Any, depth: int = 8) -> float | None:
+    """The value of an atom computed from literals alone (a constant of the block), else None.
+
+    Folds the small scalar computations libraries emit, such as ``jnp.var``'s ``n - ddof`` and
+    its ``where(n > 0, ..., nan)``, and broadcasts of a scalar to any shape.
+    """
+    value = literal_value(atom)
+    if value is not None or depth == 0 or not isinstance(atom, jc.Var):
+        return value
+    producer = graph.producer(atom)
+    if producer is None or producer.effects or len(producer.outvars) != 1:
+        return None
+    name = producer.primitive.name
+    args = [_scalar_constant(graph, a, depth - 1) for a in producer.invars]
+    if any(a is None for a in args):
+        return None
+    with np.errstate(all="ignore"):
+        if name in ("broadcast_in_dim", "convert_element_type", "reshape", "squeeze",
+                    "expand_dims") and len(args) == 1:
+            return float(args[0])
+        if name in _UNARY_NUMPY and len(args) == 1:
+            return float(_UNARY_NUMPY[name](np.float64(args[0])))
+        if name in _BINARY_NUMPY and len(args) == 2:
+            return float(_BINARY_NUMPY[name](np.float64(args[0]), np.float64(args[1])))
+        if name == "select_n":
+            return float(args[1 + int(args[0])])
+    return None
+
+
+def _strip_converts(graph: Graph, var: Any) -> Any:
+    while isinstance(var, jc.Var):
+        producer = graph.producer(var)
+        if producer is None or producer.primitive.name != "convert_element_type" or not is_float(
+                producer.invars[0].aval):
+            return var
+        var = producer.invars[0]
+    return var
+
+
+def _reduced_base(graph: Graph, t: Any) -> Any:
+    """What a row reduction reduces, seen through ``x*x``, ``x**2``, ``square``, ``x - mean``."""
+    producer = graph.producer(t)
+    if producer is not None:
+        name = producer.primitive.name
+        if name == "mul" and producer.invars[0] is producer.invars[1]:
+            t = producer.invars[0]
+        elif name == "integer_pow" and producer.params["y"] == 2:
+            t = producer.invars[0]
+        elif name == "square":
+            t = producer.invars[0]
+        elif name == "pow" and literal_value(producer.invars[1]) == 2.0:
+            t = producer.invars[0]
+    producer = graph.producer(t)
+    if producer is not None and producer.primitive.name == "sub":
+        a, b = producer.invars
+        if isinstance(b, jc.Var) and tuple(b.aval.shape)[-1:] == (1,) or _scalar_constant(graph, b) is not None:
+            t = a
+        elif isinstance(b, jc.Var) and graph.producer(b) is not None and graph.producer(b).primitive.name == "broadcast_in_dim":
+            t = a
+    return _strip_converts(graph, t)
+
+
+def _reductions_behind(graph: Graph, var: Any) -> list[jc.JaxprEqn]:
+    """The reduce_sum equations among ``var``'s ancestors, through region ops (bounded)."""
+    found, stack, seen = [], [var], set()
+    while stack and len(seen) < _MAX_REGION:
+        v = stack.pop()
+        if not isinstance(v, jc.Var) or v in seen:
+            continue
+        seen.add(v)
+        producer = graph.producer(v)
+        if producer is None or producer.primitive.name not in _REGION_OPS:
+            continue
+        if producer.primitive.name == "reduce_sum":
+            found.append(producer)
+            continue
+        stack.extend(producer.invars)
+    return found
+
+
+class _Region:
+    """Equations computed from the root ``h``, statistics, hidden-dim vectors and constants."""
+
+    def __init__(self, graph: Graph, root: jc.Var):
+        self.graph = graph
+        self.root = root
+        self.hidden = root.aval.shape[-1]
+        self.eqns: list[jc.JaxprEqn] = []
+        self.params: list[Any] = []  # vectors over the hidden dim entering the block
+        self.constants: dict[Any, float] = {}
+        members = {root}
+        frontier = [root]
+        seen: set[int] = set()
+        while frontier and len(self.eqns) < _MAX_REGION:
+            var = frontier.pop()
+            for user in graph.users(var):
+                if id(user) in seen or user.primitive.name not in _REGION_OPS or user.effects:
+                    continue
+                if len(user.outvars) != 1 or not all(self._operand(a, members) for a in user.invars):
+                    continue
+                if user.primitive.name == "convert_element_type" and not is_float(user.outvars[0].aval):
+                    continue
+                seen.add(id(user))
+                self.eqns.append(user)
+                members.add(user.outvars[0])
+                frontier.append(user.outvars[0])
+        self.eqns.sort(key=graph.position)
+        self.members = members
+
+    def _is_vector(self, atom: Any) -> bool:
+        shape = tuple(atom.aval.shape)
+        return bool(shape) and shape[-1] == self.hidden and all(d == 1 for d in shape[:-1])
+
+    def _operand(self, atom: Any, members: set) -> bool:
+        if isinstance(atom, jc.Literal):
+            return literal_value(atom) is not None
+        if atom in members:
+            return True
+        constant = _scalar_constant(self.graph, atom)
+        if constant is not None:
+            self.constants[atom] = constant
+            return True
+        if self._is_vector(atom) and is_float(atom.aval) and len(tuple(atom.aval.shape)) <= len(
+                self.root.aval.shape):
+            if atom not in self.params:
+                self.params.append(atom)
+            return True
+        return False
+
+    def ancestors(self, out: jc.Var) -> list[jc.JaxprEqn]:
+        by_out = {e.outvars[0]: e for e in self.eqns}
+        needed: dict[int, jc.JaxprEqn] = {}
+        stack = [out]
+        while stack:
+            eqn = by_out.get(stack.pop())
+            if eqn is None or id(eqn) in needed:
+                continue
+            needed[id(eqn)] = eqn
+            stack.extend(a for a in eqn.invars if isinstance(a, jc.Var))
+        return sorted(needed.values(), key=self.graph.position)
+
+
+# --- float64 probe ---------------------------------------------------------------------------
+
+def _probe_rows(hidden: int, rng: np.random.Generator) -> np.ndarray:
+    noise = rng.standard_normal((6, hidden))
+    return np.stack([
+        3.0 + 2.0 * noise[0],
+        -1.0 + 0.5 * noise[1],
+        5.0 + 1e-3 * noise[2],  # LayerNorm variance ~1e-6: eps decides the answer
+        1e-3 * noise[3],  # RMS mean square ~1e-6: likewise
+        noise[4],
+        0.2 + 0.1 * noise[5],
+    ])
+
+
+def _reshape_keeping_non_unit(value: np.ndarray, in_shape, out_shape) -> np.ndarray:
+    """Reshape that only inserts/removes unit dims, applied to a lazily broadcast probe value."""
+    sizes = [value.shape[i] for i, d in enumerate(in_shape) if d != 1]
+    target, it = [], iter(sizes)
+    for d in out_shape:
+        target.append(next(it) if d != 1 else 1)
+    return np.reshape(value, target)
+
+
+def _evaluate(region: _Region, eqns, root_value, param_values) -> np.ndarray | None:
+    """Evaluate ``eqns`` in float64; broadcasts stay lazy (numpy broadcasting does the rest)."""
+    env: dict[Any, np.ndarray] = {region.root: root_value}
+    env.update(param_values)
+
+    def read(atom):
+        if isinstance(atom, jc.Literal):
+            return np.float64(literal_value(atom))
+        if atom in region.constants:
+            return np.float64(region.constants[atom])
+        return env[atom]
+
+    with np.errstate(all="ignore"):
+        for eqn in eqns:
+            name = eqn.primitive.name
+            args = [read(a) for a in eqn.invars]
+            out_aval = eqn.outvars[0].aval
+            if name in _UNARY_NUMPY:
+                out = _UNARY_NUMPY[name](args[0])
+            elif name in _BINARY_NUMPY:
+                out = _BINARY_NUMPY[name](args[0], args[1])
+            elif name == "integer_pow":
+                out = np.power(args[0], eqn.params["y"])
+            elif name == "select_n":
+                out = np.choose(np.asarray(args[0], np.int64), np.broadcast_arrays(*args[1:]))
+            elif name == "convert_element_type":
+                out = args[0]
+            elif name == "reduce_sum":
+                axes = tuple(eqn.params["axes"])
+                in_shape = tuple(eqn.invars[0].aval.shape)
+                value = np.asarray(args[0], np.float64)
+                if value.ndim != len(in_shape):
+                    return None
+                # A dim kept at size 1 by lazy broadcasting holds one value repeated: scale it.
+                factor = np.prod([in_shape[a] for a in axes if value.shape[a] == 1 and in_shape[a] != 1])
+                out = np.sum(value, axis=axes) * factor
+            elif name == "broadcast_in_dim":
+                value = np.asarray(args[0], np.float64)
+                shape = [1] * len(out_aval.shape)
+                for j, axis in enumerate(eqn.params["broadcast_dimensions"]):
+                    shape[axis] = value.shape[j] if value.ndim else 1
+                out = np.reshape(value, shape)
+            elif name in ("reshape", "squeeze", "expand_dims"):
+                value = np.asarray(args[0], np.float64)
+                if value.ndim != len(eqn.invars[0].aval.shape):
+                    return None
+                in_shape = tuple(eqn.invars[0].aval.shape)
+                if [d for d in in_shape if d != 1] != [d for d in out_aval.shape if d != 1]:
+                    return None
+                out = _reshape_keeping_non_unit(value, in_shape, tuple(out_aval.shape))
+            else:
+                return None
+            env[eqn.outvars[0]] = np.asarray(out, np.float64)
+    return env[eqns[-1].outvars[0]]
+
+
+def _reference_norm(h, subtract_mean, eps, scale, offset, bias):
+    mean = h.mean(axis=-1, keepdims=True) if subtract_mean else 0.0
+    centered = h - mean
+    n = centered / np.sqrt(np.mean(centered * centered, axis=-1, keepdims=True) + eps)
+    if scale is not None:
+        n = n * (scale + offset)
+    if bias is not None:
+        n = n + bias
+    return n
+
+
+def _identify(region: _Region, eqns, eps_candidates, rng):
+    """(subtract_mean, eps, scale index, offset, bias index) the block computes, or None."""
+    hidden = region.hidden
+    rows = _probe_rows(hidden, rng)
+    rank = len(region.root.aval.shape)
+    lead = {1: [(1,)] * 0, 2: (6,), 3: (2, 3)}.get(rank, (1,) * (rank - 3) + (2, 3))
+    if rank == 1:
+        root_values = [rows[i] for i in range(6)]
+    else:
+        root_values = [rows.reshape(tuple(lead) + (hidden,))]
+    params = [p for p in region.params if any(p in e.invars for e in eqns)]
+    param_values = {p: rng.standard_normal(tuple(p.aval.shape)) + 1.5 for p in params}
+    got = []
+    for value in root_values:
+        out = _evaluate(region, eqns, value, param_values)
+        if out is None or np.shape(out)[-1:] not in ((hidden,), (1,)):
+            return None
+        got.append(np.broadcast_to(out, value.shape))
+    vectors = {p: np.reshape(v, (-1,)) for p, v in param_values.items()}
+    options = [None] + params
+    for subtract_mean, eps in itertools.product((False, True), eps_candidates):
+        for scale, bias in itertools.product(options, options):
+            if scale is not None and scale is bias:
+                continue
+            used = {p for p in (scale, bias) if p is not None}
+            if used != set(params):  # every parameter the block reads must play a role
+                continue
+            for offset in ((0.0, 1.0) if scale is not None else (0.0,)):
+                ok = True
+                for value, out in zip(root_values, got):
+                    want = _reference_norm(value, subtract_mean, eps,
+                                           None if scale is None else vectors[scale], offset,
+                                           None if bias is None else vectors[bias])
+                    err = np.max(np.abs(out - want) / (1.0 + np.abs(want)))
+                    if not np.isfinite(err) or err > 1e-6:
+                        ok = False
+                        break
+                if ok:
+                    return subtract_mean, eps, scale, offset, bias
+    return None
+
+
+# --- the pass --------------------------------------------------------------------------------
+
+def _anchor_input(eqn: jc.JaxprEqn) -> Any:
+    name = eqn.primitive.name
+    if name in ("rsqrt", "sqrt"):
+        return eqn.invars[0]
+    if name == "pow" and literal_value(eqn.invars[1]) == -0.5:
+        return eqn.invars[0]
+    return None
+
+
+def _param_chain(graph: Graph, atom: Any, block_ids: set[int]):
+    """(source, eqns): walk a parameter back through private reshape/broadcast/convert steps."""
+    eqns = []
+    while isinstance(atom, jc.Var):
+        producer = graph.producer(atom)
+        readers = graph.users(atom)
+        if producer is None or graph.is_output(atom) or any(id(r) not in block_ids for r in readers):
+            break
+        name = producer.primitive.name
+        source = producer.invars[0] if producer.invars else None
+        if source is None or not isinstance(source, jc.Var):
+            break
+        if name == "convert_element_type":
+            if not is_float(source.aval):
+                break
+        elif name not in _SHAPE_OPS:
+            break
+        if sum(d != 1 for d in source.aval.shape) > 1:
+            break
+        eqns.append(producer)
+        block_ids.add(id(producer))
+        atom = source
+    return atom, eqns
+
+
+def match_norm(graph: Graph, anchor: jc.JaxprEqn, options: FuseOptions) -> MatchResult | None:
+    v = _anchor_input(anchor)
+    if v is None or not isinstance(v, jc.Var):
+        return None
+    reductions = _reductions_behind(graph, v)
+    if not reductions:
+        return None
+    for red in reductions:
+        in_rank = len(red.invars[0].aval.shape)
+        if tuple(red.params["axes"]) != (in_rank - 1,):
+            return MatchResult(misses=[MissedFusion(
+                "layer_norm" if len(reductions) > 1 else "rms_norm",
+                MissReason.NORMALIZED_AXIS,
+                jc.user_source_line(anchor),
+                "jfuse's norms normalize the last (hidden) axis; move the normalized axis last "
+                "(jnp.moveaxis) or leave this norm to XLA",
+                f"normalizes over axes {tuple(red.params['axes'])} of a rank-{in_rank} array",
+            )])
+    roots = {id(_reduced_base(graph, red.invars[0])): _reduced_base(graph, red.invars[0])
+             for red in reductions}
+    if len(roots) != 1:
+        return None
+    (root,) = roots.values()
+    if not isinstance(root, jc.Var) or not is_float(root.aval) or not root.aval.shape:
+        return None
+    region = _Region(graph, root)
+    if id(anchor) not in {id(e) for e in region.eqns}:
+        return None
+    eps_candidates = sorted({c for c in itertools.chain(
+        (literal_value(a) for e in region.eqns for a in e.invars if isinstance(a, jc.Literal)),
+        region.constants.values()) if c is not None and 0.0 < c < 0.1} | {0.0})
+    rng = np.random.default_rng(0)
+    full = tuple(root.aval.shape)
+    reduction_ids = {id(r) for r in reductions}
+    for candidate in reversed(region.eqns):
+        out = candidate.outvars[0]
+        if tuple(out.aval.shape) != full:
+            continue
+        eqns = region.ancestors(out)
+        ids = {id(e) for e in eqns}
+        if id(anchor) not in ids or not reduction_ids <= ids:
+            continue
+        private = all(graph.read_only_within(e.outvars[0], eqns)
+                      for e in eqns if e.outvars[0] is not out)
+        if not private:
+            continue
+        found = _identify(region, eqns, eps_candidates, rng)
+        if found is not None:
+            return MatchResult(site=_site(graph, anchor, root, eqns, out, found, options))
+    return None
+
+
+def _site(graph, anchor, root, eqns, out, found, options) -> Site:
+    subtract_mean, eps, scale, offset, bias = found
+    block_ids = {id(e) for e in eqns}
+    residual_add = None
+    producer = graph.producer(root)
+    if producer is not None and producer.primitive.name == "add":
+        a, b = producer.invars
+        if all(isinstance(o, jc.Var) and tuple(o.aval.shape) == tuple(root.aval.shape)
+               and o.aval.dtype == root.aval.dtype for o in (a, b)):
+            residual_add = producer
+    param_eqns: list[jc.JaxprEqn] = []
+    sources = {}
+    for name, atom in (("scale", scale), ("bias", bias)):
+        if atom is not None:
+            source, chain = _param_chain(graph, atom, block_ids)
+            sources[name] = source
+            param_eqns += chain
+    all_eqns = sorted({id(e): e for e in eqns + param_eqns + (
+        [residual_add] if residual_add is not None else [])}.values(), key=graph.position)
+    if residual_add is not None:
+        x, residual = residual_add.invars
+        inputs = [x, residual]
+        h_escapes = not graph.read_only_within(root, all_eqns)
+        outputs = [out, root] if h_escapes else [out]
+    else:
+        x, residual = root, None
+        inputs = [root]
+        outputs = [out]
+    scale_src, bias_src = sources.get("scale"), sources.get("bias")
+    inputs += [a for a in (scale_src, bias_src) if a is not None]
+    block_replay = replay_block(all_eqns, inputs, [out, root], graph)
+    has_residual = residual_add is not None
+    out_dtype = out.aval.dtype
+
+    def emit(*values):
+        values = list(values)
+        x_val = values.pop(0)
+        r_val = values.pop(0) if has_residual else None
+        s_val = values.pop(0) if scale_src is not None else None
+        b_val = values.pop(0) if bias_src is not None else None
+
+        def replay(x_, r_, s_, b_):
+            args = [x_] + ([r_] if has_residual else []) + [a for a in (s_, b_) if a is not None]
+            return block_replay(*args)
+
+        result = fused_norm(x_val, r_val, s_val, b_val, subtract_mean=subtract_mean, eps=eps,
+                            scale_offset=offset, out_dtype=out_dtype,
+                            implementation=options.implementation, replay=replay)
+        if not has_residual:
+            return [result]
+        y, h = result
+        return [y, h] if len(outputs) == 2 else [y]
+
+    base = "layer_norm" if subtract_mean else "rms_norm"
+    name = ("add_" + base) if has_residual else base
+    hidden = root.aval.shape[-1]
+    rows = int(np.prod(root.aval.shape[:-1], dtype=np.int64))
+    parts = [f"eps={eps:g}"]
+    if scale is not None:
+        parts.append("scale" + (" (1 + w)" if offset else ""))
+    if bias is not None:
+        parts.append("bias")
+    if has_residual:
+        parts.append("sum also returned" if len(outputs) == 2 else "sum not needed")
+    detail = (f"{rows}x{hidden} {np.dtype(root.aval.dtype).name}->{np.dtype(out_dtype).name}, "
+              + ", ".join(parts) + _kernel_notes(rows, hidden, root.aval.dtype))
+    # Unfused in training XLA writes the f32 statistics and re-reads the rows for them (one extra
+    # read of the (rows, hidden) input); with the residual add, the sum is written and read back.
+    itemsize = np.dtype(root.aval.dtype).itemsize
+    saved = rows * hidden * itemsize * (3 if has_residual else 1)
+    return Site(name, all_eqns, inputs, outputs, emit, jc.user_source_line(anchor), detail, saved,
+                graph)
+
+
+def _kernel_notes(rows: int, hidden: int, dtype) -> str:
+    try:
+        from jfuse.pallas import norm as kernels
+    except ImportError:  # pragma: no cover
+        return ""
+    notes = []
+    for label, check in (("TPU", kernels.tpu_unsupported_reason),
+                         ("GPU", kernels.triton_unsupported_reason)):
+        reason = check(rows, hidden, dtype)
+        if reason:
+            notes.append(f"{label}: XLA ({reason})")
+    return "" if not notes else " [" + "; ".join(notes) + "]"
+
+
+PATTERN = Pattern("norm", frozenset({"rsqrt", "sqrt", "pow"}), match_norm, NAMES)
