@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 import random
 
+import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import jfuse
 
 # Internal errors must fail the suite, not fall back silently (the fallback tests unset it).
 os.environ.setdefault("JFUSE_RAISE", "1")
@@ -36,3 +40,30 @@ def tolerance(dtype) -> dict:
     if dtype == np.float16:
         return dict(rtol=5e-3, atol=5e-3)
     return dict(rtol=2e-5, atol=2e-5)
+
+
+def assert_same_answers(f, *args, dtype=np.float32):
+    """Forward bitwise equal on the CPU (XLA path replays the user's equations); grads close."""
+    fused = jfuse.jit(f)(*args)
+    chex.assert_trees_all_equal(fused, jax.jit(f)(*args))
+    cot = jax.tree.map(lambda o: jnp.cos(jnp.arange(o.size, dtype=o.dtype).reshape(o.shape)), fused)
+
+    def loss(fn):
+        return lambda *a: sum(jnp.sum((o * c).astype(jnp.float32))
+                              for o, c in zip(jax.tree.leaves(fn(*a)), jax.tree.leaves(cot)))
+
+    argnums = tuple(range(len(args)))
+    got = jax.jit(jax.grad(loss(jfuse.fuse(f)), argnums=argnums))(*args)
+    want = jax.jit(jax.grad(loss(f), argnums=argnums))(*args)
+    if np.dtype(dtype) == np.float32:
+        chex.assert_trees_all_close(got, want, **tolerance(dtype))
+        return
+    # Low precision: gradients are reductions of rounded terms, so fused and unfused differ by
+    # rounding that grows with the reduction length. Judge both against an f32 computation
+    # instead: the fused gradient must be about as accurate as the unfused one.
+    upcast = lambda a: a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a
+    ref = jax.grad(loss(f), argnums=argnums)(*jax.tree.map(upcast, args))
+    for g, u, r in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(ref)):
+        g, u, r = (np.asarray(a, np.float32) for a in (g, u, r))
+        scale = np.max(np.abs(r)) + 1e-6
+        assert np.max(np.abs(g - r)) <= 2 * np.max(np.abs(u - r)) + 1e-2 * scale

@@ -70,9 +70,10 @@ def _affine(n, scale, bias, spec: NormSpec, hidden: int):
 
 def _reference(x, residual, scale, bias, spec: NormSpec):
     """(y, h, mean, rstd) in XLA: f32 statistics, one cast at the end."""
+    # The sum is rounded to x's dtype before it is normalized, as the unfused `x + residual` is
+    # (and as the kernels do); the backward recomputes from that same rounded h.
     h = x + residual if spec.has_residual else x
-    h32 = h.astype(jnp.float32) if not spec.has_residual else (
-        x.astype(jnp.float32) + residual.astype(jnp.float32))
+    h32 = h.astype(jnp.float32)
     mean, rstd = _statistics(h32, spec)
     if spec.replay is not None:
         y, h = spec.replay(x, residual, scale, bias)

@@ -84,7 +84,9 @@ def _strip_converts(graph: Graph, var: Any) -> Any:
 
 
 def _reduced_base(graph: Graph, t: Any) -> Any:
-    """What a row reduction reduces, seen through ``x*x``, ``x**2``, ``square``, ``x - mean``."""
+    """What a row reduction reduces, seen through ``x*x``, ``x**2``, ``square``, ``x - mean``
+    and the float converts libraries put around reductions of narrow dtypes."""
+    t = _strip_converts(graph, t)
     producer = graph.producer(t)
     if producer is not None:
         name = producer.primitive.name
@@ -96,6 +98,7 @@ def _reduced_base(graph: Graph, t: Any) -> Any:
             t = producer.invars[0]
         elif name == "pow" and literal_value(producer.invars[1]) == 2.0:
             t = producer.invars[0]
+    t = _strip_converts(graph, t)
     producer = graph.producer(t)
     if producer is not None and producer.primitive.name == "sub":
         a, b = producer.invars
@@ -354,6 +357,30 @@ def _param_chain(graph: Graph, atom: Any, block_ids: set[int]):
     return atom, eqns
 
 
+def _split_scale_offset(graph: Graph, scale: Any, offset: float, block_ids: set[int]):
+    """(w, offset + c, eqns) when the scale is ``c + w`` computed for this norm alone."""
+    atom, chain = scale, []
+    while True:
+        producer = graph.producer(atom)
+        readers = graph.users(atom)
+        if producer is None or graph.is_output(atom) or any(id(r) not in block_ids for r in readers):
+            return scale, offset, []
+        if producer.primitive.name == "convert_element_type" and is_float(producer.invars[0].aval):
+            chain.append(producer)
+            block_ids.add(id(producer))
+            atom = producer.invars[0]
+            continue
+        break
+    if producer.primitive.name != "add":
+        return scale, offset, []
+    a, b = producer.invars
+    constant, other = (a, b) if literal_value(a) is not None else (b, a)
+    if literal_value(constant) is None or not isinstance(other, jc.Var):
+        return scale, offset, []
+    block_ids.add(id(producer))
+    return other, offset + literal_value(constant), chain + [producer]
+
+
 def match_norm(graph: Graph, anchor: jc.JaxprEqn, options: FuseOptions) -> MatchResult | None:
     v = _anchor_input(anchor)
     if v is None or not isinstance(v, jc.Var):
@@ -421,8 +448,14 @@ def _site(graph, anchor, root, eqns, out, found, options) -> Site:
     for name, atom in (("scale", scale), ("bias", bias)):
         if atom is not None:
             source, chain = _param_chain(graph, atom, block_ids)
-            sources[name] = source
             param_eqns += chain
+            if name == "scale":  # Gemma's (1 + w): fuse the offset rather than compute 1 + w apart
+                source, offset, offset_eqns = _split_scale_offset(graph, source, offset, block_ids)
+                param_eqns += offset_eqns
+                if offset_eqns:
+                    source, chain = _param_chain(graph, source, block_ids)
+                    param_eqns += chain
+            sources[name] = source
     all_eqns = sorted({id(e): e for e in eqns + param_eqns + (
         [residual_add] if residual_add is not None else [])}.values(), key=graph.position)
     if residual_add is not None:
@@ -463,7 +496,7 @@ def _site(graph, anchor, root, eqns, out, found, options) -> Site:
     name = ("add_" + base) if has_residual else base
     hidden = root.aval.shape[-1]
     rows = int(np.prod(root.aval.shape[:-1], dtype=np.int64))
-    parts = [f"eps={eps:g}"]
+    parts = [f"eps={eps:.3g}"]
     if scale is not None:
         parts.append("scale" + (" (1 + w)" if offset else ""))
     if bias is not None:

@@ -1,0 +1,165 @@
+"""The norm patterns on real layers and hand-written styles: each fuses once, matches jax.jit
+forward and backward, pre-norm residual stacks fuse as add_* with both outputs, each fused norm
+lowers to one kernel, and a norm over another axis is a miss."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import jfuse
+from jfuse import MissReason
+
+from conftest import assert_same_answers
+from lowering import count_kernel_calls, lower_for
+
+
+def _x(rng, shape=(2, 5, 64), dtype=jnp.float32):
+    return jnp.asarray(rng.standard_normal(shape) * 1.5 + 0.3, dtype)
+
+
+def _vec(rng, n=64, dtype=jnp.float32):
+    return jnp.asarray(rng.standard_normal(n), dtype)
+
+
+def llama_rms(x, w, eps=1e-6):
+    x32 = x.astype(jnp.float32)
+    n = x32 * lax.rsqrt(jnp.mean(x32**2, axis=-1, keepdims=True) + eps)
+    return n.astype(x.dtype) * w  # Llama: downcast, then scale in the model dtype
+
+
+def gemma_rms(x, w, eps=1e-6):
+    x32 = x.astype(jnp.float32)
+    n = x32 * lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    return (n * (1.0 + w.astype(jnp.float32))).astype(x.dtype)  # Gemma: (1 + w) in f32
+
+
+STYLES = {
+    "llama": (llama_rms, "rms_norm", "scale"),
+    "gemma (1 + w)": (gemma_rms, "rms_norm", "(1 + w)"),
+    "mean(x*x), x / sqrt": (lambda x, w: x / jnp.sqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-5) * w,
+                            "rms_norm", "eps=1e-05"),
+    "sum / n, integer_pow": (lambda x, w: x * lax.rsqrt(jnp.sum(lax.integer_pow(x, 2), -1, keepdims=True)
+                                                        / x.shape[-1] + 1e-5) * w, "rms_norm", "scale"),
+    "layer: x - mean twice, var": (
+        lambda x, w: (x - x.mean(-1, keepdims=True)) * lax.rsqrt(x.var(-1, keepdims=True) + 1e-5) * w,
+        "layer_norm", "eps=1e-05"),
+    "layer: E[x^2] - E[x]^2 clamped": (
+        lambda x, w: (x - x.mean(-1, keepdims=True)) * (lax.rsqrt(jnp.maximum(
+            jnp.mean(x * x, -1, keepdims=True) - x.mean(-1, keepdims=True) ** 2, 0.0) + 1e-6) * w),
+        "layer_norm", "scale"),
+    "layer: E[x^2] - E[x]^2 unclamped": (
+        lambda x, w: w * (x - x.mean(-1, keepdims=True)) * lax.rsqrt(
+            jnp.mean(x * x, -1, keepdims=True) - x.mean(-1, keepdims=True) ** 2 + 1e-6),
+        "layer_norm", "scale"),
+}
+
+
+@pytest.mark.parametrize("style", list(STYLES))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_hand_written_styles_fuse(style, dtype, rng):
+    f, pattern, fragment = STYLES[style]
+    x, w = _x(rng, dtype=dtype), _vec(rng, dtype=dtype)
+    report = jfuse.explain(f)(x, w)
+    assert report.fused == {pattern: 1}, str(report)
+    assert fragment in report.sites[0].detail, report.sites[0].detail
+    assert_same_answers(f, x, w, dtype=dtype)
+
+
+@pytest.mark.parametrize("layer", ["LayerNorm", "RMSNorm"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_flax_linen_layers(layer, dtype, rng):
+    nn = pytest.importorskip("flax.linen")
+    module = getattr(nn, layer)(dtype=dtype)
+    x = _x(rng, dtype=dtype)
+    params = module.init(jax.random.key(0), x)
+    report = jfuse.explain(module.apply)(params, x)
+    want = "layer_norm" if layer == "LayerNorm" else "rms_norm"
+    assert report.fused == {want: 1}, str(report)
+    assert_same_answers(module.apply, params, x, dtype=dtype)
+
+
+@pytest.mark.parametrize("layer", ["LayerNorm", "RMSNorm"])
+def test_flax_nnx_layers(layer, rng):
+    nnx = pytest.importorskip("flax.nnx")
+    module = getattr(nnx, layer)(64, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(module)
+    f = lambda state, x: nnx.merge(graphdef, state)(x)
+    x = _x(rng)
+    report = jfuse.explain(f)(state, x)
+    want = "layer_norm" if layer == "LayerNorm" else "rms_norm"
+    assert report.fused == {want: 1}, str(report)
+    assert_same_answers(f, state, x)
+
+
+@pytest.mark.parametrize("layer", ["LayerNorm", "RMSNorm"])
+def test_equinox_layers_vmapped(layer, rng):
+    eqx = pytest.importorskip("equinox")
+    module = getattr(eqx.nn, layer)(64)
+    f = lambda m, x: jax.vmap(m)(x)
+    x = _x(rng, shape=(7, 64))
+    report = jfuse.explain(f)(module, x)
+    want = "layer_norm" if layer == "LayerNorm" else "rms_norm"
+    assert report.fused == {want: 1}, str(report)
+    assert_same_answers(f, module, x)
+
+
+def _prenorm_stack(x, params):
+    """Pre-norm residual blocks: h = h + f(norm(h)); every norm after the first reads a sum."""
+    for w, m in params:
+        h = llama_rms(x, w)
+        x = x + jnp.tanh(h @ m)
+    return llama_rms(x, params[0][0])
+
+
+def test_prenorm_residual_stack_fuses_add_rms_norm_with_both_outputs(rng):
+    params = [(_vec(rng), jnp.asarray(rng.standard_normal((64, 64)) / 8, jnp.float32)) for _ in range(3)]
+    x = _x(rng)
+    report = jfuse.explain(_prenorm_stack)(x, params)
+    assert report.fused == {"rms_norm": 1, "add_rms_norm": 3, "linear": 3}, str(report)
+    both = [s for s in report.sites if s.pattern == "add_rms_norm" and "sum also returned" in s.detail]
+    assert len(both) == 2  # the last sum is read by the final norm only
+    assert_same_answers(_prenorm_stack, x, params)
+
+
+def test_add_layer_norm_post_norm_style(rng):
+    def block(x, y, g, b):
+        h = x + y
+        return (h - h.mean(-1, keepdims=True)) * lax.rsqrt(h.var(-1, keepdims=True) + 1e-5) * g + b
+
+    args = (_x(rng), _x(rng), _vec(rng), _vec(rng))
+    report = jfuse.explain(block)(*args)
+    assert report.fused == {"add_layer_norm": 1}, str(report)
+    assert_same_answers(block, *args)
+
+
+def test_norm_over_another_axis_is_a_miss(rng):
+    f = lambda x, w: x * lax.rsqrt(jnp.mean(x * x, axis=1, keepdims=True) + 1e-6)
+    x = _x(rng)
+    report = jfuse.explain(f)(x, _vec(rng))
+    assert report.fused == {}
+    assert [m.reason for m in report.missed] == [MissReason.NORMALIZED_AXIS]
+    assert "test_norm_pattern.py" in report.missed[0].where
+
+
+def test_a_look_alike_that_is_not_a_norm_stays_unfused(rng):
+    # rsqrt of a row statistic, but the variance is of a different array than the one scaled.
+    f = lambda x, y: x * lax.rsqrt(jnp.mean(y * y, -1, keepdims=True) + 1e-6)
+    report = jfuse.explain(f)(_x(rng), _x(rng))
+    assert report.fused == {}
+    # and one whose eps is added after the root is not an rms norm
+    g = lambda x: x / (jnp.sqrt(jnp.mean(x * x, -1, keepdims=True)) + 1e-6)
+    assert jfuse.explain(g)(_x(rng)).fused == {}
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_each_fused_norm_lowers_to_one_kernel(platform, rng):
+    params = [(_vec(rng, 128, jnp.bfloat16), jnp.asarray(rng.standard_normal((128, 128)) / 12, jnp.bfloat16))
+              for _ in range(2)]
+    x = _x(rng, shape=(4, 8, 128), dtype=jnp.bfloat16)
+    norms_only = jfuse.jit(_prenorm_stack, patterns=("rms_norm", "add_rms_norm"))
+    text = lower_for(norms_only, x, params, platform=platform)
+    assert count_kernel_calls(text, platform) == 3
