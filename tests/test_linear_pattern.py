@@ -51,15 +51,16 @@ SPELLINGS = {
 
 
 @pytest.mark.parametrize("name", list(SPELLINGS))
-def test_each_spelling_fuses_once_with_the_right_activation(name, rng):
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_each_spelling_fuses_once_with_the_right_activation(name, dtype, rng):
     f, activation = SPELLINGS[name]
-    x, w, b = _data(rng)
+    x, w, b = _data(rng, dtype=dtype)
     report = jfuse.explain(f)(x, w, b)
     assert report.fused == {"linear": 1}, str(report)
     assert not report.missed and not report.fallbacks, str(report)
     detail = report.sites[0].detail
     assert detail.startswith(activation or "bias"), detail
-    assert_same_answers(f, x, w, b)
+    assert_same_answers(f, x, w, b, dtype=dtype)
 
 
 @pytest.mark.parametrize(

@@ -119,11 +119,12 @@ def swiglu_mlp_step(glu):
     return jax.grad(loss)
 
 
-def test_swiglu_backward_keeps_no_more_live_memory_than_unfused(rng):
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_swiglu_backward_keeps_no_more_live_memory_than_unfused(dtype, rng):
     d, f = 128, 512
-    params = [tuple(jnp.asarray(rng.standard_normal(s) / np.sqrt(s[0]), jnp.float32)
+    params = [tuple(jnp.asarray(rng.standard_normal(s) / np.sqrt(s[0]), dtype)
                     for s in ((d, f), (d, f), (f, d))) for _ in range(2)]
-    x = jnp.asarray(rng.standard_normal((256, d)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((256, d)), dtype)
     fused = swiglu_mlp_step(lambda x, wg, wu: jfuse.ops.glu(x, wg, wu, activation="silu"))
     plain = swiglu_mlp_step(lambda x, wg, wu: jax.nn.silu(x @ wg) * (x @ wu))
     assert _temp_bytes(fused, params, x) <= _temp_bytes(plain, params, x)

@@ -35,6 +35,9 @@ class Activation:
     forward: Callable[[Array], Array]
     derivative: Callable[[Array], Array]
     description: str
+    # For a derivative that is 1 where a predicate holds and 0 elsewhere (ReLU): the predicate.
+    # Autodiff then keeps a boolean mask, 1 byte per element, instead of the pre-activation.
+    derivative_mask: Callable[[Array], Array] | None = None
 
 
 def _relu(z: Array) -> Array:
@@ -98,7 +101,8 @@ def _tanh_derivative(z: Array) -> Array:
 ACTIVATIONS: dict[str, Activation] = {
     a.name: a
     for a in (
-        Activation("relu", _relu, _relu_derivative, "max(z, 0); derivative 0 at 0 (jax.nn.relu)"),
+        Activation("relu", _relu, _relu_derivative, "max(z, 0); derivative 0 at 0 (jax.nn.relu)",
+                   derivative_mask=lambda z: z > 0),
         Activation(
             "relu_max",
             _relu,

@@ -42,6 +42,7 @@ class GluSpec:
     weights_transposed: bool  # weights are (N, K), contracted on dim 1
     out_dtype: Any
     sources: tuple[Source, Source, Source, Source]
+    preactivation_dtype: Any = None  # dtype of the gate/up products (the matmuls' outputs)
     precision: Any = None
     implementation: str | None = None
     # The user's own equations, (x, *params) -> (y, gate_pre, up_pre), used as the XLA
@@ -80,7 +81,8 @@ def _reference(x, params, spec: GluSpec):
     if b_up is not None:
         u = u + b_up.astype(acc)
     y = get_activation(spec.activation).forward(g) * u
-    return y.astype(spec.out_dtype), g.astype(spec.out_dtype), u.astype(spec.out_dtype)
+    pre = spec.preactivation_dtype
+    return y.astype(spec.out_dtype), g.astype(pre), u.astype(pre)
 
 
 def _vector(b, n: int):
@@ -116,7 +118,9 @@ def _kernel(x, params, spec: GluSpec, backend: str, interpret: bool):
         precision=spec.precision,
     )
     shape = lead + (n,)
-    return jnp.reshape(y, shape), jnp.reshape(g, shape), jnp.reshape(u, shape)
+    pre = spec.preactivation_dtype
+    return (jnp.reshape(y, shape), jnp.reshape(g, shape).astype(pre),
+            jnp.reshape(u, shape).astype(pre))
 
 
 def _forward(x, params, spec: GluSpec):
@@ -152,6 +156,26 @@ def _branch_tangent(x, dx, w, dw, db, spec: GluSpec, shape, dtype):
     return functools.reduce(lambda a, b: a + b, terms).astype(dtype)
 
 
+def _gated_tangent(activation: str, out_dtype, g, u, dg, du):
+    """dy = act'(g)·u·dg + act(g)·du, in the products' dtype.
+
+    Called under ``jax.checkpoint``: ``grad`` then saves ``g`` and ``u`` (the two products, as
+    the unfused MLP does) and recomputes the gate's slope in the backward, instead of saving
+    extra (M, N) arrays.
+    """
+    # In the products' own dtype, as the unfused graph's autodiff computes it: an f32 copy of
+    # the slope would be a materialized (M, N) f32 temporary in the backward.
+    act = get_activation(activation)
+    terms = []
+    if dg is not None:
+        terms.append(act.derivative(g) * u * dg)
+    if du is not None:
+        terms.append(act.forward(g) * du)
+    if not terms:
+        return jnp.zeros(g.shape, out_dtype)
+    return functools.reduce(lambda a, b: a + b, terms).astype(out_dtype)
+
+
 def _jvp(spec: GluSpec, primals, tangents):
     x, params = primals
     dx, dparams = tangents
@@ -162,19 +186,11 @@ def _jvp(spec: GluSpec, primals, tangents):
     dw_gate, dw_up, db_gate, db_up = _operands(dparams, spec)
     dg = _branch_tangent(x, dx, w_gate, dw_gate, db_gate, spec, g.shape, g.dtype)
     du = _branch_tangent(x, dx, w_up, dw_up, db_up, spec, u.shape, u.dtype)
-    act = get_activation(spec.activation)
-    f32 = jnp.promote_types(g.dtype, jnp.float32)
-    g32, u32 = g.astype(f32), u.astype(f32)
-    dy = jnp.zeros(y.shape, f32)
-    # What grad saves: act'(g)·u and act(g), each in the pre-activations' dtype.
-    if dg is not None:
-        dy = dy + (act.derivative(g32) * u32).astype(g.dtype).astype(f32) * dg.astype(f32)
-    if du is not None:
-        dy = dy + act.forward(g32).astype(g.dtype).astype(f32) * du.astype(f32)
+    dy = jax.checkpoint(functools.partial(_gated_tangent, spec.activation, y.dtype))(g, u, dg, du)
     zeros = lambda a: jnp.zeros(a.shape, a.dtype)
     dg = zeros(g) if dg is None else dg
     du = zeros(u) if du is None else du
-    return (y, g, u), (dy.astype(y.dtype), dg, du)
+    return (y, g, u), (dy, dg, du)
 
 
 # As for linear: `_glu` writes y alone; its JVP calls `_glu_with_preactivations`, itself a
@@ -201,13 +217,16 @@ _glu.defjvp(_glu_jvp, symbolic_zeros=True)
 
 
 def fused_glu(x, params: tuple, *, activation: str, sources, weights_transposed: bool = False,
-              out_dtype=None, precision=None, implementation=None, replay=None) -> Array:
+              out_dtype=None, preactivation_dtype=None, precision=None, implementation=None,
+              replay=None) -> Array:
     """The op as the rewrite calls it: weights and biases selected from ``params`` by ``sources``."""
+    out_dtype = np.dtype(out_dtype if out_dtype is not None else x.dtype)
     spec = GluSpec(
         activation=activation,
         weights_transposed=weights_transposed,
-        out_dtype=np.dtype(out_dtype if out_dtype is not None else x.dtype),
+        out_dtype=out_dtype,
         sources=tuple(sources),
+        preactivation_dtype=np.dtype(preactivation_dtype or out_dtype),
         precision=precision,
         implementation=implementation,
         replay=replay,

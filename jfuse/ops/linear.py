@@ -4,7 +4,8 @@ The primal runs one kernel (Pallas on TPU/GPU, XLA elsewhere) that keeps the mat
 f32 accumulator and applies bias and activation before the only write to memory. The derivative
 is a ``jax.custom_jvp`` written in ordinary primitives, so ``grad``, ``jvp``, ``jacfwd``,
 ``hessian``, ``vmap`` and ``checkpoint`` all work. Under ``grad`` the residuals are ``x``, ``w``
-and ``act'(z)`` (one array the size of the output), never the activation's own intermediates.
+and the pre-activation ``z`` (one array the size of the output), never the activation's own
+intermediates: its slope is recomputed in the backward.
 
 Example::
 
@@ -137,13 +138,18 @@ def _jvp_parts(spec: LinearSpec, primals, tangents):
     act = get_activation(spec.activation)
     if act is None:
         dy = dz.astype(y.dtype)
+    elif act.derivative_mask is not None:
+        dy = lax.select(act.derivative_mask(z), dz, lax.full_like(dz, 0)).astype(y.dtype)
     else:
-        f32 = jnp.promote_types(z.dtype, jnp.float32)
-        # The slope is what grad saves for the backward: keep it in z's dtype (as small as the
-        # unfused residual), but multiply in f32 so only one rounding happens.
-        slope = act.derivative(z.astype(f32)).astype(z.dtype)
-        dy = (slope.astype(f32) * dz.astype(f32)).astype(y.dtype)
+        dy = jax.checkpoint(functools.partial(_activation_tangent, spec.activation, y.dtype))(z, dz)
     return (y, z), (dy, dz)
+
+
+def _activation_tangent(activation: str, out_dtype, z, dz):
+    """act'(z)·dz in z's dtype; under ``jax.checkpoint`` so ``grad`` saves ``z`` alone (as the
+    unfused graph does) and recomputes the slope in the backward."""
+    # In z's dtype, as the unfused graph's autodiff computes it (no f32 temporary of z's size).
+    return (get_activation(activation).derivative(z) * dz).astype(out_dtype)
 
 
 # Two custom_jvp functions: `_linear` computes y alone (no pre-activation written when nothing

@@ -220,7 +220,7 @@ def _rounding_tolerance(eqns: list[jc.JaxprEqn], v: jc.Var) -> float:
     eps = np.finfo(np.float64).eps
     for aval in [v.aval] + [e.outvars[0].aval for e in eqns]:
         try:
-            eps = max(eps, float(np.finfo(aval.dtype).eps))
+            eps = max(eps, float(jnp.finfo(aval.dtype).eps))
         except (TypeError, ValueError):
             pass
     # f32 regions: 1e-5 separates gelu from gelu_tanh (they differ by ~1e-3); bf16: 0.05.

@@ -174,14 +174,17 @@ def replay_block(
                 outs = eqn.primitive.bind(*args, **jc.bind_params(eqn))
             env.update(zip(eqn.outvars, outs if eqn.primitive.multiple_results else [outs]))
 
-        def read(atom):
+        def read(atom, depth=0):
             if isinstance(atom, jc.Literal):
                 return atom.val
             if atom not in env:
+                # A value the block reads but left in the graph (a constant, or a convert of an
+                # input that other code reads too): recompute it here from its own equation.
                 producer = graph.producer(atom) if graph is not None else None
-                if producer is None or producer.effects or not _computed_from_literals(
-                        graph, producer):
+                if producer is None or producer.effects or jc.jaxpr_params(producer) or depth > 8:
                     raise KeyError(f"{atom} is read by the block but is not one of its inputs")
+                for a in producer.invars:
+                    read(a, depth + 1)
                 bind(producer)
             return env[atom]
 
@@ -190,15 +193,3 @@ def replay_block(
         return tuple(env[v] for v in outputs)
 
     return replay
-
-
-def _computed_from_literals(graph: Graph, eqn: jc.JaxprEqn, depth: int = 8) -> bool:
-    if depth == 0 or jc.jaxpr_params(eqn):
-        return False
-    for atom in eqn.invars:
-        if isinstance(atom, jc.Literal):
-            continue
-        producer = graph.producer(atom)
-        if producer is None or not _computed_from_literals(graph, producer, depth - 1):
-            return False
-    return True

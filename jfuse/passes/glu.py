@@ -357,6 +357,7 @@ def _site(graph, mul, eqns, gate: _Branch, up: _Branch, activation, out, options
             sources=sources,
             weights_transposed=gate.w_is_nk,
             out_dtype=out_dtype,
+            preactivation_dtype=gate.value.aval.dtype,
             precision=dot.params.get("precision"),
             implementation=options.implementation,
             replay=block_replay,

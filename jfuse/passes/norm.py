@@ -357,6 +357,21 @@ def _param_chain(graph: Graph, atom: Any, block_ids: set[int]):
     return atom, eqns
 
 
+def _root_aliases(graph: Graph, root: Any, eqns) -> set:
+    """Float converts of the root (``h.astype(f32)``), which CSE may share with other code."""
+    aliases = set()
+    frontier = [root]
+    ids = {id(e) for e in eqns}
+    while frontier:
+        var = frontier.pop()
+        for user in graph.users(var):
+            if (id(user) in ids and user.primitive.name == "convert_element_type"
+                    and user.outvars[0] not in aliases):
+                aliases.add(user.outvars[0])
+                frontier.append(user.outvars[0])
+    return aliases
+
+
 def _split_scale_offset(graph: Graph, scale: Any, offset: float, block_ids: set[int]):
     """(w, offset + c, eqns) when the scale is ``c + w`` computed for this norm alone."""
     atom, chain = scale, []
@@ -423,13 +438,18 @@ def match_norm(graph: Graph, anchor: jc.JaxprEqn, options: FuseOptions) -> Match
         ids = {id(e) for e in eqns}
         if id(anchor) not in ids or not reduction_ids <= ids:
             continue
+        aliases = _root_aliases(graph, root, eqns)
         private = all(graph.read_only_within(e.outvars[0], eqns)
-                      for e in eqns if e.outvars[0] is not out)
+                      for e in eqns if e.outvars[0] is not out and e.outvars[0] not in aliases)
         if not private:
             continue
         found = _identify(region, eqns, eps_candidates, rng)
         if found is not None:
-            return MatchResult(site=_site(graph, anchor, root, eqns, out, found, options))
+            # A convert of h that other code reads too stays in the graph; the fused op's XLA
+            # replay recomputes it.
+            absorbed = [e for e in eqns if e.outvars[0] not in aliases
+                        or graph.read_only_within(e.outvars[0], eqns)]
+            return MatchResult(site=_site(graph, anchor, root, absorbed, out, found, options))
     return None
 
 
