@@ -52,13 +52,13 @@ def equation_context(eqn: JaxprEqn) -> Iterator[None]:
 
 
 def _is_user_file(file_name: str) -> bool:
-    return not file_name.startswith(_JFUSE_DIR) and not any(
-        marker in file_name for marker in _LIBRARY_MARKERS
-    )
+    if file_name.startswith(_JFUSE_DIR):
+        return file_name == _JFUSE_DIR + "demo.py"  # the demo is user code, jfuse's engine is not
+    return not any(marker in file_name for marker in _LIBRARY_MARKERS)
 
 
 def user_source_line(eqn: JaxprEqn) -> str:
-    """``file:line (function)`` of the user's code that produced ``eqn``.
+    """``file:line (function)`` of the user's code that produced ``eqn``, and its caller.
 
     Skips JAX's own frames (as ``source_info_util.summarize`` does) and also jfuse's and model
     libraries' frames, so a ``flax.linen.Dense`` points at the user's module, not at Flax.
@@ -66,8 +66,24 @@ def user_source_line(eqn: JaxprEqn) -> str:
     frames = list(source_info_util.user_frames(eqn.source_info.traceback))
     if not frames:
         return "unknown"
-    chosen = next((f for f in frames if _is_user_file(f.file_name)), frames[0])
-    return f"{chosen.file_name}:{chosen.start_line} ({chosen.function_name})"
+    users = [f for f in frames if _is_user_file(f.file_name)] or frames[:1]
+    text = _frame_text(users[0])
+    if len(users) > 1:  # the caller tells apart sites written in one helper, like a norm function
+        text += " <- " + _frame_text(users[1])
+    return text
+
+
+def _frame_text(frame) -> str:
+    return f"{short_path(frame.file_name)}:{frame.start_line} ({frame.function_name})"
+
+
+def short_path(path: str) -> str:
+    """Paths under the working directory print relative to it."""
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:  # another drive on Windows
+        return path
+    return path if relative.startswith("..") else relative
 
 
 def custom_jvp_origin(eqn: JaxprEqn) -> str:

@@ -97,7 +97,7 @@ def _describe_function(fn: Callable) -> str:
     name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
     try:
         target = inspect.unwrap(fn)
-        file = inspect.getsourcefile(target) or "?"
+        file = jc.short_path(inspect.getsourcefile(target) or "?")
         line = target.__code__.co_firstlineno
         return f"{name} ({file}:{line})"
     except (TypeError, AttributeError, OSError):

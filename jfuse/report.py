@@ -134,13 +134,14 @@ class FusionReport:
         if self.sites:
             lines.append("  fused:")
             for site in self.sites:
-                lines.append(f"    {site.pattern:<10} {site.detail}  at {site.where}")
+                lines.append(f"    {site.pattern:<14} {site.detail}")
+                lines.append(f"    {'':<14} at {site.where}")
         if self.missed:
             lines.append("  missed:")
             for miss in self.missed:
-                lines.append(f"    {miss.pattern:<10} {miss.reason.value}: {miss.detail}")
-                lines.append(f"               at {miss.where}")
-                lines.append(f"               hint: {miss.hint}")
+                lines.append(f"    {miss.pattern:<14} {miss.reason.value}: {miss.detail}")
+                lines.append(f"    {'':<14} at {miss.where}")
+                lines.append(f"    {'':<14} hint: {miss.hint}")
         for fallback in self.fallbacks:
             lines.append(f"  fallback: {fallback}")
         lines.append(f"  {self.summary_line()}")
