@@ -7,7 +7,7 @@ generic fusion (matmul + bias + activation, ...) with fused ops, and compiles th
 """
 
 from jfuse import ops
-from jfuse.api import FusedFunction, JittedFusedFunction, explain, fuse, jit
+from jfuse.api import FusedFunction, FusionError, JittedFusedFunction, explain, fuse, jit
 from jfuse.report import FusedSite, FusionReport, MissedFusion, MissReason
 
 __version__ = "0.1.0"
@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FusedFunction",
     "FusedSite",
+    "FusionError",
     "FusionReport",
     "JittedFusedFunction",
     "MissReason",

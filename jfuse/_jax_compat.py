@@ -65,7 +65,7 @@ def user_source_line(eqn: JaxprEqn) -> str:
     """
     frames = list(source_info_util.user_frames(eqn.source_info.traceback))
     if not frames:
-        return "unknown"
+        return "no user source line (an equation JAX generated, e.g. by autodiff)"
     users = [f for f in frames if _is_user_file(f.file_name)] or frames[:1]
     text = _frame_text(users[0])
     if len(users) > 1:  # the caller tells apart sites written in one helper, like a norm function

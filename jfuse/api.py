@@ -66,8 +66,9 @@ def _fusing_differentiated_functions(options: FuseOptions, inner_reports: list):
             @functools.wraps(original)
             def differentiate(fun, *args, **kwargs):
                 if not isinstance(fun, FusedFunction):
-                    fun = FusedFunction(fun, dataclasses.replace(options, report=False),
-                                        inner_reports=inner_reports)
+                    # Reports and strictness belong to the outer function, which merges these.
+                    inner = dataclasses.replace(options, report=False, strict=False)
+                    fun = FusedFunction(fun, inner, inner_reports=inner_reports)
                 return original(fun, *args, **kwargs)
 
             return differentiate
@@ -118,6 +119,18 @@ def _describe_signature(args, kwargs) -> str:
 
     parts = [describe(a) for a in args] + [f"{k}={describe(v)}" for k, v in kwargs.items()]
     return ", ".join(parts) or "()"
+
+
+class FusionError(RuntimeError):
+    """Raised under ``strict=True`` / ``JFUSE_STRICT=1`` when a block was left unfused."""
+
+    def __init__(self, report: FusionReport):
+        self.report = report
+        lines = [f"jfuse (strict): {report.function} did not fuse cleanly:"]
+        lines += [f"  missed {m.pattern}: {m.reason.value}: {m.detail} at {m.where}; hint: {m.hint}"
+                  for m in report.missed]
+        lines += [f"  fallback: {f}" for f in report.fallbacks]
+        super().__init__("\n".join(lines))
 
 
 class _Compiled:
@@ -245,6 +258,8 @@ class FusedFunction:
         logger.info("%s", report)
         if self._options.should_print_report():
             print(report)
+        if self._options.is_strict() and (report.missed or report.fallbacks):
+            raise FusionError(report)
         return entry
 
 
@@ -254,6 +269,7 @@ def fuse(
     patterns: Iterable[str] | None = None,
     implementation: str | None = None,
     report: bool | None = None,
+    strict: bool | None = None,
 ) -> Any:
     """The jfuse rewrite of ``fn``, as a function that composes with every JAX transformation.
 
@@ -262,12 +278,14 @@ def fuse(
       patterns: names of the patterns to apply (default: all, minus ``JFUSE_DISABLE``).
       implementation: implementation for the fused ops (see :func:`jfuse.ops.linear`).
       report: print the fusion report once per new signature (default: ``JFUSE_REPORT=1``).
+      strict: raise :class:`FusionError` listing the misses and fallbacks when a block that looks
+        like a pattern is left unfused (default: ``JFUSE_STRICT=1``).
 
     Example::
 
         grads = jax.jit(jax.grad(jfuse.fuse(loss)))(params, batch)
     """
-    options = FuseOptions.create(patterns, implementation, report)
+    options = FuseOptions.create(patterns, implementation, report, strict)
     if fn is None:
         return lambda f: FusedFunction(f, options)
     return FusedFunction(fn, options)
@@ -317,6 +335,7 @@ def jit(
     patterns: Iterable[str] | None = None,
     implementation: str | None = None,
     report: bool | None = None,
+    strict: bool | None = None,
     **jit_kwargs,
 ) -> Any:
     """A drop-in ``jax.jit`` that fuses ``fn`` first.
@@ -333,10 +352,10 @@ def jit(
             return jax.value_and_grad(loss)(params, batch)
     """
     if fn is None:
-        return lambda f: jit(
-            f, patterns=patterns, implementation=implementation, report=report, **jit_kwargs
-        )
-    fused = fuse(fn, patterns=patterns, implementation=implementation, report=report)
+        return lambda f: jit(f, patterns=patterns, implementation=implementation, report=report,
+                             strict=strict, **jit_kwargs)
+    fused = fuse(fn, patterns=patterns, implementation=implementation, report=report,
+                 strict=strict)
     return JittedFusedFunction(fused, jax.jit(fused, **jit_kwargs))
 
 
@@ -356,7 +375,7 @@ def explain(
 
         print(jfuse.explain(mlp)(params, jax.ShapeDtypeStruct((8, 512), jnp.float32)))
     """
-    fused = fuse(fn, patterns=patterns, implementation=implementation, report=False)
+    fused = fuse(fn, patterns=patterns, implementation=implementation, report=False, strict=False)
     jitted = jax.jit(fused, **jit_kwargs)
 
     def run(*args, **kwargs) -> FusionReport:

@@ -20,21 +20,25 @@ def raise_internal_errors() -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class FuseOptions:
-    """How to fuse: which patterns, which kernel implementation, whether to print the report.
+    """How to fuse: which patterns, which kernel implementation, whether to print the report,
+    whether a miss is an error.
 
     ``patterns=None`` enables every registered pattern minus those named in ``JFUSE_DISABLE``
-    (comma separated). ``report=None`` defers to ``JFUSE_REPORT=1``.
+    (comma separated). ``report=None`` defers to ``JFUSE_REPORT=1``, ``strict=None`` to
+    ``JFUSE_STRICT=1``.
     """
 
     patterns: frozenset[str] | None = None
     implementation: str | None = None
     report: bool | None = None
+    strict: bool | None = None
 
     @staticmethod
     def create(
         patterns: Iterable[str] | None = None,
         implementation: str | None = None,
         report: bool | None = None,
+        strict: bool | None = None,
     ) -> "FuseOptions":
         from jfuse.passes import PATTERN_NAMES
 
@@ -52,7 +56,7 @@ class FuseOptions:
                 raise ValueError(
                     f"patterns= names unknown pattern(s) {unknown}; known: {list(PATTERN_NAMES)}."
                 )
-        return FuseOptions(patterns, implementation, report)
+        return FuseOptions(patterns, implementation, report, strict)
 
     def enabled(self, pattern: str) -> bool:
         if self.patterns is not None:
@@ -62,3 +66,6 @@ class FuseOptions:
 
     def should_print_report(self) -> bool:
         return self.report if self.report is not None else _env_flag("JFUSE_REPORT")
+
+    def is_strict(self) -> bool:
+        return self.strict if self.strict is not None else _env_flag("JFUSE_STRICT")

@@ -390,3 +390,47 @@ def test_equinox_filter_value_and_grad_inside_jfuse_jit(rng):
     got = f(params, x)
     assert f.report.fused == {"linear": 3}, str(f.report)
     chex.assert_trees_all_close(got, jax.jit(step)(params, x), rtol=1e-5, atol=1e-6)
+
+
+def test_strict_raises_listing_the_misses(rng, monkeypatch):
+    def f(x, w, b):
+        z = x @ w + b
+        return jax.nn.relu(z), z  # pre-activation escapes: a miss
+
+    x = jnp.asarray(rng.standard_normal((4, 8)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((8, 6)), jnp.float32)
+    b = jnp.zeros(6)
+    with pytest.raises(jfuse.FusionError, match="intermediate read elsewhere") as info:
+        jfuse.jit(f, strict=True)(x, w, b)
+    assert info.value.report.missed[0].reason is MissReason.INTERMEDIATE_ESCAPES
+    monkeypatch.setenv("JFUSE_STRICT", "1")
+    with pytest.raises(jfuse.FusionError):
+        jfuse.jit(f)(x, w, b)
+    # A model that fuses cleanly passes strict mode, including grads taken inside the step.
+    clean = lambda x, w, b: jax.grad(lambda w: jnp.sum(jax.nn.relu(x @ w + b)))(w)
+    chex.assert_trees_all_close(jfuse.jit(clean)(x, w, b), jax.jit(clean)(x, w, b), rtol=1e-6)
+
+
+def test_report_is_logged_at_info(model, caplog):
+    import logging
+
+    params, x = model
+    with caplog.at_level(logging.INFO, logger="jfuse"):
+        jfuse.jit(mlp)(params, x)
+    assert any("jfuse fusion report" in r.getMessage() for r in caplog.records)
+
+
+def test_debug_switch_explains_each_rejected_candidate(rng, monkeypatch, capsys):
+    x = jnp.asarray(rng.standard_normal((4, 8)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((8, 8)), jnp.float32)
+    monkeypatch.setenv("JFUSE_DEBUG", "linear")
+    jfuse.explain(lambda x, w: jnp.sin(x @ w))(x, w)
+    err = capsys.readouterr().err
+    assert "jfuse debug [linear]" in err and "no recognized activation" in err
+    assert "test_engine.py" in err
+    monkeypatch.setenv("JFUSE_DEBUG", "rms_norm")
+    jfuse.explain(lambda x, y: x * lax.rsqrt(jnp.mean(y * y, -1, keepdims=True) + 1e-6))(x, x + 1)
+    assert "jfuse debug [norm]" in capsys.readouterr().err
+    monkeypatch.delenv("JFUSE_DEBUG")
+    jfuse.explain(lambda x, w: jnp.sin(x @ w))(x, w)
+    assert "jfuse debug" not in capsys.readouterr().err

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jfuse import _jax_compat as jc
+from jfuse.debug import enabled as debug_enabled
+from jfuse.debug import reject
 from jfuse.config import FuseOptions
 from jfuse.graph import Graph
 from jfuse.ops.glu import fused_glu
@@ -265,20 +267,27 @@ def match_glu(graph: Graph, mul: jc.JaxprEqn, options: FuseOptions) -> MatchResu
         return None
     if tuple(a.aval.shape) != tuple(b.aval.shape):
         return None
+    why = []
     for gate_operand, up_operand in ((a, b), (b, a)):
         up_var, up_converts = _strip_converts(graph, up_operand)
         if not (_reaches_dot(graph, up_var) or _reaches_biased_dot(graph, up_var)):
+            why.append("one operand is not a matmul (+ bias)")
             continue
         gate = _gate(graph, gate_operand)
         if gate is None:
+            why.append("the other operand is not a recognized activation of a matmul")
             continue
         gate_pre, activation = gate
         gate_branch = _linear_branch(graph, gate_pre)
         up_branch = _linear_branch(graph, up_var)
         if gate_branch is None or up_branch is None:
+            why.append("a branch is not x times a 2-D weight (features-first layouts are not "
+                       "handled)")
             continue
         return _check_and_build(graph, mul, gate_branch, up_branch, activation, up_converts,
                                 options)
+    if debug_enabled(NAME) and any("matmul" in w for w in why[1:] + why[:1]):
+        reject(NAME, mul, "; ".join(sorted(set(why))))
     return None
 
 
@@ -294,6 +303,7 @@ def _check_and_build(graph, mul, gate: _Branch, up: _Branch, activation, up_conv
     if gate.layout != up.layout or gate.w_is_nk != up.w_is_nk or (
         gate.layout == "separate" and tuple(gate.w.aval.shape) != tuple(up.w.aval.shape)
     ) or (gate.layout != "separate" and gate.w is not up.w):
+        reject(NAME, mul, "gate and up weights differ in layout or shape")
         return None
     block = {id(e): e for e in gate.eqns + up.eqns + activation.eqns + up_converts + [mul]}
     out = mul.outvars[0]

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jfuse import _jax_compat as jc
+from jfuse.debug import reject
 from jfuse.config import FuseOptions
 from jfuse.graph import Graph
 from jfuse.ops.linear import fused_linear
@@ -83,6 +84,8 @@ def _escape_miss(graph: Graph, block: _Block, what: str, readers) -> MissedFusio
 def match_linear(graph: Graph, dot: jc.JaxprEqn, options: FuseOptions) -> MatchResult | None:
     oriented = matmul_orientation(graph, dot)
     if oriented is None:
+        reject(NAME, dot, "not an activation times a 2-D weight contracting the activation's "
+               f"last dim (dimension_numbers={dot.params['dimension_numbers']}, or not float)")
         return None
     x, w, w_is_nk, features_first = oriented
     block = _Block(graph, dot)
@@ -99,6 +102,7 @@ def match_linear(graph: Graph, dot: jc.JaxprEqn, options: FuseOptions) -> MatchR
         found = bias_source(graph, other_operand(add, block.value), add, block.value, block.feature_axis())
         if is_miss(found):
             reason, text = found
+            reject(NAME, dot, f"addend is not a bias: {text}")
             if match_activation(graph, add.outvars[0]) is not None:
                 hint = "make the bias a vector over the output features (shape (N,))"
                 result.misses.append(MissedFusion(NAME, reason, _where(dot), hint, text))
@@ -113,11 +117,15 @@ def match_linear(graph: Graph, dot: jc.JaxprEqn, options: FuseOptions) -> MatchR
             found = bias_source(graph, other_operand(add, block.value), add, block.value, block.feature_axis())
             if found is not None and not is_miss(found):
                 readers = [u for u in users if u is not add]
+                reject(NAME, dot, "the matmul output feeds a bias add and is also read elsewhere")
                 result.misses.append(_escape_miss(graph, block, "matmul output", readers))
                 return result
 
     preactivation = block.value
     activation = match_activation(graph, preactivation)
+    if activation is None:
+        reject(NAME, dot, "no recognized activation follows (the elementwise block after the "
+               "matmul/bias is not relu/gelu/silu/sigmoid/tanh, or its intermediates are shared)")
     if activation is not None:
         if graph.read_only_within(preactivation, activation.eqns):
             for eqn in activation.eqns:
@@ -126,9 +134,11 @@ def match_linear(graph: Graph, dot: jc.JaxprEqn, options: FuseOptions) -> MatchR
             block.take_transpose_back()
         else:
             readers = graph.readers_outside(preactivation, activation.eqns)
+            reject(NAME, dot, "the pre-activation is read outside the activation")
             result.misses.append(_escape_miss(graph, block, "pre-activation", readers))
             activation = None
     if bias is None and activation is None:
+        reject(NAME, dot, "a bare matmul (no bias, no activation) is not a site")
         return result
     result.site = _make_site(graph, block, x, w, w_is_nk, bias, preactivation, activation,
                              weight_eqns, options)

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from jfuse import _jax_compat as jc
+from jfuse.debug import reject
 from jfuse.config import FuseOptions
 from jfuse.graph import Graph, literal_value
 from jfuse.ops.norm import fused_norm
@@ -402,6 +403,7 @@ def match_norm(graph: Graph, anchor: jc.JaxprEqn, options: FuseOptions) -> Match
         return None
     reductions = _reductions_behind(graph, v)
     if not reductions:
+        reject("norm", anchor, "no row reduction (reduce_sum) feeds this root")
         return None
     for red in reductions:
         in_rank = len(red.invars[0].aval.shape)
@@ -417,12 +419,15 @@ def match_norm(graph: Graph, anchor: jc.JaxprEqn, options: FuseOptions) -> Match
     roots = {id(_reduced_base(graph, red.invars[0])): _reduced_base(graph, red.invars[0])
              for red in reductions}
     if len(roots) != 1:
+        reject("norm", anchor, f"the reductions behind it reduce {len(roots)} different arrays")
         return None
     (root,) = roots.values()
     if not isinstance(root, jc.Var) or not is_float(root.aval) or not root.aval.shape:
         return None
     region = _Region(graph, root)
     if id(anchor) not in {id(e) for e in region.eqns}:
+        reject("norm", anchor, f"the statistic is not computed from {root.aval.str_short()} and "
+               "per-row reductions alone")
         return None
     eps_candidates = sorted({c for c in itertools.chain(
         (literal_value(a) for e in region.eqns for a in e.invars if isinstance(a, jc.Literal)),
@@ -442,14 +447,24 @@ def match_norm(graph: Graph, anchor: jc.JaxprEqn, options: FuseOptions) -> Match
         private = all(graph.read_only_within(e.outvars[0], eqns)
                       for e in eqns if e.outvars[0] is not out and e.outvars[0] not in aliases)
         if not private:
+            reject("norm", anchor, f"an intermediate before {out.aval.str_short()} is read "
+                   "outside the block")
             continue
         found = _identify(region, eqns, eps_candidates, rng)
+        if found is None:
+            reject("norm", anchor, f"candidate output {out.aval.str_short()} at "
+                   f"{jc.user_source_line(candidate)} does not compute an RMS/Layer norm of "
+                   f"{root.aval.str_short()} for any scale/bias/offset and eps in "
+                   f"{eps_candidates}")
         if found is not None:
             # A convert of h that other code reads too stays in the graph; the fused op's XLA
             # replay recomputes it.
             absorbed = [e for e in eqns if e.outvars[0] not in aliases
                         or graph.read_only_within(e.outvars[0], eqns)]
             return MatchResult(site=_site(graph, anchor, root, absorbed, out, found, options))
+    reject("norm", anchor, f"no output computed from {root.aval.str_short()}, its row statistics "
+           "and hidden-dim parameters alone matches a norm (is a different array normalized "
+           "than the one reduced?)")
     return None
 
 
