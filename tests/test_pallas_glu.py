@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from jfuse.pallas import glu as glu_module
+from jfuse.pallas._tiling import TPU_VMEM_BUDGET
 from jfuse.pallas.glu import (
     GPU_MAX_PROFITABLE_K,
     glu_tpu,
@@ -318,7 +319,7 @@ def test_tpu_default_blocks_fit_the_vmem_budget():
         block_m=None, block_n=None, block_k=None,
     )
     assert (bm, bn, bk) == (512, 256, 512)
-    assert vmem <= glu_module._TPU_VMEM_BUDGET, vmem / 2**20
+    assert vmem <= TPU_VMEM_BUDGET, vmem / 2**20
     # Small dims are taken whole; bf16 M is balanced in 16-row multiples.
     assert glu_module._tpu_blocks(37, 45, 53, jnp.float32, jnp.float32, 1, 0,
                                   None, None, None)[:3] == (37, 53, 45)

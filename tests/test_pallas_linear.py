@@ -257,7 +257,11 @@ def test_tpu_bf16_rows_come_in_sixteens():
 
 
 def test_tpu_default_block_k():
-    from jfuse.pallas.linear import _tpu_default_block_k
+    from jfuse.pallas._tiling import tpu_default_block_k
+    from jfuse.pallas.linear import _TPU_BLOCK_K
+
+    def _tpu_default_block_k(k):
+        return tpu_default_block_k(k, _TPU_BLOCK_K)
 
     # Whole K when it fits; else the largest multiple of 128 <= 512 dividing K rounded up to 128.
     assert _tpu_default_block_k(45) == 45

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from jfuse.pallas import norm as norm_module
+from jfuse.pallas._tiling import TPU_VMEM_BUDGET
 from jfuse.pallas.norm import (
     norm_tpu,
     norm_triton,
@@ -270,7 +271,7 @@ def _tpu_rows(rows, hidden, dtype, *, residual=True, n_params=2, n_stats=2, **kw
 
 
 def test_tpu_default_block_rows_fit_the_budget():
-    budget = norm_module._TPU_VMEM_BUDGET
+    budget = TPU_VMEM_BUDGET
     assert _tpu_rows(37, 4096, jnp.float32) == 37  # few rows: one block, whole array
     assert _tpu_rows(5, 100, jnp.bfloat16) == 5
     for hidden in (64, 100, 384, 4096, 8192, 16384):

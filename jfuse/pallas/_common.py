@@ -1,8 +1,13 @@
-"""Small helpers shared by jfuse's Pallas kernels: integer rounding for block sizes, an
-exact-GELU epilogue for backends that have no ``erf`` (Triton), and a filter for jax 0.12's
-Triton deprecation warning.
+"""Op-independent helpers shared by jfuse's Pallas kernel modules (``linear``, ``glu``,
+``norm``): integer rounding for block sizes; the refusal reasons that ``*_unsupported_reason``
+are built from (dtype, empty or too-large matmul, TPU dot precision) and the check that raises
+them; the f32 matmul used inside the kernels; activation selection for Triton, including an
+exact-GELU epilogue for a backend that has no ``erf``; and a filter for jax 0.12's Triton
+deprecation warning. Block shapes, VMEM budgets and Triton masks live in
+:mod:`jfuse.pallas._tiling`.
 
-Nothing here knows about jaxprs or about a particular op.
+Nothing here knows about jaxprs or about a particular op; the kernel modules import from here,
+never from each other.
 """
 
 from __future__ import annotations
@@ -10,12 +15,19 @@ from __future__ import annotations
 import math
 import warnings
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+
+from jfuse.ops.activations import get_activation
 
 Array = jax.Array
+
+# The float dtypes the kernels accept, per backend (the same for every op today).
+TPU_DTYPES = (jnp.float32, jnp.bfloat16)
+TRITON_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -86,6 +98,96 @@ def one_plus_erf_f32(x: Array) -> Array:
 def gelu_exact_without_erf(z: Array) -> Array:
     """Exact (erf) GELU, ``0.5 z (1 + erf(z/sqrt 2))``, with no ``erf`` primitive (Triton)."""
     return 0.5 * z * one_plus_erf_f32(z * _SQRT_HALF)
+
+
+def triton_activation(name: str | None) -> Callable[[Array], Array] | None:
+    """The f32 epilogue function for activation ``name`` in a Triton kernel (None: identity).
+
+    Exact GELU is :func:`gelu_exact_without_erf`, since Triton has no ``erf`` lowering; every
+    other activation is its ``jfuse.ops.activations`` forward. Raises ValueError for an
+    unknown name.
+    """
+    if name == "gelu":
+        return gelu_exact_without_erf  # Triton has no erf lowering
+    act = get_activation(name)
+    return None if act is None else act.forward
+
+
+# ----------------------------------------------------------------------------------------------
+# Refusal reasons: pure Python, nothing traced
+# ----------------------------------------------------------------------------------------------
+
+
+def dtype_reason(backend: str, dtype: Any, allowed: tuple[Any, ...]) -> str | None:
+    """Why ``backend``'s kernel refuses ``dtype`` (not in ``allowed``), or None."""
+    dtype = jnp.dtype(dtype)
+    if dtype not in [jnp.dtype(d) for d in allowed]:
+        names = ", ".join(jnp.dtype(d).name for d in allowed)
+        return f"dtype {dtype.name} is not supported by the {backend} kernel ({names} only)"
+    return None
+
+
+def empty_matmul_reason(m: int, k: int, n: int) -> str | None:
+    """Why an ``(M, K) @ (K, N)`` problem with an empty dimension is refused, or None."""
+    if min(m, k, n) <= 0:
+        return f"empty matmul (M={m}, K={k}, N={n}) has nothing for a kernel to do"
+    return None
+
+
+def int32_offsets_reason(m: int, k: int, n: int) -> str | None:
+    """Why a Triton matmul kernel, which indexes with int32 offsets, refuses an
+    ``(M, K) @ (K, N)`` problem whose operands or output have 2**31 or more elements, or None."""
+    if max(m * k, k * n, m * n) >= 2**31:
+        return (f"operands with 2**31 or more elements (M={m}, K={k}, N={n}) would overflow "
+                "the kernel's int32 offsets")
+    return None
+
+
+def tpu_precision_reason(precision: Any) -> str | None:
+    """Mosaic's dot takes DEFAULT or HIGHEST, the same for both operands; refuse the rest
+    here rather than fail at lowering."""
+    parts = precision if isinstance(precision, (tuple, list)) else (precision,)
+    try:
+        kinds = {None if p is None else lax.Precision(p) for p in parts}
+    except (TypeError, ValueError):  # e.g. a DotAlgorithmPreset
+        kinds = {"unsupported"}
+    if len(kinds) == 1 and kinds <= {None, lax.Precision.DEFAULT, lax.Precision.HIGHEST}:
+        return None
+    return f"precision={precision!r} is not supported by the TPU kernel (DEFAULT or HIGHEST only)"
+
+
+def raise_if_unsupported(
+    reason_fn: Callable[..., str | None],
+    dims: tuple[int, ...],
+    dtype: Any,
+    mixed_reason: str | None,
+    others: Iterable[tuple[str, Any]],
+) -> None:
+    """NotImplementedError (the caller's cue to fall back to XLA) with the first reason found.
+
+    In order: ``reason_fn(*dims, dtype)`` for the main operand's dtype; ``mixed_reason`` (the
+    caller's refusal of mixed operand dtypes, or None); then ``reason_fn(*dims, other)`` for
+    each ``(what, other)`` in ``others`` whose dtype is not None, prefixed with ``what``.
+    """
+    reason = reason_fn(*dims, dtype) or mixed_reason
+    for what, other_dtype in others:
+        if reason is None and other_dtype is not None and (other := reason_fn(*dims, other_dtype)):
+            reason = f"{what} {other}"
+    if reason is not None:
+        raise NotImplementedError(reason)
+
+
+# ----------------------------------------------------------------------------------------------
+# In-kernel matmul
+# ----------------------------------------------------------------------------------------------
+
+
+def contract(x: Array, w: Array, rhs_transposed: bool, precision: Any) -> Array:
+    """x @ w (or x @ w.T) into f32, contracting w's dim 1 directly when it is (N, K)."""
+    dims = (((1,), (1,)), ((), ())) if rhs_transposed else (((1,), (0,)), ((), ()))
+    return lax.dot_general(
+        x, w, dims, precision=precision, preferred_element_type=jnp.float32
+    )
 
 
 @contextmanager

@@ -38,27 +38,28 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 from jfuse.ops.activations import get_activation
-from jfuse.pallas._common import cdiv, quiet_triton_deprecation, round_up
-
-# Op-agnostic tiling, masking and refusal helpers of the fused-linear kernels. Importing them
-# (rather than copying) keeps the two ops on one set of TPU/Triton rules and one VMEM budget.
-from jfuse.pallas.linear import (
-    _TPU_LANES,
-    _TPU_VMEM_BUDGET,
-    _TRITON_BLOCK_K_BY_ITEMSIZE,
-    _contract,
-    _dtype_reason,
-    _edge_mask,
-    _masked_load,
-    _outer_and,
-    _shape_reason,
-    _tpu_balanced_block,
-    _tpu_default_block_k,
-    _tpu_forced_block,
-    _tpu_precision_reason,
-    _tpu_sublanes,
-    _triton_activation,
-    _triton_block,
+from jfuse.pallas._common import (
+    TPU_DTYPES,
+    TRITON_DTYPES,
+    cdiv,
+    contract,
+    dtype_reason,
+    empty_matmul_reason,
+    int32_offsets_reason,
+    quiet_triton_deprecation,
+    raise_if_unsupported,
+    tpu_precision_reason,
+    triton_activation,
+)
+from jfuse.pallas._tiling import (
+    edge_mask,
+    masked_load,
+    masked_store,
+    outer_and,
+    tpu_matmul_blocks,
+    tpu_pad_k,
+    tpu_vmem_limit_bytes,
+    triton_matmul_blocks,
 )
 
 Array = jax.Array
@@ -72,24 +73,22 @@ __all__ = [
     "GPU_MAX_PROFITABLE_K",
 ]
 
-_TPU_DTYPES = (jnp.float32, jnp.bfloat16)
-_TRITON_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-
 # TPU defaults. Same bm and bk as the linear kernel (512: block size is everything on TPU), but
 # bn halved to 256 because every K step holds two weight tiles and two accumulators (tokamax
 # halves block_n for the same reason). The two weight tiles form a 512-wide right-hand side, so
 # each x tile does as many flops per byte loaded as in the linear kernel's 512 x 512 tile.
 # Worst case, f32 in and out with all three outputs and both biases: 2 x (x 1 MiB + weights
-# 1 MiB + outputs 1.5 MiB) + accumulators 1 MiB ~= 8 MiB (4.5 MiB in bf16), inside the linear
-# kernel's 12 MiB budget, so the defaults never raise Mosaic's scoped VMEM limit.
+# 1 MiB + outputs 1.5 MiB) + accumulators 1 MiB ~= 8 MiB (4.5 MiB in bf16), inside the 12 MiB
+# _tiling.TPU_VMEM_BUDGET, so the defaults never raise Mosaic's scoped VMEM limit.
 _TPU_BLOCK_M = 512
 _TPU_BLOCK_N = 256
 _TPU_BLOCK_K = 512
 
 # Triton defaults: a 128 x 64 output tile, so the two f32 accumulators hold as many registers as
 # the linear kernel's one 128 x 128 tile; the K slice as in the linear kernel (32 f32, 64
-# 16-bit), so a pipeline stage (one x tile + two weight tiles) is 32 KiB and 3 stages fit in
-# 96 KiB of shared memory. tokamax's Pallas-Triton GLU uses the same shape budget.
+# 16-bit: _tiling.TRITON_BLOCK_K_BY_ITEMSIZE), so a pipeline stage (one x tile + two weight
+# tiles) is 32 KiB and 3 stages fit in 96 KiB of shared memory. tokamax's Pallas-Triton GLU
+# uses the same shape budget.
 _TRITON_BLOCK_M = 128
 _TRITON_BLOCK_N = 64
 
@@ -202,9 +201,9 @@ def _raise_if_unsupported(
     mkn: tuple[int, int, int],
 ) -> None:
     """NotImplementedError (the caller's cue to fall back to XLA) with the first reason found."""
-    reason = reason_fn(*mkn, x.dtype)
-    if reason is None and not w_gate.dtype == w_up.dtype == x.dtype:
-        reason = (
+    mixed = None
+    if not w_gate.dtype == w_up.dtype == x.dtype:
+        mixed = (
             f"mixed operand dtypes (x {x.dtype.name}, w_gate {w_gate.dtype.name}, "
             f"w_up {w_up.dtype.name}) are not supported"
         )
@@ -213,11 +212,7 @@ def _raise_if_unsupported(
         ("b_up", None if b_up is None else b_up.dtype),
         ("out_dtype", out_dtype),
     )
-    for what, dtype in others:
-        if reason is None and dtype is not None and (other := reason_fn(*mkn, dtype)):
-            reason = f"{what} {other}"
-    if reason is not None:
-        raise NotImplementedError(reason)
+    raise_if_unsupported(reason_fn, mkn, x.dtype, mixed, others)
 
 
 def _epilogue(
@@ -258,7 +253,7 @@ def _kernel_name(activation: str | None) -> str:
 
 def tpu_unsupported_reason(m: int, k: int, n: int, dtype: Any) -> str | None:
     """Why :func:`glu_tpu` cannot serve ``x (M, K)`` against two ``(K, N)`` weights, or None."""
-    return _shape_reason(m, k, n) or _dtype_reason("TPU", dtype, _TPU_DTYPES)
+    return empty_matmul_reason(m, k, n) or dtype_reason("TPU", dtype, TPU_DTYPES)
 
 
 def _tpu_glu_kernel(x_ref, wg_ref, wu_ref, *refs, activation, weights_transposed,
@@ -278,8 +273,8 @@ def _tpu_glu_kernel(x_ref, wg_ref, wu_ref, *refs, activation, weights_transposed
         acc_up_ref[...] = jnp.zeros_like(acc_up_ref)
 
     x = x_ref[...]
-    acc_gate_ref[...] += _contract(x, wg_ref[...], weights_transposed, precision)
-    acc_up_ref[...] += _contract(x, wu_ref[...], weights_transposed, precision)
+    acc_gate_ref[...] += contract(x, wg_ref[...], weights_transposed, precision)
+    acc_up_ref[...] += contract(x, wu_ref[...], weights_transposed, precision)
 
     @pl.when(k_step == pl.num_programs(2) - 1)
     def _write():
@@ -305,19 +300,8 @@ def _tpu_vmem_bytes(bm, bn, bk, in_itemsize, out_itemsize, n_outs, n_biases) -> 
 
 
 def _tpu_blocks(m, k, n, dtype, out_dtype, n_outs, n_biases, block_m, block_n, block_k):
-    sublanes = max(_tpu_sublanes(dtype), _tpu_sublanes(out_dtype))  # bm is a row count of both
-    if block_m is None:
-        bm = _tpu_balanced_block(m, _TPU_BLOCK_M, sublanes)
-    else:
-        bm = _tpu_forced_block("block_m", m, block_m, sublanes)
-    if block_n is None:
-        bn = _tpu_balanced_block(n, _TPU_BLOCK_N, _TPU_LANES)
-    else:
-        bn = _tpu_forced_block("block_n", n, block_n, _TPU_LANES)
-    if block_k is None:
-        bk = _tpu_default_block_k(k, _TPU_BLOCK_K)
-    else:
-        bk = _tpu_forced_block("block_k", k, block_k, _TPU_LANES)
+    bm, bn, bk = tpu_matmul_blocks(m, k, n, dtype, out_dtype, block_m, block_n, block_k,
+                                   max_m=_TPU_BLOCK_M, max_n=_TPU_BLOCK_N, max_k=_TPU_BLOCK_K)
     in_size, out_size = jnp.dtype(dtype).itemsize, jnp.dtype(out_dtype).itemsize
     vmem = _tpu_vmem_bytes(bm, bn, bk, in_size, out_size, n_outs, n_biases)
     return bm, bn, bk, vmem
@@ -375,7 +359,7 @@ def glu_tpu(
     out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
     _raise_if_unsupported(tpu_unsupported_reason, x, w_gate, w_up, b_gate, b_up, out_dtype,
                           (m, k, n))
-    if reason := _tpu_precision_reason(precision):
+    if reason := tpu_precision_reason(precision):
         raise NotImplementedError(reason)
     act = get_activation(activation)
     n_outs = 3 if return_preactivations else 1
@@ -386,12 +370,7 @@ def glu_tpu(
 
     # K is summed over, so a partial edge block there would add garbage: pad it with zeros to a
     # whole number of blocks. M and N edge blocks only hold rows/columns that are never written.
-    k_padded = round_up(k, bk)
-    if k_padded != k:
-        k_pad = (0, k_padded - k)
-        x = jnp.pad(x, ((0, 0), k_pad))
-        w_pad = ((0, 0), k_pad) if weights_transposed else (k_pad, (0, 0))
-        w_gate, w_up = jnp.pad(w_gate, w_pad), jnp.pad(w_up, w_pad)
+    x, (w_gate, w_up), k_padded = tpu_pad_k(x, (w_gate, w_up), bk, weights_transposed)
     grid = (cdiv(m, bm), cdiv(n, bn), k_padded // bk)
 
     if weights_transposed:
@@ -422,7 +401,7 @@ def glu_tpu(
         scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32), pltpu.VMEM((bm, bn), jnp.float32)],
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=(pltpu.PARALLEL, pltpu.PARALLEL, pltpu.ARBITRARY),
-            vmem_limit_bytes=None if vmem <= _TPU_VMEM_BUDGET else int(vmem * 1.25),
+            vmem_limit_bytes=tpu_vmem_limit_bytes(vmem),
         ),
         interpret=interpret,
         name=_kernel_name(activation),
@@ -437,11 +416,8 @@ def glu_tpu(
 
 def triton_unsupported_reason(m: int, k: int, n: int, dtype: Any) -> str | None:
     """Why :func:`glu_triton` cannot serve ``x (M, K)`` against two ``(K, N)`` weights, or None."""
-    reason = _shape_reason(m, k, n) or _dtype_reason("Triton", dtype, _TRITON_DTYPES)
-    if reason is None and max(m * k, k * n, m * n) >= 2**31:
-        return (f"operands with 2**31 or more elements (M={m}, K={k}, N={n}) would overflow "
-                "the kernel's int32 offsets")
-    return reason
+    return (empty_matmul_reason(m, k, n) or dtype_reason("Triton", dtype, TRITON_DTYPES)
+            or int32_offsets_reason(m, k, n))
 
 
 def _triton_glu_kernel(x_ref, wg_ref, wu_ref, *refs, m, n, k, bm, bn, bk, activation,
@@ -455,37 +431,33 @@ def _triton_glu_kernel(x_ref, wg_ref, wu_ref, *refs, m, n, k, bm, bn, bk, activa
     bu_ref = bias_refs.pop(0) if has_up_bias else None
     out_refs = refs[n_bias:]
     row0, col0 = pl.program_id(0) * bm, pl.program_id(1) * bn
-    rows, cols = _edge_mask(row0, bm, m), _edge_mask(col0, bn, n)
+    rows, cols = edge_mask(row0, bm, m), edge_mask(col0, bn, n)
 
     def load_weight(ref, k0, ks):
         if weights_transposed:
-            return _masked_load(ref.at[pl.ds(col0, bn), pl.ds(k0, bk)], _outer_and(cols, ks))
-        return _masked_load(ref.at[pl.ds(k0, bk), pl.ds(col0, bn)], _outer_and(ks, cols))
+            return masked_load(ref.at[pl.ds(col0, bn), pl.ds(k0, bk)], outer_and(cols, ks))
+        return masked_load(ref.at[pl.ds(k0, bk), pl.ds(col0, bn)], outer_and(ks, cols))
 
     def k_step(step, accs):
         acc_gate, acc_up = accs
         k0 = step * bk
-        ks = _edge_mask(k0, bk, k)
-        x = _masked_load(x_ref.at[pl.ds(row0, bm), pl.ds(k0, bk)], _outer_and(rows, ks))
-        acc_gate += _contract(x, load_weight(wg_ref, k0, ks), weights_transposed, precision)
-        acc_up += _contract(x, load_weight(wu_ref, k0, ks), weights_transposed, precision)
+        ks = edge_mask(k0, bk, k)
+        x = masked_load(x_ref.at[pl.ds(row0, bm), pl.ds(k0, bk)], outer_and(rows, ks))
+        acc_gate += contract(x, load_weight(wg_ref, k0, ks), weights_transposed, precision)
+        acc_up += contract(x, load_weight(wu_ref, k0, ks), weights_transposed, precision)
         return acc_gate, acc_up
 
     zeros = jnp.zeros((bm, bn), jnp.float32)
     acc_gate, acc_up = lax.fori_loop(0, cdiv(k, bk), k_step, (zeros, zeros))
 
     def load_bias(ref):
-        return None if ref is None else _masked_load(ref.at[pl.ds(col0, bn)], cols)[None, :]
+        return None if ref is None else masked_load(ref.at[pl.ds(col0, bn)], cols)[None, :]
 
     outs = _epilogue(acc_gate, acc_up, load_bias(bg_ref), load_bias(bu_ref), activation,
                      out_refs[0].dtype, return_preactivations)
-    out_mask = _outer_and(rows, cols)
+    out_mask = outer_and(rows, cols)
     for ref, value in zip(out_refs, outs):
-        tile = ref.at[pl.ds(row0, bm), pl.ds(col0, bn)]
-        if out_mask is None:
-            pltriton.store(tile, value)
-        else:
-            pltriton.store(tile, value, mask=out_mask)
+        masked_store(ref.at[pl.ds(row0, bm), pl.ds(col0, bn)], value, out_mask)
 
 
 def glu_triton(
@@ -523,16 +495,14 @@ def glu_triton(
     _raise_if_unsupported(triton_unsupported_reason, x, w_gate, w_up, b_gate, b_up, out_dtype,
                           (m, k, n))
     get_activation(activation)  # validates the name
-    bm = _triton_block("block_m", m, block_m, _TRITON_BLOCK_M)
-    bn = _triton_block("block_n", n, block_n, _TRITON_BLOCK_N)
-    bk = _triton_block("block_k", k, block_k,
-                       _TRITON_BLOCK_K_BY_ITEMSIZE[jnp.dtype(x.dtype).itemsize])
+    bm, bn, bk = triton_matmul_blocks(m, k, n, x.dtype, block_m, block_n, block_k,
+                                      max_m=_TRITON_BLOCK_M, max_n=_TRITON_BLOCK_N)
     biases = [b for b in (b_gate, b_up) if b is not None]
 
     kernel = functools.partial(
         _triton_glu_kernel,
         m=m, n=n, k=k, bm=bm, bn=bn, bk=bk,
-        activation=_triton_activation(activation),
+        activation=triton_activation(activation),
         weights_transposed=weights_transposed,
         has_gate_bias=b_gate is not None,
         has_up_bias=b_up is not None,

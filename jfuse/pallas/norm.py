@@ -42,11 +42,26 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 from jfuse.pallas._common import (
+    TPU_DTYPES,
+    TRITON_DTYPES,
     cdiv,
+    dtype_reason,
     is_power_of_2,
     next_power_of_2,
     quiet_triton_deprecation,
+    raise_if_unsupported,
     round_up,
+)
+from jfuse.pallas._tiling import (
+    TPU_LANES,
+    TPU_VMEM_BUDGET,
+    edge_mask,
+    masked_load,
+    masked_store,
+    outer_and,
+    tpu_balanced_block,
+    tpu_sublanes,
+    tpu_vmem_limit_bytes,
 )
 
 Array = jax.Array
@@ -58,16 +73,12 @@ __all__ = [
     "triton_unsupported_reason",
 ]
 
-_TPU_DTYPES = (jnp.float32, jnp.bfloat16)
-_TRITON_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-
 # TPU. Every block is pipelined (double-buffered), and whole rows must fit: the row-block size is
-# chosen so that one grid step stays within 12 MiB of VMEM, under Mosaic's default scoped limit
-# on every chip (16 MiB on v4 and v5e), so the limit is never raised for default blocks. Past
-# 1024 rows a block gains nothing (per-step overhead is already amortized) but latency.
-_TPU_VMEM_BUDGET = 12 * 2**20
+# chosen so that one grid step stays within _tiling.TPU_VMEM_BUDGET (12 MiB), under Mosaic's
+# default scoped limit on every chip (16 MiB on v4 and v5e), so the limit is never raised for
+# default blocks. Past 1024 rows a block gains nothing (per-step overhead is already amortized)
+# but latency.
 _TPU_MAX_BLOCK_ROWS = 1024
-_TPU_LANES = 128
 # f32 temporaries per row element the estimate allows for: h, h - mean and y in f32.
 _TPU_F32_TEMPS = 3
 
@@ -85,15 +96,7 @@ _TRITON_MAX_BLOCK_ROWS = 16
 # ----------------------------------------------------------------------------------------------
 
 
-def _dtype_reason(backend: str, dtype: Any, allowed: tuple[Any, ...]) -> str | None:
-    dtype = jnp.dtype(dtype)
-    if dtype not in [jnp.dtype(d) for d in allowed]:
-        names = ", ".join(jnp.dtype(d).name for d in allowed)
-        return f"dtype {dtype.name} is not supported by the {backend} kernel ({names} only)"
-    return None
-
-
-def _shape_reason(rows: int, hidden: int) -> str | None:
+def _empty_rows_reason(rows: int, hidden: int) -> str | None:
     if min(rows, hidden) <= 0:
         return f"empty input (rows={rows}, hidden={hidden}) has nothing for a kernel to do"
     return None
@@ -133,17 +136,13 @@ def _raise_if_unsupported(
     out_dtype: Any,
 ) -> None:
     """NotImplementedError (the caller's cue to fall back to XLA) with the first reason found."""
-    rows, hidden = x.shape
-    reason = reason_fn(rows, hidden, x.dtype)
-    if reason is None and residual is not None and residual.dtype != x.dtype:
-        reason = (f"mixed x/residual dtypes (x {x.dtype.name}, residual "
-                  f"{residual.dtype.name}) are not supported")
+    mixed = None
+    if residual is not None and residual.dtype != x.dtype:
+        mixed = (f"mixed x/residual dtypes (x {x.dtype.name}, residual "
+                 f"{residual.dtype.name}) are not supported")
     others = (("scale", scale), ("bias", bias), ("out_dtype", out_dtype))
-    for what, dtype in ((w, getattr(d, "dtype", d)) for w, d in others):
-        if reason is None and dtype is not None and (other := reason_fn(rows, hidden, dtype)):
-            reason = f"{what} {other}"
-    if reason is not None:
-        raise NotImplementedError(reason)
+    raise_if_unsupported(reason_fn, x.shape, x.dtype, mixed,
+                         ((what, getattr(d, "dtype", d)) for what, d in others))
 
 
 def _normalize(h: Array, hidden: int, lane_mask: Array | None, *, subtract_mean: bool,
@@ -192,11 +191,6 @@ def _finish(y, h, mean, rstd) -> tuple[Array, ...]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _tpu_sublanes(dtype: Any) -> int:
-    # Packed 16-bit dtypes fill a (16, 128) tile; 32-bit ones an (8, 128) tile.
-    return 8 * (4 // jnp.dtype(dtype).itemsize)
-
-
 def _tpu_vmem_bytes(
     block_rows: int,
     hidden: int,
@@ -217,10 +211,10 @@ def _tpu_vmem_bytes(
     """
     out_dtype = dtype if out_dtype is None else out_dtype
     in_size, out_size = jnp.dtype(dtype).itemsize, jnp.dtype(out_dtype).itemsize
-    lanes = round_up(hidden, _TPU_LANES)
+    lanes = round_up(hidden, TPU_LANES)
     row_blocks = lanes * (in_size * (2 if has_residual else 1)          # x, residual
                           + out_size + (in_size if has_residual else 0))  # y, h
-    stats = n_stats * _TPU_LANES * 4
+    stats = n_stats * TPU_LANES * 4
     per_row = 2 * (row_blocks + stats) + _TPU_F32_TEMPS * lanes * 4
     params = n_params * 2 * 32 * lanes  # (8 x 4 B or 16 x 2 B) per lane, double-buffered
     return block_rows * per_row + params
@@ -231,12 +225,12 @@ def _tpu_too_wide_reason(rows: int, hidden: int, dtype: Any, out_dtype: Any = No
     """Whether the smallest legal row block is over the VMEM budget (default ``layout``: the
     widest case, with residual, scale, bias and both statistics)."""
     out_dtype = dtype if out_dtype is None else out_dtype
-    min_rows = min(rows, max(_tpu_sublanes(dtype), _tpu_sublanes(out_dtype)))
+    min_rows = min(rows, max(tpu_sublanes(dtype), tpu_sublanes(out_dtype)))
     need = _tpu_vmem_bytes(min_rows, hidden, dtype, out_dtype, **layout)
-    if need > _TPU_VMEM_BUDGET:
+    if need > TPU_VMEM_BUDGET:
         return (f"rows of {hidden} {jnp.dtype(dtype).name} elements are too wide for the TPU "
                 f"kernel: a {min_rows}-row block needs ~{need / 2**20:.1f} MiB of VMEM "
-                f"(budget {_TPU_VMEM_BUDGET // 2**20} MiB)")
+                f"(budget {TPU_VMEM_BUDGET // 2**20} MiB)")
     return None
 
 
@@ -244,7 +238,7 @@ def tpu_unsupported_reason(rows: int, hidden: int, dtype: Any) -> str | None:
     """Why :func:`norm_tpu` cannot serve ``rows`` rows of width ``hidden``, or None if it can,
     with or without residual, scale and bias, for ``out_dtype=dtype``. (A wider ``out_dtype``
     on rows near the limit, about 26k f32 or 21k bf16 elements, can still be refused.)"""
-    return (_shape_reason(rows, hidden) or _dtype_reason("TPU", dtype, _TPU_DTYPES)
+    return (_empty_rows_reason(rows, hidden) or dtype_reason("TPU", dtype, TPU_DTYPES)
             or _tpu_too_wide_reason(rows, hidden, dtype))
 
 
@@ -263,7 +257,7 @@ def _tpu_block_rows(
     ``rows``), else the most rows (a multiple of 8, or 16 for 16-bit data; at most 1024) whose
     :func:`_tpu_vmem_bytes` fits the budget, balanced so the edge block is not mostly empty."""
     out_dtype = dtype if out_dtype is None else out_dtype
-    sublanes = max(_tpu_sublanes(dtype), _tpu_sublanes(out_dtype))
+    sublanes = max(tpu_sublanes(dtype), tpu_sublanes(out_dtype))
     if block_rows is not None:
         if block_rows >= rows:
             return rows
@@ -276,11 +270,9 @@ def _tpu_block_rows(
                                  n_params=n_params, n_stats=n_stats)
     fixed = estimate(0)
     per_row = estimate(1) - fixed
-    fit = (_TPU_VMEM_BUDGET - fixed) // per_row
+    fit = (TPU_VMEM_BUDGET - fixed) // per_row
     max_rows = max(sublanes, min(_TPU_MAX_BLOCK_ROWS, fit - fit % sublanes))
-    if rows <= max_rows:
-        return rows
-    return round_up(cdiv(rows, cdiv(rows, max_rows)), sublanes)
+    return tpu_balanced_block(rows, max_rows, sublanes)
 
 
 def _tpu_norm_kernel(x_ref, *refs, hidden, has_residual, has_scale, has_bias, subtract_mean,
@@ -401,7 +393,7 @@ def norm_tpu(
         out_specs=tuple(out_specs),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=(pltpu.PARALLEL,),
-            vmem_limit_bytes=None if vmem <= _TPU_VMEM_BUDGET else int(vmem * 1.25),
+            vmem_limit_bytes=tpu_vmem_limit_bytes(vmem),
         ),
         interpret=interpret,
         name=_kernel_name(subtract_mean, residual is not None),
@@ -420,7 +412,7 @@ def norm_tpu(
 
 def triton_unsupported_reason(rows: int, hidden: int, dtype: Any) -> str | None:
     """Why :func:`norm_triton` cannot serve ``rows`` rows of width ``hidden``, or None."""
-    reason = _shape_reason(rows, hidden) or _dtype_reason("Triton", dtype, _TRITON_DTYPES)
+    reason = _empty_rows_reason(rows, hidden) or dtype_reason("Triton", dtype, TRITON_DTYPES)
     if reason is not None:
         return reason
     if next_power_of_2(hidden) > _TRITON_MAX_BLOCK_H:
@@ -452,34 +444,6 @@ def _triton_num_warps(tile_elements: int) -> int:
     return 4
 
 
-def _edge_mask(start: Array, size: int, dim: int) -> Array | None:
-    """Which of indices ``start .. start+size-1`` lie inside ``dim``; None when ``size``
-    divides ``dim`` (no block is ragged, so accesses need no mask)."""
-    return None if dim % size == 0 else start + jnp.arange(size) < dim
-
-
-def _outer_and(rows: Array | None, cols: Array | None) -> Array | None:
-    if rows is None and cols is None:
-        return None
-    if rows is None:
-        return cols[None, :]
-    if cols is None:
-        return rows[:, None]
-    return rows[:, None] & cols[None, :]
-
-
-def _load(ref, mask: Array | None) -> Array:
-    # Masked-off lanes read as 0, which adds nothing to a sum or a sum of squares.
-    return pltriton.load(ref) if mask is None else pltriton.load(ref, mask=mask, other=0)
-
-
-def _store(ref, value: Array, mask: Array | None) -> None:
-    if mask is None:
-        pltriton.store(ref, value)
-    else:
-        pltriton.store(ref, value, mask=mask)
-
-
 def _triton_norm_kernel(x_ref, *refs, rows, hidden, block_rows, block_h, has_residual,
                         has_scale, has_bias, subtract_mean, eps, scale_offset):
     """``block_rows`` whole rows over whole-array refs, each row one ``block_h``-lane vector
@@ -494,9 +458,9 @@ def _triton_norm_kernel(x_ref, *refs, rows, hidden, block_rows, block_h, has_res
     (rstd_ref,) = refs
 
     row0 = pl.program_id(0) * block_rows
-    row_mask = _edge_mask(row0, block_rows, rows)
-    lane_mask = _edge_mask(0, block_h, hidden)
-    tile_mask = _outer_and(row_mask, lane_mask)
+    row_mask = edge_mask(row0, block_rows, rows)
+    lane_mask = edge_mask(0, block_h, hidden)
+    tile_mask = outer_and(row_mask, lane_mask)
 
     # Lanes are indexed by an index vector, not a slice: a static slice past H is rejected at
     # trace time, and a masked gather is how Pallas Triton spells a ragged block.
@@ -507,23 +471,23 @@ def _triton_norm_kernel(x_ref, *refs, rows, hidden, block_rows, block_h, has_res
         return ref.at[row_ids[:, None], lanes[None, :]]
 
     def param(ref):
-        return None if ref is None else _load(ref.at[lanes], lane_mask)[None, :]
+        return None if ref is None else masked_load(ref.at[lanes], lane_mask)[None, :]
 
-    x = _load(tile(x_ref), tile_mask)
-    residual = None if res_ref is None else _load(tile(res_ref), tile_mask)
+    x = masked_load(tile(x_ref), tile_mask)
+    residual = None if res_ref is None else masked_load(tile(res_ref), tile_mask)
     h, h_out = _sum_in_f32(x, residual)
     if h_ref is not None:
-        _store(tile(h_ref), h_out, tile_mask)
+        masked_store(tile(h_ref), h_out, tile_mask)
     y, mean, rstd = _normalize(
         h, hidden, None if lane_mask is None else lane_mask[None, :],
         subtract_mean=subtract_mean, eps=eps, scale=param(scale_ref),
         scale_offset=scale_offset, bias=param(bias_ref),
     )
-    _store(tile(y_ref), y.astype(y_ref.dtype), tile_mask)
+    masked_store(tile(y_ref), y.astype(y_ref.dtype), tile_mask)
     stat_block = lambda ref: ref.at[pl.ds(row0, block_rows)]
     if mean_ref is not None:
-        _store(stat_block(mean_ref), mean[:, 0], row_mask)
-    _store(stat_block(rstd_ref), rstd[:, 0], row_mask)
+        masked_store(stat_block(mean_ref), mean[:, 0], row_mask)
+    masked_store(stat_block(rstd_ref), rstd[:, 0], row_mask)
 
 
 def norm_triton(
