@@ -73,6 +73,12 @@ def user_source_line(eqn: JaxprEqn) -> str:
     return text
 
 
+def generated_by_autodiff(eqn: JaxprEqn) -> bool:
+    """True for equations JAX's autodiff wrote (a JVP or a transpose), not the user."""
+    stack = str(eqn.source_info.name_stack)
+    return "transpose" in stack or "jvp" in stack
+
+
 def _frame_text(frame) -> str:
     return f"{short_path(frame.file_name)}:{frame.start_line} ({frame.function_name})"
 

@@ -172,19 +172,32 @@ def test_non_vector_bias_is_a_bias_shape_miss(f, fragment, rng):
 
 @pytest.mark.parametrize(
     "f",
-    [
-        lambda x, w, b: x @ w,  # a bare matmul is not a site
-        lambda x, w, b: jnp.einsum("bsk,bsk->bs", x, x) + 1.0,  # batched contraction
-        lambda x, w, b: jnp.sin(x @ w + b) * 0 + x.sum(),
-    ],
-    ids=["bare matmul", "batched dot", "unknown activation"],
+    [lambda x, w, b: x @ w, lambda x, w, b: jnp.einsum("bsk,bsk->bs", x, x) + 1.0,
+     lambda x, w, b: (x @ w) * 2.0 - 1.0],
+    ids=["bare matmul", "batched contraction", "affine after matmul"],
 )
-def test_not_a_site(f, rng):
+def test_not_a_site_and_not_a_miss(f, rng):
     x, w, b = _data(rng)
     report = jfuse.explain(f)(x, w, b)
-    if "unknown" in str(f):
-        pass
-    assert "linear" not in report.fused or report.sites[0].detail.startswith("bias")
+    assert report.fused == {} and report.missed == [], str(report)
+
+
+def test_unsupported_activation_is_a_miss_and_the_bias_still_fuses(rng):
+    f = lambda x, w, b: jnp.sin(x @ w + b)
+    x, w, b = _data(rng)
+    report = jfuse.explain(f)(x, w, b)
+    assert report.fused == {"linear": 1} and report.sites[0].detail.startswith("bias")
+    assert [m.reason for m in report.missed] == [MissReason.UNSUPPORTED_ACTIVATION]
+    assert "sin" in report.missed[0].detail
+    assert_same_answers(f, x, w, b)
+
+
+def test_gradient_taken_before_jfuse_is_named_in_the_report(rng):
+    x, w, b = _data(rng)
+    grad = jax.grad(lambda w, b, x: jnp.sum(jax.nn.gelu(x @ w + b)), argnums=(0, 1))
+    report = jfuse.explain(grad)(w, b, x)  # jfuse sees the joint forward+backward graph
+    hidden = [m for m in report.missed if m.reason is MissReason.INTERMEDIATE_ESCAPES]
+    assert hidden and "jax.grad(jfuse.fuse(loss))" in hidden[0].hint, str(report)
 
 
 def test_integer_matmul_is_left_alone():

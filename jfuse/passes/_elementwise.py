@@ -246,6 +246,40 @@ def _relu_by_structure(region: "_Region", eqns: list[jc.JaxprEqn], v: jc.Var) ->
     return None
 
 
+_AFFINE = {"add", "sub", "mul", "div", "neg", "convert_element_type", "copy", "copy_p"}
+
+
+def unrecognized_activation(graph: Graph, v: jc.Var, max_eqns: int = 48) -> str | None:
+    """When ``v`` feeds a nonlinear elementwise block that is no known activation, its primitives.
+
+    Affine steps alone (scaling, shifting, casting) are not an activation and return None.
+    """
+    if not _is_float(v.aval):
+        return None
+    names = {e.primitive.name for e in _Region(graph, v, max_eqns).eqns}
+    for user in graph.users(v):  # primitives the probe cannot evaluate (sin, softplus's log1p...)
+        if (len(user.outvars) == 1 and user.outvars[0].aval.shape == v.aval.shape
+                and not jc.jaxpr_params(user)
+                and all(a is v or isinstance(a, jc.Literal) for a in user.invars)):
+            names.add(user.primitive.name)
+    return ", ".join(sorted(names - _AFFINE)) or None
+
+
+def activation_hidden_by_shared_intermediates(graph: Graph, v: jc.Var, max_eqns: int = 48):
+    """(activation, readers) when a known activation follows ``v`` but some of its intermediates
+    are read elsewhere (typically by the backward of a gradient taken before jfuse saw it)."""
+    if not _is_float(v.aval):
+        return None
+    region = _Region(graph, v, max_eqns)
+    for candidate in reversed(region.eqns):
+        eqns = region.ancestors(candidate.outvars[0])
+        activation = _identify(region, eqns, v)
+        if activation is not None:
+            readers = [r for e in eqns[:-1] for r in graph.readers_outside(e.outvars[0], eqns)]
+            return activation, readers
+    return None
+
+
 def match_activation(graph: Graph, v: jc.Var, max_eqns: int = 48) -> UnaryFunction | None:
     """The largest block downstream of ``v`` that computes a known activation of ``v``.
 

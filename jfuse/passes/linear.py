@@ -21,7 +21,11 @@ from jfuse.debug import reject
 from jfuse.config import FuseOptions
 from jfuse.graph import Graph
 from jfuse.ops.linear import fused_linear
-from jfuse.passes._elementwise import match_activation
+from jfuse.passes._elementwise import (
+    activation_hidden_by_shared_intermediates,
+    match_activation,
+    unrecognized_activation,
+)
 from jfuse.passes._matmul import (
     bias_source,
     is_miss,
@@ -68,17 +72,50 @@ def _where(eqn: jc.JaxprEqn) -> str:
     return jc.user_source_line(eqn)
 
 
+AUTODIFF_HINT = (
+    "the reader is the backward of a gradient taken before jfuse saw this function (e.g. "
+    "jfuse.jit(jax.grad(loss))); differentiate inside the function jfuse wraps, or use "
+    "jax.grad(jfuse.fuse(loss)), so jfuse rewrites the forward first"
+)
+
+
 def _escape_miss(graph: Graph, block: _Block, what: str, readers) -> MissedFusion:
     reader = readers[0] if readers else None
-    by = f"{reader.primitive.name} at {jc.user_source_line(reader)}" if reader else "the output"
+    if reader is not None and jc.generated_by_autodiff(reader):
+        hint = AUTODIFF_HINT
+        by = "the backward pass"
+    else:
+        by = f"{reader.primitive.name} at {jc.user_source_line(reader)}" if reader else "the output"
+        hint = (f"the {what} is also read by {by}; compute what reads it from the fused output, "
+                "or accept the unfused epilogue")
     return MissedFusion(
         NAME,
         MissReason.INTERMEDIATE_ESCAPES,
         _where(block.dot),
-        f"the {what} is also read by {by}; compute what reads it from the fused output, or "
-        "accept the unfused epilogue",
-        f"{what} of a {tuple(block.dot.outvars[0].aval.shape)} matmul read elsewhere",
+        hint,
+        f"{what} of a {tuple(block.dot.outvars[0].aval.shape)} matmul read by {by}",
     )
+
+
+def _activation_misses(graph: Graph, block: _Block, preactivation) -> list[MissedFusion]:
+    """Why the elementwise block after the matmul (+ bias), if any, was not fused."""
+    hidden = activation_hidden_by_shared_intermediates(graph, preactivation)
+    if hidden is not None:
+        activation, readers = hidden
+        miss = _escape_miss(graph, block, f"{activation} activation's intermediates", readers)
+        return [miss]
+    names = unrecognized_activation(graph, preactivation)
+    if names is None:
+        return []
+    return [MissedFusion(
+        NAME,
+        MissReason.UNSUPPORTED_ACTIVATION,
+        _where(block.dot),
+        "jfuse fuses relu, gelu (tanh or exact), silu/swish, sigmoid and tanh epilogues; "
+        + ("the matmul and bias were fused and this function runs after them"
+           if block.value is not block.dot.outvars[0] else "this matmul is left to XLA"),
+        f"the elementwise function after the matmul ({names}) is not a supported activation",
+    )]
 
 
 def match_linear(graph: Graph, dot: jc.JaxprEqn, options: FuseOptions) -> MatchResult | None:
@@ -126,6 +163,7 @@ def match_linear(graph: Graph, dot: jc.JaxprEqn, options: FuseOptions) -> MatchR
     if activation is None:
         reject(NAME, dot, "no recognized activation follows (the elementwise block after the "
                "matmul/bias is not relu/gelu/silu/sigmoid/tanh, or its intermediates are shared)")
+        result.misses.extend(_activation_misses(graph, block, preactivation))
     if activation is not None:
         if graph.read_only_within(preactivation, activation.eqns):
             for eqn in activation.eqns:
