@@ -20,6 +20,7 @@ from typing import Any, Sequence
 from jfuse import _jax_compat as jc
 from jfuse.config import FuseOptions, raise_internal_errors
 from jfuse.graph import Graph, canonicalize
+from jfuse.ops._autodiff import is_derivative_region
 from jfuse.passes import PIPELINE
 from jfuse.passes.base import Plan, Site, plan_rewrites
 from jfuse.report import FusionReport, MissedFusion, MissReason
@@ -28,6 +29,15 @@ from jfuse.report import FusionReport, MissedFusion, MissReason
 # outputs, so swapping the body leaves every other param valid.
 _NESTED = {"scan", "while", "cond", "checkpoint", "remat", "remat2", "jit", "pjit", "closed_call"}
 _OPAQUE_CUSTOM_VJP = {"custom_vjp_call", "custom_vjp_call_jaxpr"}
+
+
+def _is_platform_switch(eqn: jc.JaxprEqn, graph: Graph) -> bool:
+    """A ``cond`` on ``platform_index``: a fused op's per-platform implementations (or a user's
+    ``lax.platform_dependent``), whose branches are kernels and references, not model code."""
+    if eqn.primitive.name != "cond":
+        return False
+    producer = graph.producer(eqn.invars[0])
+    return producer is not None and producer.primitive.name == "platform_index"
 
 
 class _BodyUnchanged(Exception):
@@ -54,12 +64,13 @@ class Rewriter:
             return canonical
         avals = [v.aval for v in canonical.jaxpr.invars]
         return jc.make_closed_jaxpr(
-            lambda *args: self._evaluate(canonical.jaxpr, canonical.consts, args, plan), avals
+            lambda *args: self._evaluate(canonical.jaxpr, canonical.consts, args, plan, graph),
+            avals,
         )
 
     # --- evaluation ---------------------------------------------------------------------------
 
-    def _evaluate(self, jaxpr: jc.Jaxpr, consts, args, plan: Plan) -> list:
+    def _evaluate(self, jaxpr: jc.Jaxpr, consts, args, plan: Plan, graph: Graph) -> list:
         env: dict[jc.Var, Any] = {}
 
         def read(atom):
@@ -72,7 +83,7 @@ class Rewriter:
                 self._emit(site, read, env)
             if pos in plan.absorbed:
                 continue
-            params = self._bind_params(eqn)
+            params = self._bind_params(eqn, graph)
             with jc.equation_context(eqn):
                 outs = eqn.primitive.bind(*[read(a) for a in eqn.invars], **params)
             if not eqn.primitive.multiple_results:
@@ -107,13 +118,13 @@ class Rewriter:
     def _has_nested(eqn: jc.JaxprEqn) -> bool:
         return eqn.primitive.name in _NESTED or eqn.primitive.name in _OPAQUE_CUSTOM_VJP
 
-    def _bind_params(self, eqn: jc.JaxprEqn) -> dict:
+    def _bind_params(self, eqn: jc.JaxprEqn, graph: Graph) -> dict:
         params = jc.bind_params(eqn)
         name = eqn.primitive.name
         if name in _OPAQUE_CUSTOM_VJP:
             self._report_opaque(eqn)
             return params
-        if name not in _NESTED:
+        if name not in _NESTED or _is_platform_switch(eqn, graph) or is_derivative_region(eqn):
             return params
         for key, value in jc.jaxpr_params(eqn):
             if key not in params or key == "cond_jaxpr":

@@ -24,6 +24,7 @@ import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
+from jfuse.ops._autodiff import recompute_in_backward
 from jfuse.ops._dispatch import check_implementation, dispatch
 from jfuse.ops.activations import get_activation
 
@@ -186,7 +187,8 @@ def _jvp(spec: GluSpec, primals, tangents):
     dw_gate, dw_up, db_gate, db_up = _operands(dparams, spec)
     dg = _branch_tangent(x, dx, w_gate, dw_gate, db_gate, spec, g.shape, g.dtype)
     du = _branch_tangent(x, dx, w_up, dw_up, db_up, spec, u.shape, u.dtype)
-    dy = jax.checkpoint(functools.partial(_gated_tangent, spec.activation, y.dtype))(g, u, dg, du)
+    dy = recompute_in_backward(functools.partial(_gated_tangent, spec.activation, y.dtype))(
+        g, u, dg, du)
     zeros = lambda a: jnp.zeros(a.shape, a.dtype)
     dg = zeros(g) if dg is None else dg
     du = zeros(u) if du is None else du

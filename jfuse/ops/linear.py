@@ -24,6 +24,7 @@ import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
+from jfuse.ops._autodiff import recompute_in_backward
 from jfuse.ops._dispatch import check_implementation, dispatch
 from jfuse.ops.activations import get_activation
 
@@ -141,7 +142,8 @@ def _jvp_parts(spec: LinearSpec, primals, tangents):
     elif act.derivative_mask is not None:
         dy = lax.select(act.derivative_mask(z), dz, lax.full_like(dz, 0)).astype(y.dtype)
     else:
-        dy = jax.checkpoint(functools.partial(_activation_tangent, spec.activation, y.dtype))(z, dz)
+        tangent = functools.partial(_activation_tangent, spec.activation, y.dtype)
+        dy = recompute_in_backward(tangent)(z, dz)
     return (y, z), (dy, dz)
 
 

@@ -25,6 +25,7 @@ import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
+from jfuse.ops._autodiff import recompute_in_backward
 from jfuse.ops._dispatch import check_implementation, dispatch
 
 Array = jax.Array
@@ -161,7 +162,7 @@ def _jvp(spec: NormSpec, primals, tangents):
         dh = dx if dx is not None else None
     else:
         dh = dresidual if dx is None else dx + dresidual
-    dy, dmean, drstd = jax.checkpoint(
+    dy, dmean, drstd = recompute_in_backward(
         functools.partial(_tangents, spec=spec, out_dtype=y.dtype)
     )(h, mean, rstd, scale, dh, dscale, dbias)
     dh_out = jnp.zeros(h.shape, h.dtype) if dh is None else dh.astype(h.dtype)

@@ -1,0 +1,82 @@
+"""What jfuse adds to compile time, and how it grows with model depth.
+
+Run: ``python benchmarks/rewrite_cost.py``. For an unrolled Llama-style training step with 8 and
+32 layers: jax.jit's trace+lower+compile time, jfuse.jit's, the difference (jfuse's tracing,
+matching and rewriting), and the growth of that difference from 8 to 32 layers (linear would be
+4x). Medians over repeats, each on a fresh function so no cache is reused. Writes
+``benchmarks/results/rewrite_cost.{csv,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import pathlib
+import statistics
+import sys
+import time
+
+import jax
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+
+import models  # noqa: E402
+import jfuse  # noqa: E402
+from jfuse.benchmarking import machine_description, markdown_table  # noqa: E402
+
+
+def _compile_seconds(make_jitted, args) -> float:
+    start = time.perf_counter()
+    make_jitted().lower(*args).compile()
+    return time.perf_counter() - start
+
+
+def measure(n_layers: int, repeats: int) -> dict:
+    params = models.init_llama(jax.random.key(0), n_layers=n_layers, d_model=128, d_ff=256)
+    tokens = jax.random.randint(jax.random.key(1), (2, 65), 0, 512)
+    args = (params, tokens)
+    # A fresh step function each time: neither jax's nor jfuse's caches carry over.
+    fresh = lambda: models.sgd_step(models.llama_loss)
+    jax_times, jfuse_times = [], []
+    for _ in range(repeats):
+        jax_times.append(_compile_seconds(lambda: jax.jit(fresh()), args))
+        jfuse_times.append(_compile_seconds(lambda: jfuse.jit(fresh()), args))
+    report = jfuse.explain(fresh())(*args)
+    jax_s, jfuse_s = statistics.median(jax_times), statistics.median(jfuse_times)
+    return {
+        "layers": n_layers,
+        "jax_trace_lower_compile_s": round(jax_s, 3),
+        "jfuse_trace_lower_compile_s": round(jfuse_s, 3),
+        "jfuse_extra_s": round(jfuse_s - jax_s, 3),
+        "extra_over_jax": round((jfuse_s - jax_s) / jax_s, 3),
+        "fused_sites": sum(report.fused.values()),
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    machine = machine_description()
+    print(f"machine: {machine}", flush=True)
+    rows = []
+    for n in (8, 32):
+        print(f"{n} layers ...", flush=True)
+        rows.append(measure(n, args.repeats))
+        print(f"      {rows[-1]}", flush=True)
+    growth = rows[1]["jfuse_extra_s"] / max(rows[0]["jfuse_extra_s"], 1e-9)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "rewrite_cost.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    table = markdown_table(rows)
+    text = f"Machine: {machine}\n\n{table}\n\nGrowth of jfuse's extra time, 8 -> 32 layers: {growth:.2f}x\n"
+    (args.out / "rewrite_cost.md").write_text(text)
+    print("\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
