@@ -434,3 +434,31 @@ def test_debug_switch_explains_each_rejected_candidate(rng, monkeypatch, capsys)
     monkeypatch.delenv("JFUSE_DEBUG")
     jfuse.explain(lambda x, w: jnp.sin(x @ w))(x, w)
     assert "jfuse debug" not in capsys.readouterr().err
+
+
+def test_kernels_are_traced_once_per_configuration_not_per_site(rng, monkeypatch):
+    from jfuse.ops import _dispatch
+    from jfuse.pallas import linear as kernels
+    from lowering import count_kernel_calls, lower_for
+
+    calls = []
+    original = kernels.linear_tpu
+    monkeypatch.setattr(kernels, "linear_tpu", lambda *a, **k: calls.append(1) or original(*a, **k))
+    w = jnp.asarray(rng.standard_normal((16, 16)) / 4, jnp.float32)
+    b = jnp.zeros(16)
+    x = jnp.asarray(rng.standard_normal((8, 16)), jnp.float32)
+
+    def kernel_traces(n_layers):
+        monkeypatch.setattr(_dispatch, "_TRACES", type(_dispatch._TRACES)())
+        calls.clear()
+
+        def f(x):
+            for _ in range(n_layers):  # n sites, one configuration
+                x = jnp.tanh(x @ w + b)
+            return x
+
+        text = lower_for(jfuse.jit(f), x, platform="tpu")
+        assert count_kernel_calls(text, "tpu") == n_layers  # still one kernel call per site
+        return len(calls)
+
+    assert kernel_traces(4) == kernel_traces(1) > 0

@@ -9,8 +9,10 @@ TPU kernel for TPU, the Triton kernel for CUDA and XLA elsewhere.
 
 from __future__ import annotations
 
-from typing import Callable
+import collections
+from typing import Any, Callable, Hashable
 
+import jax
 from jax import lax
 
 from jfuse.config import IMPLEMENTATIONS
@@ -58,3 +60,29 @@ def dispatch(
         tpu = _or_reference(tpu_kernel, reference)
         gpu = _or_reference(gpu_kernel, reference)
     return lax.platform_dependent(tpu=tpu, cuda=gpu, default=reference)
+
+
+# Kernel traces by (op config, operand types). Tracing a Pallas kernel is the dominant cost of a
+# rewrite (every site traces its TPU and GPU kernels, even on CPU, so the program can be lowered
+# for either); the layers of a model repeat the same few configurations. A cached trace is
+# re-emitted with eval_jaxpr, inline, so each site still lowers to its own kernel call.
+_TRACES: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+_MAX_TRACES = 512
+
+
+def cached_trace(key: Hashable, fn: Callable, *operands):
+    """``fn(*operands)``, tracing ``fn`` once per ``key`` and operand types."""
+    leaves, treedef = jax.tree_util.tree_flatten(operands)
+    full_key = (key, treedef, tuple(jax.typeof(leaf) for leaf in leaves))
+    entry = _TRACES.get(full_key)
+    if entry is None:
+        closed, out_shape = jax.make_jaxpr(lambda *a: fn(*a), return_shape=True)(*operands)
+        entry = (closed, jax.tree_util.tree_structure(out_shape))
+        _TRACES[full_key] = entry
+        while len(_TRACES) > _MAX_TRACES:
+            _TRACES.popitem(last=False)
+    else:
+        _TRACES.move_to_end(full_key)
+    closed, out_tree = entry
+    outs = jax.core.eval_jaxpr(closed.jaxpr, closed.consts, *leaves)
+    return jax.tree_util.tree_unflatten(out_tree, outs)

@@ -25,7 +25,7 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 from jfuse.ops._autodiff import recompute_in_backward
-from jfuse.ops._dispatch import check_implementation, dispatch
+from jfuse.ops._dispatch import cached_trace, check_implementation, dispatch
 from jfuse.ops.activations import get_activation
 
 Array = jax.Array
@@ -93,7 +93,7 @@ def _vector(b, n: int):
     return jnp.broadcast_to(jnp.reshape(b, (-1,)), (n,)) if b.size == 1 else jnp.reshape(b, (n,))
 
 
-def _kernel(x, params, spec: GluSpec, backend: str, interpret: bool):
+def _kernel(x, params, spec: GluSpec, backend: str, interpret: bool, with_preactivations: bool):
     from jfuse.pallas import glu as kernels
 
     w_gate, w_up, b_gate, b_up = _operands(params, spec)
@@ -105,33 +105,49 @@ def _kernel(x, params, spec: GluSpec, backend: str, interpret: bool):
         if reason:
             raise NotImplementedError(reason)
     run = kernels.glu_tpu if backend == "tpu" else kernels.glu_triton
-    y, g, u = run(
-        jnp.reshape(x, (m, k)),
-        w_gate,
-        w_up,
-        _vector(b_gate, n),
-        _vector(b_up, n),
-        activation=spec.activation,
-        weights_transposed=spec.weights_transposed,
-        out_dtype=spec.out_dtype,
-        return_preactivations=True,
-        interpret=interpret,
-        precision=spec.precision,
-    )
-    shape = lead + (n,)
-    pre = spec.preactivation_dtype
-    return (jnp.reshape(y, shape), jnp.reshape(g, shape).astype(pre),
-            jnp.reshape(u, shape).astype(pre))
+
+    def call(x, w_gate, w_up, b_gate, b_up):
+        outs = run(
+            jnp.reshape(x, (m, k)),
+            w_gate,
+            w_up,
+            _vector(b_gate, n),
+            _vector(b_up, n),
+            activation=spec.activation,
+            weights_transposed=spec.weights_transposed,
+            out_dtype=spec.out_dtype,
+            return_preactivations=with_preactivations,
+            interpret=interpret,
+            precision=spec.precision,
+        )
+        shape, pre = lead + (n,), spec.preactivation_dtype
+        if not with_preactivations:
+            return jnp.reshape(outs, shape), None, None
+        y, g, u = outs
+        return (jnp.reshape(y, shape), jnp.reshape(g, shape).astype(pre),
+                jnp.reshape(u, shape).astype(pre))
+
+    key = ("glu", backend, interpret, with_preactivations, spec.activation,
+           spec.weights_transposed, str(spec.out_dtype), str(spec.preactivation_dtype),
+           str(spec.precision))
+    return cached_trace(key, call, x, w_gate, w_up, b_gate, b_up)
 
 
-def _forward(x, params, spec: GluSpec):
-    """(y, gate pre-activation, up projection) from the chosen implementation."""
+def _forward(x, params, spec: GluSpec, with_preactivations: bool = True):
+    """(y, gate pre-activation, up projection) from the chosen implementation; without the
+    pre-activations (None) the kernels write y alone."""
+
+    def reference():
+        y, g, u = _reference(x, params, spec)
+        return (y, g, u) if with_preactivations else (y, None, None)
+
+    kernel = functools.partial(_kernel, x, params, spec, with_preactivations=with_preactivations)
     return dispatch(
         spec.implementation,
-        reference=lambda: _reference(x, params, spec),
-        tpu_kernel=lambda: _kernel(x, params, spec, "tpu", interpret=False),
-        gpu_kernel=lambda: _kernel(x, params, spec, "triton", interpret=False),
-        interpret_kernel=lambda: _kernel(x, params, spec, "tpu", interpret=True),
+        reference=reference,
+        tpu_kernel=lambda: kernel("tpu", False),
+        gpu_kernel=lambda: kernel("triton", False),
+        interpret_kernel=lambda: kernel("tpu", True),
         name="glu",
     )
 
@@ -207,7 +223,7 @@ _glu_with_preactivations.defjvp(_jvp, symbolic_zeros=True)
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _glu(x, params, spec: GluSpec):
-    return _forward(x, params, spec)[0]
+    return _forward(x, params, spec, with_preactivations=False)[0]
 
 
 def _glu_jvp(spec, primals, tangents):

@@ -25,7 +25,7 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 from jfuse.ops._autodiff import recompute_in_backward
-from jfuse.ops._dispatch import check_implementation, dispatch
+from jfuse.ops._dispatch import cached_trace, check_implementation, dispatch
 from jfuse.ops.activations import get_activation
 
 Array = jax.Array
@@ -78,36 +78,52 @@ def _reference(x, w, b, spec: LinearSpec):
     return y.astype(spec.out_dtype), z.astype(spec.preactivation_dtype)
 
 
-def _kernel(x, w, b, spec: LinearSpec, backend: str, interpret: bool):
+def _kernel(x, w, b, spec: LinearSpec, backend: str, interpret: bool, with_preactivation: bool):
     from jfuse.pallas import linear as pallas_linear
 
     if spec.precision is not None and spec.precision != lax.Precision.DEFAULT:
         raise NotImplementedError(f"precision={spec.precision} (the kernels use the default)")
     run = pallas_linear.linear_tpu if backend == "tpu" else pallas_linear.linear_triton
-    lead, k = x.shape[:-1], x.shape[-1]
     n = _n_out(w, spec)
-    bias = None if b is None else _bias_vector(b, n, spec.out_dtype)
-    y, z = run(
-        jnp.reshape(x, (-1, k)),
-        w,
-        bias,
-        activation=spec.activation,
-        rhs_transposed=spec.transpose_w,
-        out_dtype=spec.out_dtype,
-        return_preactivation=True,
-        interpret=interpret,
-    )
-    return jnp.reshape(y, lead + (n,)), jnp.reshape(z, lead + (n,)).astype(spec.preactivation_dtype)
+
+    def call(x, w, b):
+        lead, k = x.shape[:-1], x.shape[-1]
+        outs = run(
+            jnp.reshape(x, (-1, k)),
+            w,
+            None if b is None else _bias_vector(b, n, spec.out_dtype),
+            activation=spec.activation,
+            rhs_transposed=spec.transpose_w,
+            out_dtype=spec.out_dtype,
+            return_preactivation=with_preactivation,
+            interpret=interpret,
+        )
+        if not with_preactivation:
+            return jnp.reshape(outs, lead + (n,)), None
+        y, z = outs
+        return (jnp.reshape(y, lead + (n,)),
+                jnp.reshape(z, lead + (n,)).astype(spec.preactivation_dtype))
+
+    key = ("linear", backend, interpret, with_preactivation, spec.activation, spec.transpose_w,
+           str(spec.out_dtype), str(spec.preactivation_dtype))
+    return cached_trace(key, call, x, w, b)
 
 
-def _forward(x, w, b, spec: LinearSpec):
-    """(y, z): the output and the pre-activation, from the chosen implementation."""
+def _forward(x, w, b, spec: LinearSpec, with_preactivation: bool = True):
+    """(y, z): the output and the pre-activation (None unless asked for), from the chosen
+    implementation. Without the pre-activation the kernels write y alone."""
+
+    def reference():
+        y, z = _reference(x, w, b, spec)
+        return y, (z if with_preactivation else None)
+
+    kernel = functools.partial(_kernel, x, w, b, spec, with_preactivation=with_preactivation)
     return dispatch(
         spec.implementation,
-        reference=lambda: _reference(x, w, b, spec),
-        tpu_kernel=lambda: _kernel(x, w, b, spec, "tpu", interpret=False),
-        gpu_kernel=lambda: _kernel(x, w, b, spec, "triton", interpret=False),
-        interpret_kernel=lambda: _kernel(x, w, b, spec, "tpu", interpret=True),
+        reference=reference,
+        tpu_kernel=lambda: kernel("tpu", False),
+        gpu_kernel=lambda: kernel("triton", False),
+        interpret_kernel=lambda: kernel("tpu", True),
         name="linear",
     )
 
@@ -167,7 +183,7 @@ _linear_with_preactivation.defjvp(_jvp_parts, symbolic_zeros=True)
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
 def _linear(x, w, b, spec: LinearSpec):
-    return _forward(x, w, b, spec)[0]
+    return _forward(x, w, b, spec, with_preactivation=False)[0]
 
 
 def _linear_jvp(spec, primals, tangents):
