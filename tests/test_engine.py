@@ -461,4 +461,5 @@ def test_kernels_are_traced_once_per_configuration_not_per_site(rng, monkeypatch
         assert count_kernel_calls(text, "tpu") == n_layers  # still one kernel call per site
         return len(calls)
 
-    assert kernel_traces(4) == kernel_traces(1) > 0
+    # The first site reads the input (its aval may carry another mesh), the rest share a trace.
+    assert kernel_traces(6) == kernel_traces(2) > 0
