@@ -84,8 +84,12 @@ def _escape_miss(graph: Graph, block: _Block, what: str, readers) -> MissedFusio
     if reader is not None and jc.generated_by_autodiff(reader):
         hint = AUTODIFF_HINT
         by = "the backward pass"
+    elif reader is None:
+        by = "the function's outputs"
+        hint = (f"the {what} is returned as well; return only the activated value (or recompute "
+                f"the {what} where it is needed) to let the epilogue fuse")
     else:
-        by = f"{reader.primitive.name} at {jc.user_source_line(reader)}" if reader else "the output"
+        by = f"{reader.primitive.name} at {jc.user_source_line(reader)}"
         hint = (f"the {what} is also read by {by}; compute what reads it from the fused output, "
                 "or accept the unfused epilogue")
     return MissedFusion(
