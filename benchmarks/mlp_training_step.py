@@ -8,7 +8,6 @@ of interleaved runs in one process, as jfuse/jax.jit ratios, plus the machine it
 from __future__ import annotations
 
 import argparse
-import csv
 import pathlib
 import sys
 
@@ -16,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jfuse.benchmarking import compare, machine_description, markdown_table
+from jfuse.benchmarking import compare, machine_description, write_results
 
 ACTIVATIONS = {"gelu": jax.nn.gelu, "silu": jax.nn.silu, "relu": jax.nn.relu}
 
@@ -73,14 +72,7 @@ def main(argv=None) -> int:
         rows.append(result.row())
         print(f"      temp ratio {result.memory_ratio:.3f}, time ratio {result.time_ratio:.3f}, "
               f"fused {result.report.fused}", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "mlp_training_step.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    table = markdown_table(rows)
-    (args.out / "mlp_training_step.md").write_text(f"Machine: {machine}\n\n{table}\n")
-    print("\n" + table)
+    print("\n" + write_results(rows, args.out, "mlp_training_step", machine))
     return 0
 
 

@@ -9,7 +9,6 @@ interleaved runs and compile time, as jfuse/jax.jit ratios, with the machine rec
 from __future__ import annotations
 
 import argparse
-import csv
 import pathlib
 import sys
 
@@ -19,7 +18,7 @@ import jax.numpy as jnp
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 import models  # noqa: E402
-from jfuse.benchmarking import compare, machine_description, markdown_table  # noqa: E402
+from jfuse.benchmarking import compare, machine_description, write_results  # noqa: E402
 
 
 def cases():
@@ -51,14 +50,7 @@ def main(argv=None) -> int:
         rows.append(result.row())
         print(f"      temp ratio {result.memory_ratio:.3f}, time ratio {result.time_ratio:.3f}, "
               f"fused {result.report.fused}", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "model_training_steps.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    table = markdown_table(rows)
-    (args.out / "model_training_steps.md").write_text(f"Machine: {machine}\n\n{table}\n")
-    print("\n" + table)
+    print("\n" + write_results(rows, args.out, "model_training_steps", machine))
     return 0
 
 

@@ -10,7 +10,6 @@ matching and rewriting), and the growth of that difference from 8 to 32 layers (
 from __future__ import annotations
 
 import argparse
-import csv
 import pathlib
 import statistics
 import sys
@@ -22,7 +21,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 import models  # noqa: E402
 import jfuse  # noqa: E402
-from jfuse.benchmarking import machine_description, markdown_table  # noqa: E402
+from jfuse.benchmarking import machine_description, write_results  # noqa: E402
 
 
 def _compile_seconds(make_jitted, args) -> float:
@@ -66,15 +65,8 @@ def main(argv=None) -> int:
         rows.append(measure(n, args.repeats))
         print(f"      {rows[-1]}", flush=True)
     growth = rows[1]["jfuse_extra_s"] / max(rows[0]["jfuse_extra_s"], 1e-9)
-    args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "rewrite_cost.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    table = markdown_table(rows)
-    text = f"Machine: {machine}\n\n{table}\n\nGrowth of jfuse's extra time, 8 -> 32 layers: {growth:.2f}x\n"
-    (args.out / "rewrite_cost.md").write_text(text)
-    print("\n" + text)
+    note = f"Growth of jfuse's extra time, 8 -> 32 layers: {growth:.2f}x"
+    print("\n" + write_results(rows, args.out, "rewrite_cost", machine, note))
     return 0
 
 

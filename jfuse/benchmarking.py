@@ -8,7 +8,9 @@ which is deterministic. Results are reported as jfuse / jax.jit ratios, never as
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import pathlib
 import platform
 import statistics
 import time
@@ -120,3 +122,16 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         lines.append("| " + " | ".join(str(row[k]) for k in keys) + " |")
     return "\n".join(lines)
+
+
+def write_results(rows: list[dict[str, Any]], out_dir: pathlib.Path, stem: str, machine: str,
+                  note: str = "") -> str:
+    """Write ``<stem>.csv`` and ``<stem>.md`` (with the machine line) and return the markdown."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / f"{stem}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    text = f"Machine: {machine}\n\n{markdown_table(rows)}\n" + (f"\n{note}\n" if note else "")
+    (out_dir / f"{stem}.md").write_text(text)
+    return text

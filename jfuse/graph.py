@@ -71,6 +71,19 @@ class Graph:
         ids = {id(e) for e in block}
         return not self.is_output(atom) and all(id(u) in ids for u in self.users(atom))
 
+    def ancestors_within(self, out: jc.Var, eqns: Iterable[jc.JaxprEqn]) -> list[jc.JaxprEqn]:
+        """The equations among ``eqns`` that ``out`` depends on, in program order."""
+        by_out = {v: e for e in eqns for v in e.outvars}
+        needed: dict[int, jc.JaxprEqn] = {}
+        stack = [out]
+        while stack:
+            eqn = by_out.get(stack.pop())
+            if eqn is None or id(eqn) in needed:
+                continue
+            needed[id(eqn)] = eqn
+            stack.extend(a for a in eqn.invars if isinstance(a, jc.Var))
+        return sorted(needed.values(), key=self.position)
+
     def readers_outside(self, atom: Atom, block: Iterable[jc.JaxprEqn]) -> list[jc.JaxprEqn]:
         ids = {id(e) for e in block}
         return [u for u in self.users(atom) if id(u) not in ids]

@@ -3,7 +3,6 @@ effects, caching, determinism and fallbacks."""
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import chex

@@ -46,7 +46,6 @@ def dispatch(
     tpu_kernel: Impl,
     gpu_kernel: Impl,
     interpret_kernel: Impl,
-    name: str,
 ):
     """Run the implementation ``implementation`` names (see module docstring)."""
     check_implementation(implementation)

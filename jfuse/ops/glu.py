@@ -148,7 +148,6 @@ def _forward(x, params, spec: GluSpec, with_preactivations: bool = True):
         tpu_kernel=lambda: kernel("tpu", False),
         gpu_kernel=lambda: kernel("triton", False),
         interpret_kernel=lambda: kernel("tpu", True),
-        name="glu",
     )
 
 

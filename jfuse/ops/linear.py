@@ -124,7 +124,6 @@ def _forward(x, w, b, spec: LinearSpec, with_preactivation: bool = True):
         tpu_kernel=lambda: kernel("tpu", False),
         gpu_kernel=lambda: kernel("triton", False),
         interpret_kernel=lambda: kernel("tpu", True),
-        name="linear",
     )
 
 

@@ -121,7 +121,6 @@ def _forward(x, residual, scale, bias, spec: NormSpec):
         tpu_kernel=lambda: _kernel(x, residual, scale, bias, spec, "tpu", interpret=False),
         gpu_kernel=lambda: _kernel(x, residual, scale, bias, spec, "triton", interpret=False),
         interpret_kernel=lambda: _kernel(x, residual, scale, bias, spec, "tpu", interpret=True),
-        name="norm",
     )
 
 

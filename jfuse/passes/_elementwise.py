@@ -84,6 +84,23 @@ _BINARY_NUMPY: dict[str, Callable[..., np.ndarray]] = {
 }
 
 
+def evaluate_elementwise(eqn: jc.JaxprEqn, args: list) -> np.ndarray | None:
+    """One elementwise equation in float64 numpy (converts are the identity), or None if it is
+    not one this module knows."""
+    name = eqn.primitive.name
+    if name in _UNARY_NUMPY:
+        return _UNARY_NUMPY[name](args[0])
+    if name in _BINARY_NUMPY:
+        return _BINARY_NUMPY[name](args[0], args[1])
+    if name == "integer_pow":
+        return np.power(args[0], eqn.params["y"])
+    if name == "select_n":
+        return np.choose(np.asarray(args[0], np.int64), np.broadcast_arrays(*args[1:]))
+    if name == "convert_element_type":
+        return args[0]
+    return None
+
+
 def _is_relu_custom_jvp(eqn: jc.JaxprEqn) -> bool:
     """``jax.nn.relu`` itself: its custom_jvp (derivative 0 at 0) around max(x, 0)."""
     if eqn.primitive.name != "custom_jvp_call":
@@ -172,16 +189,7 @@ class _Region:
         return self.constants.get(atom)
 
     def ancestors(self, out: jc.Var) -> list[jc.JaxprEqn]:
-        by_out = {e.outvars[0]: e for e in self.eqns}
-        needed: dict[int, jc.JaxprEqn] = {}
-        stack = [out]
-        while stack:
-            eqn = by_out.get(stack.pop())
-            if eqn is None or id(eqn) in needed:
-                continue
-            needed[id(eqn)] = eqn
-            stack.extend(a for a in eqn.invars if isinstance(a, jc.Var))
-        return sorted(needed.values(), key=self.graph.position)
+        return self.graph.ancestors_within(out, self.eqns)
 
     def evaluate(self, eqns: list[jc.JaxprEqn], x: np.ndarray) -> np.ndarray | None:
         env: dict[jc.Var, np.ndarray] = {self.v: x}
@@ -195,21 +203,12 @@ class _Region:
 
         with np.errstate(all="ignore"):
             for eqn in eqns:
-                name = eqn.primitive.name
                 args = [read(a) for a in eqn.invars]
-                if name in _UNARY_NUMPY:
-                    out = _UNARY_NUMPY[name](args[0])
-                elif name in _BINARY_NUMPY:
-                    out = _BINARY_NUMPY[name](args[0], args[1])
-                elif name == "integer_pow":
-                    out = np.power(args[0], eqn.params["y"])
-                elif name == "select_n":
-                    out = np.choose(np.asarray(args[0], dtype=np.int64), args[1:])
-                elif name == "convert_element_type":
-                    out = args[0]
-                elif _is_relu_custom_jvp(eqn):
+                if _is_relu_custom_jvp(eqn):
                     out = np.maximum(args[0], 0.0)
                 else:
+                    out = evaluate_elementwise(eqn, args)
+                if out is None:
                     return None
                 env[eqn.outvars[0]] = np.asarray(out, dtype=np.float64)
         return env[eqns[-1].outvars[0]]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Sequence
 
-import numpy as np
 
 from jfuse import _jax_compat as jc
 from jfuse.config import FuseOptions

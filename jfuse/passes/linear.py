@@ -234,7 +234,6 @@ def _make_site(graph, block, x, w, w_is_nk, bias, preactivation, activation, wei
 
 
 def _moveaxis(a, source: int, destination: int):
-    import jax.numpy as jnp
 
     return jnp.moveaxis(a, source, destination)
 

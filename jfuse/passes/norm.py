@@ -32,7 +32,7 @@ from jfuse.debug import reject
 from jfuse.config import FuseOptions
 from jfuse.graph import Graph, literal_value
 from jfuse.ops.norm import fused_norm
-from jfuse.passes._elementwise import _BINARY_NUMPY, _UNARY_NUMPY
+from jfuse.passes._elementwise import _BINARY_NUMPY, _UNARY_NUMPY, evaluate_elementwise
 from jfuse.passes._matmul import is_float
 from jfuse.passes.base import MatchResult, Pattern, Site, replay_block
 from jfuse.report import MissedFusion, MissReason
@@ -178,16 +178,7 @@ class _Region:
         return False
 
     def ancestors(self, out: jc.Var) -> list[jc.JaxprEqn]:
-        by_out = {e.outvars[0]: e for e in self.eqns}
-        needed: dict[int, jc.JaxprEqn] = {}
-        stack = [out]
-        while stack:
-            eqn = by_out.get(stack.pop())
-            if eqn is None or id(eqn) in needed:
-                continue
-            needed[id(eqn)] = eqn
-            stack.extend(a for a in eqn.invars if isinstance(a, jc.Var))
-        return sorted(needed.values(), key=self.graph.position)
+        return self.graph.ancestors_within(out, self.eqns)
 
 
 # --- float64 probe ---------------------------------------------------------------------------
@@ -230,16 +221,8 @@ def _evaluate(region: _Region, eqns, root_value, param_values) -> np.ndarray | N
             name = eqn.primitive.name
             args = [read(a) for a in eqn.invars]
             out_aval = eqn.outvars[0].aval
-            if name in _UNARY_NUMPY:
-                out = _UNARY_NUMPY[name](args[0])
-            elif name in _BINARY_NUMPY:
-                out = _BINARY_NUMPY[name](args[0], args[1])
-            elif name == "integer_pow":
-                out = np.power(args[0], eqn.params["y"])
-            elif name == "select_n":
-                out = np.choose(np.asarray(args[0], np.int64), np.broadcast_arrays(*args[1:]))
-            elif name == "convert_element_type":
-                out = args[0]
+            if name in _ELEMENTWISE:
+                out = evaluate_elementwise(eqn, args)
             elif name == "reduce_sum":
                 axes = tuple(eqn.params["axes"])
                 in_shape = tuple(eqn.invars[0].aval.shape)
