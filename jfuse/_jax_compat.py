@@ -74,9 +74,14 @@ def user_source_line(eqn: JaxprEqn) -> str:
 
 
 def generated_by_autodiff(eqn: JaxprEqn) -> bool:
-    """True for equations JAX's autodiff wrote (a JVP or a transpose), not the user."""
+    """True for equations JAX's autodiff wrote (inside a JVP or a transpose)."""
     stack = str(eqn.source_info.name_stack)
     return "transpose" in stack or "jvp" in stack
+
+
+def is_backward(eqn: JaxprEqn) -> bool:
+    """True for equations of a backward pass (a transpose)."""
+    return "transpose" in str(eqn.source_info.name_stack)
 
 
 def _frame_text(frame) -> str:

@@ -13,6 +13,7 @@ constructors, which change between releases.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -39,6 +40,16 @@ class Graph:
             for var in eqn.outvars:
                 self._producer[var] = eqn
         self._outvars = {v for v in jaxpr.outvars if isinstance(v, jc.Var)}
+
+    @functools.cached_property
+    def has_backward(self) -> bool:
+        """Whether this jaxpr holds a backward pass: it was differentiated before jfuse saw it."""
+        return any(jc.is_backward(e) for e in self.eqns)
+
+    def hidden_by_autodiff(self, reader: jc.JaxprEqn) -> bool:
+        """``reader`` is autodiff's work in a differentiated function (a forward value kept for
+        the backward, or the backward itself)."""
+        return self.has_backward and jc.generated_by_autodiff(reader)
 
     def position(self, eqn: jc.JaxprEqn) -> int:
         return self._position[id(eqn)]
@@ -172,7 +183,8 @@ def _eval_canonical(jaxpr: jc.Jaxpr, consts: Sequence[Any], args: Sequence[Any],
         if _is_inlinable_call(eqn):
             inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
             inner_jaxpr, inner_consts = jc.open_and_consts(inner)
-            outs = _eval_canonical(inner_jaxpr, inner_consts, invals, cse)
+            with jc.equation_context(eqn):  # inner equations keep the call's name stack
+                outs = _eval_canonical(inner_jaxpr, inner_consts, invals, cse)
         else:
             key = cse.key(eqn, invals, eqn.invars)
             hit = cse.lookup(key)

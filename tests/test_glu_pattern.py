@@ -162,3 +162,11 @@ def test_a_fused_mlp_lowers_to_one_kernel_per_glu(platform, rng):
             _w(rng, 256, 128, dtype=jnp.bfloat16))
     text = lower_for(jfuse.jit(mlp), *args, platform=platform)
     assert count_kernel_calls(text, platform) == 2
+
+
+def test_gradient_taken_before_jfuse_is_named_in_the_glu_miss(rng):
+    args = (jnp.asarray(rng.standard_normal((4, 16)), jnp.float32), _w(rng, 16, 24), _w(rng, 16, 24))
+    grad = jax.grad(lambda x, wg, wu: jnp.sum(jax.nn.silu(x @ wg) * (x @ wu)), argnums=(1, 2))
+    report = jfuse.explain(grad)(*args)
+    misses = [m for m in report.missed if m.pattern == "glu"]
+    assert misses and "jax.grad(jfuse.fuse(loss))" in misses[0].hint, str(report)

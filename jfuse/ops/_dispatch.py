@@ -72,7 +72,9 @@ _MAX_TRACES = 512
 def cached_trace(key: Hashable, fn: Callable, *operands):
     """``fn(*operands)``, tracing ``fn`` once per ``key`` and operand types."""
     leaves, treedef = jax.tree_util.tree_flatten(operands)
-    full_key = (key, treedef, tuple(jax.typeof(leaf) for leaf in leaves))
+    # The context's abstract mesh is part of the key: kernel lowerings read the device it names.
+    context = str(jax.sharding.get_abstract_mesh())
+    full_key = (key, context, treedef, tuple(jax.typeof(leaf) for leaf in leaves))
     entry = _TRACES.get(full_key)
     if entry is None:
         closed, out_shape = jax.make_jaxpr(lambda *a: fn(*a), return_shape=True)(*operands)

@@ -20,6 +20,14 @@ from jfuse.graph import Graph
 from jfuse.report import FusedSite, MissedFusion, MissReason
 
 
+# The hint for a block whose intermediates are read by autodiff-generated equations.
+AUTODIFF_HINT = (
+    "the reader is the backward of a gradient taken before jfuse saw this function (e.g. "
+    "jfuse.jit(jax.grad(loss))); differentiate inside the function jfuse wraps, or use "
+    "jax.grad(jfuse.fuse(loss)), so jfuse rewrites the forward first"
+)
+
+
 @dataclasses.dataclass
 class Site:
     """A block of equations to replace by one call of a fused op.

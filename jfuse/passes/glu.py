@@ -35,7 +35,7 @@ from jfuse.passes._matmul import (
     matmul_orientation,
     other_operand,
 )
-from jfuse.passes.base import MatchResult, Pattern, Site, replay_block
+from jfuse.passes.base import AUTODIFF_HINT, MatchResult, Pattern, Site, replay_block
 from jfuse.report import MissedFusion, MissReason
 
 NAME = "glu"
@@ -322,15 +322,18 @@ def _check_and_build(graph, mul, gate: _Branch, up: _Branch, activation, up_conv
                 continue
             if not graph.read_only_within(var, eqns):
                 readers = graph.readers_outside(var, eqns)
-                where = (f"{readers[0].primitive.name} at {jc.user_source_line(readers[0])}"
-                         if readers else "the function's outputs")
                 which = ("gate" if var is gate.value else "up" if var is up.value
                          else "intermediate")
+                if readers and graph.hidden_by_autodiff(readers[0]):
+                    where, hint = "the backward pass", AUTODIFF_HINT
+                else:
+                    where = (f"{readers[0].primitive.name} at {jc.user_source_line(readers[0])}"
+                             if readers else "the function's outputs")
+                    hint = ("a GLU fuses only when its gate and up products are used by the "
+                            "gating product alone; compute what else reads them from the GLU "
+                            "output, or accept the unfused MLP")
                 result.misses.append(_miss(
-                    MissReason.INTERMEDIATE_ESCAPES, mul,
-                    "a GLU fuses only when its gate and up products are used by the gating "
-                    "product alone; compute what else reads them from the GLU output, or "
-                    "accept the unfused MLP",
+                    MissReason.INTERMEDIATE_ESCAPES, mul, hint,
                     f"the {which} product {tuple(var.aval.shape)} is also read by {where}"))
                 return result
     result.site = _site(graph, mul, eqns, gate, up, activation, out, options)

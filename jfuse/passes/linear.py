@@ -34,7 +34,7 @@ from jfuse.passes._matmul import (
     moves_first_axis_last,
     other_operand,
 )
-from jfuse.passes.base import MatchResult, Pattern, Site, replay_block
+from jfuse.passes.base import AUTODIFF_HINT, MatchResult, Pattern, Site, replay_block
 from jfuse.report import MissedFusion, MissReason
 
 NAME = "linear"
@@ -72,16 +72,9 @@ def _where(eqn: jc.JaxprEqn) -> str:
     return jc.user_source_line(eqn)
 
 
-AUTODIFF_HINT = (
-    "the reader is the backward of a gradient taken before jfuse saw this function (e.g. "
-    "jfuse.jit(jax.grad(loss))); differentiate inside the function jfuse wraps, or use "
-    "jax.grad(jfuse.fuse(loss)), so jfuse rewrites the forward first"
-)
-
-
 def _escape_miss(graph: Graph, block: _Block, what: str, readers) -> MissedFusion:
     reader = readers[0] if readers else None
-    if reader is not None and jc.generated_by_autodiff(reader):
+    if reader is not None and graph.hidden_by_autodiff(reader):
         hint = AUTODIFF_HINT
         by = "the backward pass"
     elif reader is None:

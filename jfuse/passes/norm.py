@@ -34,7 +34,7 @@ from jfuse.graph import Graph, literal_value
 from jfuse.ops.norm import fused_norm
 from jfuse.passes._elementwise import _BINARY_NUMPY, _UNARY_NUMPY, evaluate_elementwise
 from jfuse.passes._matmul import is_float
-from jfuse.passes.base import MatchResult, Pattern, Site, replay_block
+from jfuse.passes.base import AUTODIFF_HINT, MatchResult, Pattern, Site, replay_block
 from jfuse.report import MissedFusion, MissReason
 
 NAMES = ("rms_norm", "layer_norm", "add_rms_norm", "add_layer_norm")
@@ -418,6 +418,7 @@ def match_norm(graph: Graph, anchor: jc.JaxprEqn, options: FuseOptions) -> Match
     rng = np.random.default_rng(0)
     full = tuple(root.aval.shape)
     reduction_ids = {id(r) for r in reductions}
+    hidden_by_autodiff = False
     for candidate in reversed(region.eqns):
         out = candidate.outvars[0]
         if tuple(out.aval.shape) != full:
@@ -432,6 +433,7 @@ def match_norm(graph: Graph, anchor: jc.JaxprEqn, options: FuseOptions) -> Match
         if not private:
             reject("norm", anchor, f"an intermediate before {out.aval.str_short()} is read "
                    "outside the block")
+            hidden_by_autodiff = hidden_by_autodiff or _read_by_autodiff(graph, eqns, out, aliases)
             continue
         found = _identify(region, eqns, eps_candidates, rng)
         if found is None:
@@ -445,10 +447,21 @@ def match_norm(graph: Graph, anchor: jc.JaxprEqn, options: FuseOptions) -> Match
             absorbed = [e for e in eqns if e.outvars[0] not in aliases
                         or graph.read_only_within(e.outvars[0], eqns)]
             return MatchResult(site=_site(graph, anchor, root, absorbed, out, found, options))
+    if hidden_by_autodiff:
+        return MatchResult(misses=[MissedFusion(
+            "rms_norm" if len(reductions) == 1 else "layer_norm", MissReason.INTERMEDIATE_ESCAPES,
+            jc.user_source_line(anchor), AUTODIFF_HINT,
+            f"the norm of {root.aval.str_short()} has intermediates read by the backward pass")])
     reject("norm", anchor, f"no output computed from {root.aval.str_short()}, its row statistics "
            "and hidden-dim parameters alone matches a norm (is a different array normalized "
            "than the one reduced?)")
     return None
+
+
+def _read_by_autodiff(graph: Graph, eqns, out, aliases) -> bool:
+    return any(graph.hidden_by_autodiff(reader)
+               for e in eqns if e.outvars[0] is not out and e.outvars[0] not in aliases
+               for reader in graph.readers_outside(e.outvars[0], eqns))
 
 
 def _site(graph, anchor, root, eqns, out, found, options) -> Site:
