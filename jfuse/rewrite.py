@@ -58,7 +58,6 @@ class Rewriter:
         canonical = canonicalize(jaxpr, consts, consts_as_inputs=consts_as_inputs)
         graph = Graph(canonical.jaxpr)
         plan = plan_rewrites(graph, PIPELINE, self.options)
-        self.report.sites.extend(site.to_report() for site in plan.sites)
         self.report.missed.extend(plan.misses)
         if not plan.sites and not any(self._has_nested(e) for e in graph.eqns):
             return canonical
@@ -98,6 +97,7 @@ class Rewriter:
         try:
             with jc.equation_context(site.absorbed[0]):
                 outs = list(site.emit(*values))
+            self.report.sites.append(site.to_report())
         except Exception as error:  # a kernel or op that cannot serve: run the block unfused
             if raise_internal_errors():
                 raise
@@ -107,8 +107,6 @@ class Rewriter:
             )
             warnings.warn("jfuse: " + message, RuntimeWarning, stacklevel=2)
             self.report.fallbacks.append(message)
-            self.report.sites = [s for s in self.report.sites if s.where != site.where or
-                                 s.pattern != site.pattern]
             outs = list(site.replay()(*values))
         env.update(zip(site.outputs, outs))
 
