@@ -133,7 +133,8 @@ def match_linear(graph: Graph, dot: jc.JaxprEqn, options: FuseOptions) -> MatchR
     adds = [u for u in users if u.primitive.name == "add"]
     if len(adds) == 1 and len(users) == 1 and not graph.is_output(block.value):
         add = adds[0]
-        found = bias_source(graph, other_operand(add, block.value), add, block.value, block.feature_axis())
+        found = bias_source(graph, other_operand(add, block.value), add, block.value,
+                            block.feature_axis())
         if is_miss(found):
             reason, text = found
             reject(NAME, dot, f"addend is not a bias: {text}")
@@ -148,7 +149,8 @@ def match_linear(graph: Graph, dot: jc.JaxprEqn, options: FuseOptions) -> MatchR
             block.take_transpose_back()
     else:
         for add in adds:  # a bias add, but the matmul output is read by something else too
-            found = bias_source(graph, other_operand(add, block.value), add, block.value, block.feature_axis())
+            found = bias_source(graph, other_operand(add, block.value), add, block.value,
+                                block.feature_axis())
             if found is not None and not is_miss(found):
                 readers = [u for u in users if u is not add]
                 reject(NAME, dot, "the matmul output feeds a bias add and is also read elsewhere")
@@ -161,10 +163,9 @@ def match_linear(graph: Graph, dot: jc.JaxprEqn, options: FuseOptions) -> MatchR
         reject(NAME, dot, "no recognized activation follows (the elementwise block after the "
                "matmul/bias is not relu/gelu/silu/sigmoid/tanh, or its intermediates are shared)")
         result.misses.extend(_activation_misses(graph, block, preactivation))
-    if activation is not None:
+    else:
         if graph.read_only_within(preactivation, activation.eqns):
-            for eqn in activation.eqns:
-                block.eqns.append(eqn)
+            block.eqns.extend(activation.eqns)
             block.value = activation.output
             block.take_transpose_back()
         else:
@@ -227,7 +228,6 @@ def _make_site(graph, block, x, w, w_is_nk, bias, preactivation, activation, wei
 
 
 def _moveaxis(a, source: int, destination: int):
-
     return jnp.moveaxis(a, source, destination)
 
 
