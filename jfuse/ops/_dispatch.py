@@ -55,10 +55,26 @@ def dispatch(
         return interpret_kernel()
     if implementation == "pallas":
         tpu, gpu = tpu_kernel, gpu_kernel  # a refusal is an error the caller asked to see
+    elif multi_device_reason() is not None:
+        return reference()
     else:
         tpu = _or_reference(tpu_kernel, reference)
         gpu = _or_reference(gpu_kernel, reference)
     return lax.platform_dependent(tpu=tpu, cuda=gpu, default=reference)
+
+
+def multi_device_reason() -> str | None:
+    """Why kernels are not used by default here: they are not partitioned yet.
+
+    XLA cannot partition a Pallas kernel ("Mosaic kernels cannot be automatically partitioned"),
+    so under a mesh a kernel would break the program. Until the fused ops partition themselves,
+    ``implementation=None`` uses XLA when the runtime has more than one device (the fused op and
+    its lean backward still apply). ``implementation="pallas"`` forces the kernels.
+    """
+    count = jax.device_count()
+    if count > 1:
+        return f"{count} devices: the fused kernels are not partitioned under a mesh yet"
+    return None
 
 
 # Kernel traces by (op config, operand types). Tracing a Pallas kernel is the dominant cost of a

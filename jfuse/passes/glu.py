@@ -36,6 +36,7 @@ from jfuse.passes._matmul import (
     other_operand,
 )
 from jfuse.passes.base import AUTODIFF_HINT, MatchResult, Pattern, Site, replay_block
+from jfuse.ops._dispatch import multi_device_reason
 from jfuse.report import MissedFusion, MissReason
 
 NAME = "glu"
@@ -399,6 +400,9 @@ def _kernel_notes(m: int, k: int, n: int, dtype) -> str:
         from jfuse.pallas import glu as kernels
     except ImportError:  # pragma: no cover
         return ""
+    multi = multi_device_reason()
+    if multi:
+        return f" [XLA on every platform: {multi}]"
     notes = []
     for backend, label, check in (("tpu", "TPU", kernels.tpu_unsupported_reason),
                                   ("gpu", "GPU", kernels.triton_unsupported_reason)):

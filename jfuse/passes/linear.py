@@ -35,6 +35,7 @@ from jfuse.passes._matmul import (
     other_operand,
 )
 from jfuse.passes.base import AUTODIFF_HINT, MatchResult, Pattern, Site, replay_block
+from jfuse.ops._dispatch import multi_device_reason
 from jfuse.report import MissedFusion, MissReason
 
 NAME = "linear"
@@ -237,6 +238,9 @@ def _kernel_notes(m: int, k: int, n: int, dtype) -> str:
         from jfuse.pallas import linear as kernels
     except ImportError:  # pragma: no cover - the kernels ship with the package
         return ""
+    multi = multi_device_reason()
+    if multi:
+        return f" [XLA on every platform: {multi}]"
     notes = []
     for backend, check in (("TPU", kernels.tpu_unsupported_reason),
                            ("GPU", kernels.triton_unsupported_reason)):

@@ -35,6 +35,7 @@ from jfuse.ops.norm import fused_norm
 from jfuse.passes._elementwise import _BINARY_NUMPY, _UNARY_NUMPY, evaluate_elementwise
 from jfuse.passes._matmul import is_float
 from jfuse.passes.base import AUTODIFF_HINT, MatchResult, Pattern, Site, replay_block
+from jfuse.ops._dispatch import multi_device_reason
 from jfuse.report import MissedFusion, MissReason
 
 NAMES = ("rms_norm", "layer_norm", "add_rms_norm", "add_layer_norm")
@@ -549,6 +550,9 @@ def _kernel_notes(rows: int, hidden: int, dtype) -> str:
         from jfuse.pallas import norm as kernels
     except ImportError:  # pragma: no cover
         return ""
+    multi = multi_device_reason()
+    if multi:
+        return f" [XLA on every platform: {multi}]"
     notes = []
     for label, check in (("TPU", kernels.tpu_unsupported_reason),
                          ("GPU", kernels.triton_unsupported_reason)):
