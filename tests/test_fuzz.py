@@ -1,5 +1,5 @@
-"""Differential fuzzer: random programs built from every pattern's variants and near-misses run
-under jax.jit and under jfuse; forward results must be identical (on CPU the fused ops replay the
+"""Differential fuzzer: random programs built from every pattern's variants and near-misses (as is,
+inside ``jax.checkpoint``, or as a ``lax.scan`` body) run under jax.jit and under jfuse; forward results must be identical (on CPU the fused ops replay the
 user's equations) and gradients must agree within dtype rounding.
 
 Budget: ``JFUSE_FUZZ_EXAMPLES`` examples (default 20, CI-sized); e.g. ``JFUSE_FUZZ_EXAMPLES=2000``
@@ -148,15 +148,16 @@ def programs(draw):
                            min_size=1, max_size=3))
     blocks = [maker(draw, d) for maker in makers]
     seed = draw(st.integers(0, 2**16))
-    return d, lead, dtype, param_dtype, blocks, seed
+    wrapper = draw(st.sampled_from(["none", "none", "checkpoint", "scan"]))
+    return d, lead, dtype, param_dtype, blocks, seed, wrapper
 
 
-def _build(d, lead, dtype, param_dtype, blocks, seed):
+def _build(d, lead, dtype, param_dtype, blocks, seed, wrapper):
     rng = np.random.default_rng(seed)
     params = [make(rng, param_dtype) for _, _, make in blocks]
     x = jnp.asarray(rng.standard_normal(lead + (d,)), dtype)
 
-    def program(params, x):
+    def body(params, x):
         outputs = []
         h = x
         for (_, block, _), p in zip(blocks, params):
@@ -166,16 +167,23 @@ def _build(d, lead, dtype, param_dtype, blocks, seed):
                 outputs.append(extra)
         return h, outputs
 
-    return program, params, x
+    if wrapper == "checkpoint":  # a remat region around the blocks
+        return jax.checkpoint(body), params, x
+    if wrapper == "scan":  # the blocks as the body of a 2-step scan, as layer stacks are written
+        def program(params, x):
+            return lax.scan(lambda h, _: (body(params, h)[0], None), x, None, length=2)[0]
+
+        return program, params, x
+    return body, params, x
 
 
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 50,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(programs())
 def test_random_programs_never_change_the_answer(program_spec):
-    d, lead, dtype, param_dtype, blocks, seed = program_spec
-    program, params, x = _build(d, lead, dtype, param_dtype, blocks, seed)
-    description = " -> ".join(name for name, _, _ in blocks)
+    d, lead, dtype, param_dtype, blocks, seed, wrapper = program_spec
+    program, params, x = _build(d, lead, dtype, param_dtype, blocks, seed, wrapper)
+    description = f"{wrapper}: " + " -> ".join(name for name, _, _ in blocks)
     report = jfuse.explain(program)(params, x)
     assert not report.fallbacks, f"{description}\n{report}"
     try:
