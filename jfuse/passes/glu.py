@@ -35,8 +35,15 @@ from jfuse.passes._matmul import (
     matmul_orientation,
     other_operand,
 )
-from jfuse.passes.base import AUTODIFF_HINT, MatchResult, Pattern, Site, replay_block
-from jfuse.ops._dispatch import multi_device_reason
+from jfuse.pallas import glu as kernels
+from jfuse.passes.base import (
+    AUTODIFF_HINT,
+    MatchResult,
+    Pattern,
+    Site,
+    kernel_notes,
+    replay_block,
+)
 from jfuse.report import MissedFusion, MissReason
 
 NAME = "glu"
@@ -387,29 +394,17 @@ def _site(graph, mul, eqns, gate: _Branch, up: _Branch, activation, out, options
         detail += f", fused {gate.layout} weight"
     if gate.w_is_nk:
         detail += ", W as (N, K)"
-    detail += _kernel_notes(m, k, n, gate.x.aval.dtype)
+    dtype = gate.x.aval.dtype
+    detail += kernel_notes(
+        kernels.tpu_unsupported_reason(m, k, n, dtype)
+        or kernels.profitability_reason("tpu", m, k, n, dtype),
+        kernels.triton_unsupported_reason(m, k, n, dtype)
+        or kernels.profitability_reason("gpu", m, k, n, dtype),
+    )
     # Unfused, both (M, N) products go to memory and come back for the gate.
     saved = 2 * 2 * m * n * np.dtype(gate.dot.outvars[0].aval.dtype).itemsize
     return Site(NAME, eqns, inputs, [out], emit, jc.user_source_line(mul), detail, saved,
                 graph)
-
-
-def _kernel_notes(m: int, k: int, n: int, dtype) -> str:
-    """Which platforms run XLA for this site instead of the kernel, and why."""
-    try:
-        from jfuse.pallas import glu as kernels
-    except ImportError:  # pragma: no cover
-        return ""
-    multi = multi_device_reason()
-    if multi:
-        return f" [XLA on every platform: {multi}]"
-    notes = []
-    for backend, label, check in (("tpu", "TPU", kernels.tpu_unsupported_reason),
-                                  ("gpu", "GPU", kernels.triton_unsupported_reason)):
-        reason = check(m, k, n, dtype) or kernels.profitability_reason(backend, m, k, n, dtype)
-        if reason:
-            notes.append(f"{label}: XLA ({reason})")
-    return "" if not notes else " [" + "; ".join(notes) + "]"
 
 
 PATTERN = Pattern(NAME, frozenset({"mul"}), match_glu)

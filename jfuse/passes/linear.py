@@ -34,8 +34,15 @@ from jfuse.passes._matmul import (
     moves_first_axis_last,
     other_operand,
 )
-from jfuse.passes.base import AUTODIFF_HINT, MatchResult, Pattern, Site, replay_block
-from jfuse.ops._dispatch import multi_device_reason
+from jfuse.pallas import linear as kernels
+from jfuse.passes.base import (
+    AUTODIFF_HINT,
+    MatchResult,
+    Pattern,
+    Site,
+    kernel_notes,
+    replay_block,
+)
 from jfuse.report import MissedFusion, MissReason
 
 NAME = "linear"
@@ -221,7 +228,8 @@ def _make_site(graph, block, x, w, w_is_nk, bias, preactivation, activation, wei
     detail = f"{'+'.join(parts)} ({m}x{k})@({k}x{n}) {np.dtype(out.aval.dtype).name}"
     if w_is_nk:
         detail += ", W as (N, K)"
-    detail += _kernel_notes(m, k, n, x.aval.dtype)
+    detail += kernel_notes(kernels.tpu_unsupported_reason(m, k, n, x.aval.dtype),
+                           kernels.triton_unsupported_reason(m, k, n, x.aval.dtype))
     # Unfused, the matmul result goes to memory and comes back for the bias/activation.
     matmul_out = dot.outvars[0].aval
     saved = 2 * m * n * np.dtype(matmul_out.dtype).itemsize
@@ -230,24 +238,6 @@ def _make_site(graph, block, x, w, w_is_nk, bias, preactivation, activation, wei
 
 def _moveaxis(a, source: int, destination: int):
     return jnp.moveaxis(a, source, destination)
-
-
-def _kernel_notes(m: int, k: int, n: int, dtype) -> str:
-    """Why a platform's kernel would not serve this site (it then runs on XLA), if it would not."""
-    try:
-        from jfuse.pallas import linear as kernels
-    except ImportError:  # pragma: no cover - the kernels ship with the package
-        return ""
-    multi = multi_device_reason()
-    if multi:
-        return f" [XLA on every platform: {multi}]"
-    notes = []
-    for backend, check in (("TPU", kernels.tpu_unsupported_reason),
-                           ("GPU", kernels.triton_unsupported_reason)):
-        reason = check(m, k, n, dtype)
-        if reason:
-            notes.append(f"{backend} kernel declines: {reason}; XLA runs it there")
-    return "" if not notes else " [" + "; ".join(notes) + "]"
 
 
 PATTERN = Pattern(NAME, frozenset({"dot_general"}), match_linear)

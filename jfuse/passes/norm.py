@@ -34,8 +34,15 @@ from jfuse.graph import Graph, literal_value
 from jfuse.ops.norm import fused_norm
 from jfuse.passes._elementwise import _BINARY_NUMPY, _UNARY_NUMPY, evaluate_elementwise
 from jfuse.passes._matmul import is_float
-from jfuse.passes.base import AUTODIFF_HINT, MatchResult, Pattern, Site, replay_block
-from jfuse.ops._dispatch import multi_device_reason
+from jfuse.pallas import norm as kernels
+from jfuse.passes.base import (
+    AUTODIFF_HINT,
+    MatchResult,
+    Pattern,
+    Site,
+    kernel_notes,
+    replay_block,
+)
 from jfuse.report import MissedFusion, MissReason
 
 NAMES = ("rms_norm", "layer_norm", "add_rms_norm", "add_layer_norm")
@@ -535,31 +542,17 @@ def _site(graph, anchor, root, eqns, out, found, options) -> Site:
         parts.append("bias")
     if has_residual:
         parts.append("sum also returned" if len(outputs) == 2 else "sum not needed")
-    detail = (f"{rows}x{hidden} {np.dtype(root.aval.dtype).name}->{np.dtype(out_dtype).name}, "
-              + ", ".join(parts) + _kernel_notes(rows, hidden, root.aval.dtype))
+    dtype = root.aval.dtype
+    detail = (f"{rows}x{hidden} {np.dtype(dtype).name}->{np.dtype(out_dtype).name}, "
+              + ", ".join(parts)
+              + kernel_notes(kernels.tpu_unsupported_reason(rows, hidden, dtype),
+                             kernels.triton_unsupported_reason(rows, hidden, dtype)))
     # Unfused in training XLA writes the f32 statistics and re-reads the rows for them (one extra
     # read of the (rows, hidden) input); with the residual add, the sum is written and read back.
     itemsize = np.dtype(root.aval.dtype).itemsize
     saved = rows * hidden * itemsize * (3 if has_residual else 1)
     return Site(name, all_eqns, inputs, outputs, emit, jc.user_source_line(anchor), detail, saved,
                 graph)
-
-
-def _kernel_notes(rows: int, hidden: int, dtype) -> str:
-    try:
-        from jfuse.pallas import norm as kernels
-    except ImportError:  # pragma: no cover
-        return ""
-    multi = multi_device_reason()
-    if multi:
-        return f" [XLA on every platform: {multi}]"
-    notes = []
-    for label, check in (("TPU", kernels.tpu_unsupported_reason),
-                         ("GPU", kernels.triton_unsupported_reason)):
-        reason = check(rows, hidden, dtype)
-        if reason:
-            notes.append(f"{label}: XLA ({reason})")
-    return "" if not notes else " [" + "; ".join(notes) + "]"
 
 
 PATTERN = Pattern("norm", frozenset({"rsqrt", "sqrt", "pow"}), match_norm, NAMES)
