@@ -17,8 +17,9 @@ in the report.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import contextlib
+import contextvars
+import dataclasses
 import functools
 import threading
 import inspect
@@ -31,12 +32,20 @@ import numpy as np
 
 from jfuse import _jax_compat as jc
 from jfuse.config import FuseOptions, raise_internal_errors
+from jfuse.ops._partitionable import partition_context
 from jfuse.report import FusionReport
 from jfuse.rewrite import Rewriter
+from jfuse.sharding.inputs import InputLayouts, dynamic_specs, input_layouts
+from jfuse.sharding.partition import Partitioner
+from jfuse.sharding.specs import from_sharding, replicated
 
 logger = logging.getLogger("jfuse")
 
 _CACHE_SIZE = 64
+
+# The arguments of the jfuse.jit call being traced (and its in_shardings), so the function jax.jit
+# traces can read their layouts: inside the trace only the mesh is visible, not the splits.
+_jit_call: contextvars.ContextVar = contextvars.ContextVar("jfuse_jit_call", default=None)
 
 # jax.grad(loss) inside a jfuse-traced function differentiates `loss` before jfuse sees it, and
 # the joint forward+backward graph hides the forward blocks behind their backward readers. So
@@ -187,10 +196,11 @@ class FusedFunction:
         static = tuple(
             (i, leaf) for i, leaf in enumerate(leaves) if i not in set(dynamic_positions)
         )
-        key = self._cache_key(treedef, dynamic, static)
+        layouts = self._input_layouts(len(leaves), dynamic_positions)
+        key = self._cache_key(treedef, dynamic, static, layouts)
         entry = self._cache.get(key) if key is not None else None
         if entry is None:
-            entry = self._build(leaves, treedef, dynamic_positions, dynamic)
+            entry = self._build(leaves, treedef, dynamic_positions, dynamic, layouts)
             if entry is None:  # could not trace: run as written (eager code, or a user error)
                 return self._fn(*args, **kwargs)
             if key is not None and entry.cacheable:
@@ -201,20 +211,30 @@ class FusedFunction:
             self._cache.move_to_end(key)
         return entry(dynamic)
 
-    def _cache_key(self, treedef, dynamic, static) -> Any:
+    def _input_layouts(self, n_leaves: int, dynamic_positions) -> tuple | None:
+        """(per dynamic leaf layout, mesh, problem) when jfuse.jit is tracing this function."""
+        call = _jit_call.get()
+        if call is None or self._inner_reports is not None:
+            return None
+        layouts: InputLayouts = call.get()
+        specs = dynamic_specs(layouts, n_leaves, dynamic_positions)
+        return specs, layouts.mesh, layouts.problem
+
+    def _cache_key(self, treedef, dynamic, static, layouts) -> Any:
         try:
             key = (
                 treedef,
                 tuple(_aval_key(d) for d in dynamic),
                 static,
                 bool(jax.config.jax_enable_x64),
+                None if layouts is None else (layouts[0], _mesh_key(layouts[1]), layouts[2]),
             )
             hash(key)
             return key
         except TypeError:  # an unhashable non-array argument: no caching
             return None
 
-    def _build(self, leaves, treedef, dynamic_positions, dynamic) -> _Compiled | None:
+    def _build(self, leaves, treedef, dynamic_positions, dynamic, layouts) -> _Compiled | None:
         self.trace_count += 1
 
         def flat_fn(*dynamic_values):
@@ -225,11 +245,15 @@ class FusedFunction:
             return self._fn(*a, **k)
 
         inner_reports: list[FusionReport] = []
-        try:
-            with _fusing_differentiated_functions(self._options, inner_reports):
-                closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*dynamic)
-        except Exception:
-            return None
+        with partition_context():
+            try:
+                with _fusing_differentiated_functions(self._options, inner_reports):
+                    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*dynamic)
+            except Exception:
+                return None
+            return self._rewrite(closed, out_shape, leaves, treedef, inner_reports, layouts)
+
+    def _rewrite(self, closed, out_shape, leaves, treedef, inner_reports, layouts):
         out_tree = jax.tree_util.tree_structure(out_shape)
         cacheable = not any(isinstance(c, jc.Tracer) for c in closed.consts)
         a, k = jax.tree_util.tree_unflatten(treedef, leaves)
@@ -241,6 +265,8 @@ class FusedFunction:
             report = rewriter.report
             for inner in inner_reports:
                 report.merge(inner)
+            if self._inner_reports is None:  # the outermost function sees the whole program
+                rewritten = self._partition(rewritten, closed.consts, layouts, report)
             entry = _Compiled(rewritten, closed.consts, out_tree, report, True, cacheable)
         except Exception as error:
             if raise_internal_errors():
@@ -261,6 +287,46 @@ class FusedFunction:
         if self._options.is_strict() and (report.missed or report.fallbacks):
             raise FusionError(report)
         return entry
+
+    def _partition(self, rewritten: jc.ClosedJaxpr, consts, layouts, report: FusionReport):
+        """Lay out the fused ops' kernels per shard (see :mod:`jfuse.sharding.partition`)."""
+        if layouts is None:
+            mesh, problem = None, (
+                "jfuse does not know the inputs' layouts here (jfuse.fuse inside jax.jit sees "
+                "only the mesh); wrap the step in jfuse.jit, which reads the arguments' shardings")
+            specs = (None,) * (len(rewritten.jaxpr.invars) - len(consts))
+        else:
+            specs, mesh, problem = layouts
+        if mesh is None and problem is None:
+            problem = "the arguments carry no NamedSharding to lay the fused ops out from"
+        const_specs = [_const_spec(c) for c in consts]
+        partitioner = Partitioner(mesh, problem)
+        try:
+            partitioned = partitioner.run(rewritten, const_specs + list(specs))
+        except Exception as error:  # the markers stay: XLA's partitioned ops, still exact
+            if raise_internal_errors():
+                raise
+            message = (f"laying the fused ops out per shard failed ({type(error).__name__}: "
+                       f"{error}); they run XLA's partitioned ops")
+            warnings.warn("jfuse: " + message, RuntimeWarning, stacklevel=4)
+            report.fallbacks.append(message)
+            return rewritten
+        report.sharding.extend(partitioner.notes)
+        if partitioner.notes and mesh is not None:
+            report.mesh = ", ".join(f"{n}={s}" for n, s in mesh.shape.items())
+        return partitioned
+
+
+def _const_spec(value) -> Any:
+    if isinstance(value, jc.Tracer):
+        return None
+    ndim = len(np.shape(value))
+    sharding = getattr(value, "sharding", None)
+    return from_sharding(sharding, ndim)[0] if sharding is not None else replicated(ndim)
+
+
+def _mesh_key(mesh) -> Any:
+    return None if mesh is None else (tuple(mesh.axis_names), tuple(mesh.shape.values()))
 
 
 def fuse(
@@ -291,28 +357,51 @@ def fuse(
     return FusedFunction(fn, options)
 
 
+class _LazyLayouts:
+    """The arguments of a jfuse.jit call; their layouts are read on first use only."""
+
+    def __init__(self, args, kwargs, in_shardings):
+        self._call = (args, kwargs, in_shardings)
+        self._layouts: InputLayouts | None = None
+
+    def get(self) -> InputLayouts:
+        if self._layouts is None:
+            self._layouts = input_layouts(*self._call)
+        return self._layouts
+
+
 class JittedFusedFunction:
     """What :func:`jit` returns: call it, ``.lower(...)`` or ``.trace(...)`` it like jax.jit's."""
 
-    def __init__(self, fused: FusedFunction, jitted):
+    def __init__(self, fused: FusedFunction, jitted, in_shardings=None):
         functools.update_wrapper(self, fused._fn)
         self._fused = fused
         self._jitted = jitted
+        self._in_shardings = in_shardings
+
+    def _through_jit(self, method, args, kwargs):
+        # The layouts are read only if jax.jit traces (a cache miss): the context var holds a
+        # lazy reader, so a cached call pays one context-var set and reset.
+        token = _jit_call.set(_LazyLayouts(args, kwargs, self._in_shardings))
+        try:
+            return method(*args, **kwargs)
+        finally:
+            _jit_call.reset(token)
 
     def __call__(self, *args, **kwargs):
-        return self._jitted(*args, **kwargs)
+        return self._through_jit(self._jitted, args, kwargs)
 
     def __get__(self, instance, owner=None):
         return self if instance is None else functools.partial(self, instance)
 
     def lower(self, *args, **kwargs):
-        return self._jitted.lower(*args, **kwargs)
+        return self._through_jit(self._jitted.lower, args, kwargs)
 
     def trace(self, *args, **kwargs):
-        return self._jitted.trace(*args, **kwargs)
+        return self._through_jit(self._jitted.trace, args, kwargs)
 
     def eval_shape(self, *args, **kwargs):
-        return self._jitted.eval_shape(*args, **kwargs)
+        return self._through_jit(self._jitted.eval_shape, args, kwargs)
 
     @property
     def report(self) -> FusionReport | None:
@@ -356,7 +445,8 @@ def jit(
                              strict=strict, **jit_kwargs)
     fused = fuse(fn, patterns=patterns, implementation=implementation, report=report,
                  strict=strict)
-    return JittedFusedFunction(fused, jax.jit(fused, **jit_kwargs))
+    return JittedFusedFunction(fused, jax.jit(fused, **jit_kwargs),
+                               jit_kwargs.get("in_shardings"))
 
 
 def explain(

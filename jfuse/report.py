@@ -74,6 +74,9 @@ class FusionReport:
       sites: every fused site, in program order.
       missed: every near-miss, in program order.
       fallbacks: internal failures that made jfuse run part or all of the function unfused.
+      sharding: on a multi-device mesh, what each fused call does per shard (or why it runs
+        XLA's partitioned ops instead), as :class:`~jfuse.sharding.partition.ShardedCall`.
+      mesh: the mesh those calls are laid out on, ``"data=4, model=2"``.
     """
 
     function: str = ""
@@ -81,6 +84,8 @@ class FusionReport:
     sites: list[FusedSite] = dataclasses.field(default_factory=list)
     missed: list[MissedFusion] = dataclasses.field(default_factory=list)
     fallbacks: list[str] = dataclasses.field(default_factory=list)
+    sharding: list[Any] = dataclasses.field(default_factory=list)
+    mesh: str = ""
 
     @property
     def fused(self) -> dict[str, int]:
@@ -117,6 +122,8 @@ class FusionReport:
             "sites": [s.to_dict() for s in self.sites],
             "missed": [m.to_dict() for m in self.missed],
             "fallbacks": list(self.fallbacks),
+            "mesh": self.mesh,
+            "sharding": [call.to_dict() for call in self.sharding],
         }
 
     def __str__(self) -> str:
@@ -142,6 +149,12 @@ class FusionReport:
                 lines.append(f"    {miss.pattern:<14} {miss.reason.value}: {miss.detail}")
                 lines.append(f"    {'':<14} at {miss.where}")
                 lines.append(f"    {'':<14} hint: {miss.hint}")
+        if self.sharding:
+            lines.append(f"  sharding{' (mesh ' + self.mesh + ')' if self.mesh else ''}:")
+            for call in self.sharding:
+                outcome = "kernel per shard" if call.partitioned else "XLA (declined)"
+                lines.append(f"    {call.pattern:<14} {outcome}: {call.detail}")
+                lines.append(f"    {'':<14} at {call.where}")
         for fallback in self.fallbacks:
             lines.append(f"  fallback: {fallback}")
         lines.append(f"  {self.summary_line()}")

@@ -10,12 +10,14 @@ TPU kernel for TPU, the Triton kernel for CUDA and XLA elsewhere.
 from __future__ import annotations
 
 import collections
+import dataclasses
 from typing import Any, Callable, Hashable
 
 import jax
 from jax import lax
 
 from jfuse.config import IMPLEMENTATIONS
+from jfuse.ops import _partitionable
 
 Impl = Callable[[], object]
 
@@ -39,42 +41,90 @@ def _or_reference(kernel: Impl, reference: Impl) -> Impl:
     return run
 
 
-def dispatch(
-    implementation: str | None,
-    *,
-    reference: Impl,
-    tpu_kernel: Impl,
-    gpu_kernel: Impl,
-    interpret_kernel: Impl,
-):
-    """Run the implementation ``implementation`` names (see module docstring)."""
+@dataclasses.dataclass(frozen=True)
+class OpCall:
+    """One fused-op call, as functions of its operands (a tuple that may hold None).
+
+    ``reference`` is the XLA implementation at these shapes (inside a rewrite it replays the
+    user's equations); ``local_reference`` is the XLA implementation for any shapes (what one
+    shard runs when its kernel refuses); ``kernel(backend, interpret)`` returns the Pallas one.
+    ``roles`` name each operand for the sharding rules (see :mod:`jfuse.ops._partitionable`).
+    """
+
+    pattern: str
+    operands: tuple
+    roles: tuple
+    contracts_features: bool
+    reference: Callable[..., Any]
+    local_reference: Callable[..., Any]
+    kernel: Callable[[str, bool], Callable[..., Any]]
+
+
+def dispatch(implementation: str | None, call: OpCall):
+    """Run the implementation ``implementation`` names (see module docstring).
+
+    On a multi-device mesh a kernel cannot be partitioned by XLA. While jfuse traces, the call
+    becomes a marker the partition pass turns into per-shard kernels; elsewhere (a fused op
+    called inside the user's own ``jax.jit`` on a mesh) the XLA implementation runs, unless
+    ``implementation="pallas"`` forces the kernels.
+    """
     check_implementation(implementation)
+    operands = call.operands
     if implementation == "xla":
-        return reference()
-    if implementation == "interpret":
-        return interpret_kernel()
+        return call.reference(*operands)
+    mesh = _partitionable.mesh_of(jax.tree_util.tree_leaves(operands))
+    if mesh is not None:
+        if _partitionable.partitioning_active():
+            return _marker(implementation, call)
+        if implementation is None:
+            return call.reference(*operands)
+    if implementation == "interpret":  # plain XLA ops: XLA partitions it like any other
+        return call.kernel("tpu", True)(*operands)
+
+    def kernel(backend: str) -> Impl:
+        return lambda: call.kernel(backend, False)(*operands)
+
+    def reference():
+        return call.reference(*operands)
+
     if implementation == "pallas":
-        tpu, gpu = tpu_kernel, gpu_kernel  # a refusal is an error the caller asked to see
-    elif multi_device_reason() is not None:
-        return reference()
+        tpu, gpu = kernel("tpu"), kernel("triton")  # a refusal is an error the caller asked to see
     else:
-        tpu = _or_reference(tpu_kernel, reference)
-        gpu = _or_reference(gpu_kernel, reference)
+        tpu = _or_reference(kernel("tpu"), reference)
+        gpu = _or_reference(kernel("triton"), reference)
     return lax.platform_dependent(tpu=tpu, cuda=gpu, default=reference)
 
 
-def multi_device_reason() -> str | None:
-    """Why kernels are not used by default here: they are not partitioned yet.
+def _marker(implementation: str | None, call: OpCall):
+    """The call as a marker for the partition pass; its body is safe under any sharding."""
+    leaves, in_tree = jax.tree_util.tree_flatten(call.operands)
+    roles = tuple(role for operand, role in zip(call.operands, call.roles) if operand is not None)
+    out_tree = []
 
-    XLA cannot partition a Pallas kernel ("Mosaic kernels cannot be automatically partitioned"),
-    so under a mesh a kernel would break the program. Until the fused ops partition themselves,
-    ``implementation=None`` uses XLA when the runtime has more than one device (the fused op and
-    its lean backward still apply). ``implementation="pallas"`` forces the kernels.
-    """
-    count = jax.device_count()
-    if count > 1:
-        return f"{count} devices: the fused kernels are not partitioned under a mesh yet"
-    return None
+    def flat(fn: Callable[..., Any]) -> Callable[..., list]:
+        def run(*flat_operands):
+            outs = fn(*jax.tree_util.tree_unflatten(in_tree, flat_operands))
+            flat_outs, tree = jax.tree_util.tree_flatten(outs)
+            out_tree.append(tree)
+            return flat_outs
+
+        return run
+
+    body = flat(call.reference)
+    if implementation == "interpret":
+        body = flat(call.kernel("tpu", True))
+    entry = _partitionable.PartitionableCall(
+        pattern=call.pattern,
+        roles=roles,
+        operand_avals=tuple(jax.typeof(leaf) for leaf in leaves),
+        contracts_features=call.contracts_features,
+        reference=flat(call.reference),
+        local_reference=flat(call.local_reference),
+        kernel=lambda backend, interpret: flat(call.kernel(backend, interpret)),
+        implementation=implementation,
+    )
+    outs = _partitionable.emit_marker(entry, body, leaves)
+    return jax.tree_util.tree_unflatten(out_tree[0], outs)
 
 
 # Kernel traces by (op config, operand types). Tracing a Pallas kernel is the dominant cost of a

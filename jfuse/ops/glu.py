@@ -25,7 +25,8 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 from jfuse.ops._autodiff import recompute_in_backward
-from jfuse.ops._dispatch import cached_trace, check_implementation, dispatch
+from jfuse.ops import _partitionable
+from jfuse.ops._dispatch import OpCall, cached_trace, check_implementation, dispatch
 from jfuse.ops.activations import get_activation
 
 Array = jax.Array
@@ -137,18 +138,50 @@ def _forward(x, params, spec: GluSpec, with_preactivations: bool = True):
     """(y, gate pre-activation, up projection) from the chosen implementation; without the
     pre-activations (None) the kernels write y alone."""
 
-    def reference():
-        y, g, u = _reference(x, params, spec)
-        return (y, g, u) if with_preactivations else (y, None, None)
+    def reference_with(spec_):
+        def run(x, *params):
+            y, g, u = _reference(x, params, spec_)
+            return (y, g, u) if with_preactivations else (y, None, None)
 
-    kernel = functools.partial(_kernel, x, params, spec, with_preactivations=with_preactivations)
-    return dispatch(
-        spec.implementation,
-        reference=reference,
-        tpu_kernel=lambda: kernel("tpu", False),
-        gpu_kernel=lambda: kernel("triton", False),
-        interpret_kernel=lambda: kernel("tpu", True),
-    )
+        return run
+
+    def kernel(backend: str, interpret: bool):
+        def run(x, *params):
+            return _kernel(x, params, spec, backend, interpret, with_preactivations)
+
+        return run
+
+    return dispatch(spec.implementation, OpCall(
+        pattern="glu",
+        operands=(x, *params),
+        roles=(_partitionable.X, *_param_roles(spec, len(params))),
+        contracts_features=True,
+        reference=reference_with(spec),
+        # The replay is written for the global shapes; one shard runs the generic reference.
+        local_reference=reference_with(dataclasses.replace(spec, replay=None)),
+        kernel=kernel,
+    ))
+
+
+def _param_roles(spec: GluSpec, count: int) -> tuple[str, ...]:
+    """What each param is, for the sharding rules: a weight or bias used as it is, or one the
+    op slices (a fused (K, 2N) weight), which must not be split along its output features."""
+    roles: list[str | None] = [None] * count
+    for which, source in enumerate(spec.sources):  # (w_gate, w_up, b_gate, b_up)
+        if source is None:
+            continue
+        index, select = source
+        if which < 2:
+            if select is None:
+                role = (_partitionable.WEIGHT_NK if spec.weights_transposed
+                        else _partitionable.WEIGHT_KN)
+            else:
+                role = (_partitionable.FUSED_WEIGHT_NK if spec.weights_transposed
+                        else _partitionable.FUSED_WEIGHT)
+        else:
+            role = _partitionable.BIAS if select is None else _partitionable.FUSED_BIAS
+        roles[index] = role
+    return tuple(role or _partitionable.FUSED_BIAS for role in roles)
 
 
 def _is_zero(t) -> bool:

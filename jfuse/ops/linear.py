@@ -25,7 +25,8 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 from jfuse.ops._autodiff import recompute_in_backward
-from jfuse.ops._dispatch import cached_trace, check_implementation, dispatch
+from jfuse.ops import _partitionable
+from jfuse.ops._dispatch import OpCall, cached_trace, check_implementation, dispatch
 from jfuse.ops.activations import get_activation
 
 Array = jax.Array
@@ -113,18 +114,28 @@ def _forward(x, w, b, spec: LinearSpec, with_preactivation: bool = True):
     """(y, z): the output and the pre-activation (None unless asked for), from the chosen
     implementation. Without the pre-activation the kernels write y alone."""
 
-    def reference():
-        y, z = _reference(x, w, b, spec)
-        return y, (z if with_preactivation else None)
+    def reference_with(spec_):
+        def run(x, w, b):
+            y, z = _reference(x, w, b, spec_)
+            return y, (z if with_preactivation else None)
 
-    kernel = functools.partial(_kernel, x, w, b, spec, with_preactivation=with_preactivation)
-    return dispatch(
-        spec.implementation,
-        reference=reference,
-        tpu_kernel=lambda: kernel("tpu", False),
-        gpu_kernel=lambda: kernel("triton", False),
-        interpret_kernel=lambda: kernel("tpu", True),
-    )
+        return run
+
+    def kernel(backend: str, interpret: bool):
+        return functools.partial(_kernel, spec=spec, backend=backend, interpret=interpret,
+                                 with_preactivation=with_preactivation)
+
+    weight_role = _partitionable.WEIGHT_NK if spec.transpose_w else _partitionable.WEIGHT_KN
+    return dispatch(spec.implementation, OpCall(
+        pattern="linear",
+        operands=(x, w, b),
+        roles=(_partitionable.X, weight_role, _partitionable.BIAS),
+        contracts_features=True,
+        reference=reference_with(spec),
+        # The replay is written for the global shapes; one shard runs the generic reference.
+        local_reference=reference_with(dataclasses.replace(spec, replay=None)),
+        kernel=kernel,
+    ))
 
 
 def _is_zero(t) -> bool:

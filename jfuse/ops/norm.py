@@ -26,7 +26,8 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 from jfuse.ops._autodiff import recompute_in_backward
-from jfuse.ops._dispatch import cached_trace, check_implementation, dispatch
+from jfuse.ops import _partitionable
+from jfuse.ops._dispatch import OpCall, cached_trace, check_implementation, dispatch
 
 Array = jax.Array
 
@@ -115,13 +116,21 @@ def _kernel(x, residual, scale, bias, spec: NormSpec, backend: str, interpret: b
 
 
 def _forward(x, residual, scale, bias, spec: NormSpec):
-    return dispatch(
-        spec.implementation,
-        reference=lambda: _reference(x, residual, scale, bias, spec),
-        tpu_kernel=lambda: _kernel(x, residual, scale, bias, spec, "tpu", interpret=False),
-        gpu_kernel=lambda: _kernel(x, residual, scale, bias, spec, "triton", interpret=False),
-        interpret_kernel=lambda: _kernel(x, residual, scale, bias, spec, "tpu", interpret=True),
-    )
+    def kernel(backend: str, interpret: bool):
+        return functools.partial(_kernel, spec=spec, backend=backend, interpret=interpret)
+
+    base = "layer_norm" if spec.subtract_mean else "rms_norm"
+    return dispatch(spec.implementation, OpCall(
+        pattern=("add_" + base) if spec.has_residual else base,
+        operands=(x, residual, scale, bias),
+        roles=(_partitionable.X, _partitionable.RESIDUAL, _partitionable.FEATURE_VECTOR,
+               _partitionable.FEATURE_VECTOR),
+        contracts_features=False,
+        reference=functools.partial(_reference, spec=spec),
+        # The replay is written for the global shapes; one shard runs the generic reference.
+        local_reference=functools.partial(_reference, spec=dataclasses.replace(spec, replay=None)),
+        kernel=kernel,
+    ))
 
 
 def _zero(t) -> bool:

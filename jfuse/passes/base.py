@@ -17,7 +17,6 @@ from typing import Any, Callable, Sequence
 from jfuse import _jax_compat as jc
 from jfuse.config import FuseOptions
 from jfuse.graph import Graph
-from jfuse.ops._dispatch import multi_device_reason
 from jfuse.report import FusedSite, MissedFusion, MissReason
 
 
@@ -60,9 +59,6 @@ class Site:
 
 def kernel_notes(tpu_reason: str | None, gpu_reason: str | None) -> str:
     """The suffix of a site's detail naming the platforms that run XLA instead of the kernel."""
-    multi = multi_device_reason()
-    if multi:
-        return f" [XLA on every platform: {multi}]"
     notes = [f"{label}: XLA ({reason})"
              for label, reason in (("TPU", tpu_reason), ("GPU", gpu_reason)) if reason]
     return "" if not notes else " [" + "; ".join(notes) + "]"

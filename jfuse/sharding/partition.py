@@ -1,0 +1,198 @@
+"""The partition pass: each fused op's marker becomes its kernels inside a ``shard_map``.
+
+Runs on the rewritten program of a function whose inputs' shardings jfuse knows (``jfuse.jit``
+reads them from the arguments and ``in_shardings``). It walks the program with
+:mod:`~jfuse.sharding.propagate`, and at each marker left by a fused op
+(:mod:`jfuse.ops._partitionable`) asks :mod:`~jfuse.sharding.rules` for a layout. With one, the
+marker is replaced by::
+
+    platform_dependent(tpu=shard_map(TPU kernel), cuda=shard_map(Triton kernel), default=XLA)
+
+so every device runs the kernel on its own shard, and CPU runs exactly the unfused equations.
+Without one, the marker (the op's XLA implementation) stays and the report says why. Markers
+inside nested jaxprs (a ``custom_jvp`` primal, a scan over layers, a remat region) are handled by
+rewriting those bodies with their operands' layouts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+from jax import lax
+
+from jfuse import _jax_compat as jc
+from jfuse.ops._partitionable import PartitionableCall, marker_id, registered_call
+from jfuse.sharding import propagate as prop
+from jfuse.sharding.rules import Layout, plan
+from jfuse.sharding.specs import MaybeSpec, to_partition_spec
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedCall:
+    """What the pass did with one fused-op call on a mesh."""
+
+    pattern: str
+    where: str
+    partitioned: bool
+    detail: str  # the layout, or the reason it runs XLA's partitioned ops
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Bodies rewritten when they hold a marker; cond's predicate and while's cond are left alone.
+_BODY_PARAMS = {"jit": ("jaxpr",), "pjit": ("jaxpr",), "closed_call": ("call_jaxpr",),
+                "core_call": ("call_jaxpr",), "custom_jvp_call": ("call_jaxpr",),
+                "checkpoint": ("jaxpr",), "remat": ("jaxpr",), "remat2": ("jaxpr",),
+                "scan": ("jaxpr",), "while": ("body_jaxpr",), "cond": ("branches",)}
+
+
+class Partitioner:
+    """Replaces the markers of one program; ``notes`` says what happened to each."""
+
+    def __init__(self, mesh: Any, unknown_inputs_reason: str | None = None):
+        self.mesh = mesh
+        # Set when the inputs' layouts are not known at all: every marker is declined with it.
+        self.unknown_inputs_reason = unknown_inputs_reason
+        self.notes: list[ShardedCall] = []
+        self._holds_marker: dict[int, bool] = {}
+
+    def run(self, closed: jc.ClosedJaxpr, in_specs: Sequence[MaybeSpec]) -> jc.ClosedJaxpr:
+        if not self.holds_marker(closed.jaxpr):
+            return closed
+        avals = [v.aval for v in closed.jaxpr.invars]
+        return jc.make_closed_jaxpr(
+            lambda *args: self._evaluate(closed.jaxpr, closed.consts, args, in_specs), avals)
+
+    def holds_marker(self, jaxpr: jc.Jaxpr) -> bool:
+        key = id(jaxpr)
+        if key not in self._holds_marker:
+            found = False
+            for eqn in jaxpr.eqns:
+                if marker_id(eqn) is not None:
+                    found = True
+                    break
+                for _, value in jc.jaxpr_params(eqn):
+                    bodies = value if isinstance(value, tuple) else (value,)
+                    if any(self.holds_marker(jc.open_and_consts(b)[0]) for b in bodies):
+                        found = True
+                        break
+                if found:
+                    break
+            self._holds_marker[key] = found
+        return self._holds_marker[key]
+
+    # --- evaluation ---------------------------------------------------------------------------
+
+    def _evaluate(self, jaxpr: jc.Jaxpr, consts, args, in_specs) -> list:
+        env: dict = {}
+        specs: dict = {v: prop.replicated(len(v.aval.shape)) for v in jaxpr.constvars}
+        env.update(zip(jaxpr.constvars, consts))
+        env.update(zip(jaxpr.invars, args))
+        specs.update(zip(jaxpr.invars, in_specs))
+
+        def read(atom):
+            return atom.val if isinstance(atom, jc.Literal) else env[atom]
+
+        for eqn in jaxpr.eqns:
+            values = [read(a) for a in eqn.invars]
+            operand_specs = [prop.atom_spec(a, specs) for a in eqn.invars]
+            with jc.equation_context(eqn):
+                if marker_id(eqn) is not None:
+                    outs, out_specs = self._marker(eqn, values, operand_specs)
+                else:
+                    outs = self._bind(eqn, values, operand_specs)
+                    out_specs = prop.output_specs(eqn, operand_specs)
+            if not eqn.primitive.multiple_results and marker_id(eqn) is None:
+                outs = [outs]
+            env.update(zip(eqn.outvars, outs))
+            specs.update(zip(eqn.outvars, out_specs))
+        return [read(v) for v in jaxpr.outvars]
+
+    def _bind(self, eqn: jc.JaxprEqn, values, operand_specs):
+        name = eqn.primitive.name
+        body_params = _BODY_PARAMS.get(name, ())
+        if not any(self._param_holds_marker(eqn, key) for key in body_params):
+            return eqn.primitive.bind(*values, **jc.bind_params(eqn))
+        inputs = prop.body_input_specs(eqn, operand_specs)
+        replaced = {}
+        for key in body_params:
+            if not self._param_holds_marker(eqn, key):
+                continue
+            value = eqn.params[key]
+            if key == "branches":
+                replaced[key] = tuple(self._body(b, inputs[key]) for b in value)
+            else:
+                replaced[key] = self._body(value, inputs[key])
+        if name == "custom_jvp_call":  # its bind params are functions built from call_jaxpr
+            params = eqn.primitive.get_bind_params({**eqn.params, **replaced})
+        else:
+            params = {**jc.bind_params(eqn), **replaced}
+        return eqn.primitive.bind(*values, **params)
+
+    def _param_holds_marker(self, eqn, key) -> bool:
+        value = eqn.params.get(key)
+        if value is None:
+            return False
+        bodies = value if isinstance(value, tuple) else (value,)
+        return any(self.holds_marker(jc.open_and_consts(b)[0]) for b in bodies)
+
+    def _body(self, body, in_specs):
+        new = self.run(body if isinstance(body, jc.ClosedJaxpr) else
+                       jc.ClosedJaxpr(body, ()), in_specs)
+        if isinstance(body, jc.ClosedJaxpr):
+            return new
+        if new.consts:  # an open-jaxpr param cannot take constants: keep the markers (XLA)
+            return body
+        return new.jaxpr
+
+    # --- one marker ---------------------------------------------------------------------------
+
+    def _marker(self, eqn: jc.JaxprEqn, values, operand_specs) -> tuple[list, list]:
+        call = registered_call(marker_id(eqn))
+        out_avals = [v.aval for v in eqn.outvars]
+        where = jc.user_source_line(eqn)
+        if call is None:
+            layout: Layout | str = "its per-shard plan is no longer cached"
+        elif self.unknown_inputs_reason:
+            layout = self.unknown_inputs_reason
+        elif [tuple(a.shape) for a in call.operand_avals] != [tuple(v.aval.shape) for v in
+                                                              eqn.invars]:
+            layout = "it is batched (vmap) or reshaped after tracing; no per-shard plan"
+        else:
+            layout = plan(call, operand_specs, out_avals, self.mesh)
+        if isinstance(layout, str):
+            self.notes.append(ShardedCall(call.pattern if call else "fused op", where, False,
+                                          layout))
+            outs = eqn.primitive.bind(*values, **jc.bind_params(eqn))
+            return list(outs), prop.output_specs(eqn, operand_specs)
+        self.notes.append(ShardedCall(call.pattern, where, True, layout.description))
+        return list(self._partitioned(call, layout, values)), list(layout.out_specs)
+
+    def _partitioned(self, call: PartitionableCall, layout: Layout, values) -> list:
+        in_specs = tuple(to_partition_spec(s) for s in layout.in_specs)
+        out_specs = tuple(to_partition_spec(s) for s in layout.out_specs)
+
+        def sharded(backend: str, interpret: bool, fall_back: bool):
+            def local(*shards):
+                try:
+                    return tuple(call.kernel(backend, interpret)(*shards))
+                except NotImplementedError:
+                    if not fall_back:
+                        raise
+                    return tuple(call.local_reference(*shards))
+
+            mapped = jax.shard_map(local, mesh=self.mesh, in_specs=in_specs,
+                                   out_specs=out_specs, check_vma=False)
+            return lambda: list(mapped(*values))
+
+        if call.implementation == "interpret":
+            return sharded("tpu", True, False)()
+        fall_back = call.implementation is None
+        return lax.platform_dependent(
+            tpu=sharded("tpu", False, fall_back),
+            cuda=sharded("triton", False, fall_back),
+            default=lambda: list(call.reference(*values)),
+        )
