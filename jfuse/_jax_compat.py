@@ -118,6 +118,24 @@ def jaxpr_params(eqn: JaxprEqn) -> list[tuple[str, Any]]:
     return found
 
 
+def scan_operand_groups(eqn: JaxprEqn, values: list) -> tuple[list, list, list]:
+    """``values`` (one per operand of a ``scan``) split into (consts, carry, xs)."""
+    params = eqn.params
+    if "num_consts" in params:
+        consts, carry = params["num_consts"], params["num_carry"]
+        return list(values[:consts]), list(values[consts:consts + carry]), list(values[consts + carry:])
+    # jax >= 0.12: the split is a FlatTree param
+    consts, carry, xs = params["ft_in"].update(list(values)).unpack()
+    return list(consts), list(carry), list(xs)
+
+
+def scan_num_carry(eqn: JaxprEqn) -> int:
+    if "num_carry" in eqn.params:
+        return eqn.params["num_carry"]
+    _, carry = eqn.params["ft_out"].update(list(range(len(eqn.outvars)))).unpack()
+    return len(list(carry))
+
+
 def open_and_consts(jaxpr: ClosedJaxpr | Jaxpr) -> tuple[Jaxpr, list[Any]]:
     """Split a jaxpr param into its open jaxpr and its constants."""
     if isinstance(jaxpr, ClosedJaxpr):

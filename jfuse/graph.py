@@ -19,6 +19,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from jfuse import _jax_compat as jc
+from jfuse.ops._partitionable import marker_id
 
 Atom = Any  # a Var or a Literal
 
@@ -123,7 +124,9 @@ def _shardings_unspecified(params: dict) -> bool:
 def _is_inlinable_call(eqn: jc.JaxprEqn) -> bool:
     name = eqn.primitive.name
     if name in ("jit", "pjit"):
-        return _shardings_unspecified(eqn.params) and not eqn.effects
+        # A fused op's sharding marker must stay whole for the partition pass to find it.
+        return (_shardings_unspecified(eqn.params) and not eqn.effects
+                and marker_id(eqn) is None)
     return name in ("closed_call", "core_call")
 
 

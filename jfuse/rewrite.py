@@ -21,6 +21,7 @@ from jfuse import _jax_compat as jc
 from jfuse.config import FuseOptions, raise_internal_errors
 from jfuse.graph import Graph, canonicalize
 from jfuse.ops._autodiff import is_derivative_region
+from jfuse.ops._partitionable import marker_id
 from jfuse.passes import PIPELINE
 from jfuse.passes.base import Plan, Site, plan_rewrites
 from jfuse.report import FusionReport, MissedFusion, MissReason
@@ -122,7 +123,8 @@ class Rewriter:
         if name in _OPAQUE_CUSTOM_VJP:
             self._report_opaque(eqn)
             return params
-        if name not in _NESTED or _is_platform_switch(eqn, graph) or is_derivative_region(eqn):
+        if (name not in _NESTED or _is_platform_switch(eqn, graph) or is_derivative_region(eqn)
+                or marker_id(eqn) is not None):
             return params
         for key, value in jc.jaxpr_params(eqn):
             if key not in params or key == "cond_jaxpr":

@@ -49,6 +49,7 @@ class PartitionableCall:
     local_reference: Callable[..., list]  # the XLA implementation for any shape, for one shard
     kernel: Callable[[str, bool], Callable[..., list]]  # (backend, interpret) -> flat function
     implementation: str | None
+    output_avals: list = dataclasses.field(default_factory=list)  # filled once traced
 
 
 class _Depth(threading.local):

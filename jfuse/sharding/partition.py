@@ -29,6 +29,10 @@ from jfuse.sharding.rules import Layout, plan
 from jfuse.sharding.specs import MaybeSpec, to_partition_spec
 
 
+def _shapes(avals) -> list:
+    return [tuple(a.shape) for a in avals]
+
+
 @dataclasses.dataclass(frozen=True)
 class ShardedCall:
     """What the pass did with one fused-op call on a mesh."""
@@ -153,14 +157,18 @@ class Partitioner:
     def _marker(self, eqn: jc.JaxprEqn, values, operand_specs) -> tuple[list, list]:
         call = registered_call(marker_id(eqn))
         out_avals = [v.aval for v in eqn.outvars]
+        if not eqn.outvars:  # a copy JAX pruned to nothing (scan's partial eval leaves these)
+            return list(eqn.primitive.bind(*values, **jc.bind_params(eqn))), []
         where = jc.user_source_line(eqn)
         if call is None:
             layout: Layout | str = "its per-shard plan is no longer cached"
         elif self.unknown_inputs_reason:
             layout = self.unknown_inputs_reason
-        elif [tuple(a.shape) for a in call.operand_avals] != [tuple(v.aval.shape) for v in
-                                                              eqn.invars]:
-            layout = "it is batched (vmap) or reshaped after tracing; no per-shard plan"
+        elif (_shapes(call.operand_avals) != _shapes(v.aval for v in eqn.invars)
+              or _shapes(call.output_avals) != _shapes(out_avals)):
+            layout = ("it was batched (vmap) or pruned after tracing: "
+                      f"{[a.str_short() for a in call.operand_avals]} -> "
+                      f"{[v.aval.str_short() for v in eqn.invars]}")
         else:
             layout = plan(call, operand_specs, out_avals, self.mesh)
         if isinstance(layout, str):

@@ -21,11 +21,11 @@ from jfuse import _jax_compat as jc
 from jfuse.sharding.specs import MaybeSpec, Spec, from_partition_spec, replicated, without_repeats
 
 ELEMENTWISE = frozenset("""
-    abs acos acosh add and asin asinh atan atan2 atanh cbrt ceil clamp conj convert_element_type
+    abs acos acosh add add_any and asin asinh atan atan2 atanh cbrt ceil clamp conj convert_element_type
     copy copy_p cos cosh digamma div eq erf erf_inv erfc exp exp2 expm1 floor ge gt igamma imag
     integer_pow is_finite le lgamma log log1p logistic lt max min mul ne neg nextafter not or pow
     real reduce_precision rem round rsqrt select_n shift_left shift_right_arithmetic
-    shift_right_logical sign sin sinh sqrt square sub tan tanh xor
+    shift_right_logical sign sin sinh sqrt square stop_gradient sub tan tanh xor
 """.split())
 
 _REDUCTIONS = frozenset(
@@ -66,26 +66,28 @@ def _broadcast_in_dim(eqn, specs):
 
 
 def _reshape_groups(old: Sequence[int], new: Sequence[int]):
-    """Pairs (old dims, new dims) whose sizes multiply to the same number, in order."""
+    """Pairs (old dims, new dims) whose sizes multiply to the same number, in order. Size-1
+    dims belong to no group (they cannot be split)."""
+    old_dims = [d for d, n in enumerate(old) if n != 1]
+    new_dims = [d for d, n in enumerate(new) if n != 1]
     groups, i, j = [], 0, 0
-    while i < len(old) or j < len(new):
-        gi, gj = [], []
-        pi = pj = 1
-        while True:
-            if pi == pj and gi and gj:
-                break
-            if (pi <= pj and i < len(old)) or j >= len(new):
-                if i >= len(old):
-                    return None
-                gi.append(i)
-                pi *= old[i]
+    while i < len(old_dims) and j < len(new_dims):
+        gi, gj = [old_dims[i]], [new_dims[j]]
+        pi, pj = old[old_dims[i]], new[new_dims[j]]
+        i, j = i + 1, j + 1
+        while pi != pj:
+            if pi < pj and i < len(old_dims):
+                gi.append(old_dims[i])
+                pi *= old[old_dims[i]]
                 i += 1
-            else:
-                gj.append(j)
-                pj *= new[j]
+            elif pj < pi and j < len(new_dims):
+                gj.append(new_dims[j])
+                pj *= new[new_dims[j]]
                 j += 1
+            else:
+                return None
         groups.append((gi, gj))
-    return groups
+    return groups if i == len(old_dims) and j == len(new_dims) else None
 
 
 def _reshape(eqn, specs):
@@ -101,12 +103,10 @@ def _reshape(eqn, specs):
         split = [i for i in gi if spec[i]]
         if not split:
             continue
-        major_in = next(i for i in gi if old[i] > 1)
-        major_out = next((j for j in gj if new[j] > 1), None)
         # Only a split on the group's major dimension stays a contiguous block per device.
-        if split != [major_in] or major_out is None:
+        if split != [gi[0]]:
             return None
-        dims[major_out] = spec[major_in]
+        dims[gj[0]] = spec[gi[0]]
     return tuple(dims)
 
 
@@ -186,6 +186,10 @@ def _device_put(eqn, specs):
     return outs
 
 
+def _identity(eqn, specs):
+    return list(specs)
+
+
 def _replicated_output(eqn, specs):
     return [replicated(len(_shape(v))) for v in eqn.outvars]
 
@@ -204,6 +208,7 @@ _RULES: dict[str, Rule] = {
     "sharding_constraint": _sharding_constraint,
     "device_put": _device_put,
     "iota": _replicated_output,
+    "optimization_barrier": _identity,
     **{name: _reduce for name in _REDUCTIONS},
     **{name: _cumulative for name in _CUMULATIVE},
 }
@@ -221,9 +226,8 @@ def body_input_specs(eqn: jc.JaxprEqn, specs: Sequence[MaybeSpec]) -> dict[str, 
     if name in _CALLS:
         return {_CALLS[name]: list(specs)}
     if name == "scan":
-        consts, carry = eqn.params["num_consts"], eqn.params["num_carry"]
-        xs = [None if s is None else s[1:] for s in specs[consts + carry:]]
-        return {"jaxpr": list(specs[:consts + carry]) + xs}
+        consts, carry, xs = jc.scan_operand_groups(eqn, list(specs))
+        return {"jaxpr": consts + carry + [None if s is None else s[1:] for s in xs]}
     if name == "while":
         cond_n, body_n = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
         carry = list(specs[cond_n + body_n:])
@@ -250,7 +254,7 @@ def _nested_output_specs(eqn, specs) -> list[MaybeSpec]:
     key = "body_jaxpr" if name == "while" else next(iter(inputs))
     body_outs = propagate(eqn.params[key], inputs[key])[1]
     if name == "scan":
-        carry = eqn.params["num_carry"]
+        carry = jc.scan_num_carry(eqn)
         ys = [None if s is None else ((),) + tuple(s) for s in body_outs[carry:]]
         return list(body_outs[:carry]) + ys
     if name in ("jit", "pjit"):
