@@ -25,11 +25,6 @@ class InputLayouts:
     mesh: Any
     problem: str | None = None  # why the layouts cannot be used at all
 
-    def key(self) -> Any:
-        return (self.specs, None if self.mesh is None else (tuple(self.mesh.axis_names),
-                                                            tuple(self.mesh.shape.values())),
-                self.problem)
-
 
 def _shardings_per_leaf(args: tuple, in_shardings: Any) -> list | None:
     """``in_shardings`` broadcast to the leaves of ``args`` (None where not given)."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 from jfuse import _jax_compat as jc
-from jfuse.sharding.specs import MaybeSpec, Spec, from_partition_spec, replicated, without_repeats
+from jfuse.sharding.specs import MaybeSpec, from_partition_spec, replicated, without_repeats
 
 ELEMENTWISE = frozenset("""
     abs acos acosh add add_any and asin asinh atan atan2 atanh cbrt ceil clamp conj convert_element_type
