@@ -99,13 +99,12 @@ def _marker(implementation: str | None, call: OpCall):
     """The call as a marker for the partition pass; its body is safe under any sharding."""
     leaves, in_tree = jax.tree_util.tree_flatten(call.operands)
     roles = tuple(role for operand, role in zip(call.operands, call.roles) if operand is not None)
-    out_tree = []
+    out_tree: dict[str, Any] = {}  # every implementation returns the same structure
 
     def flat(fn: Callable[..., Any]) -> Callable[..., list]:
         def run(*flat_operands):
             outs = fn(*jax.tree_util.tree_unflatten(in_tree, flat_operands))
-            flat_outs, tree = jax.tree_util.tree_flatten(outs)
-            out_tree.append(tree)
+            flat_outs, out_tree["tree"] = jax.tree_util.tree_flatten(outs)
             return flat_outs
 
         return run
@@ -116,14 +115,14 @@ def _marker(implementation: str | None, call: OpCall):
         roles=roles,
         operand_avals=tuple(jax.typeof(leaf) for leaf in leaves),
         contracts_features=call.contracts_features,
-        reference=flat(call.reference),
+        reference=body,
         local_reference=flat(call.local_reference),
         kernel=lambda backend, interpret: flat(call.kernel(backend, interpret)),
         implementation=implementation,
     )
     outs = _partitionable.emit_marker(entry, body, leaves)
     entry.output_avals.extend(jax.typeof(out) for out in outs)
-    return jax.tree_util.tree_unflatten(out_tree[0], outs)
+    return jax.tree_util.tree_unflatten(out_tree["tree"], outs)
 
 
 # Kernel traces by (op config, operand types). Tracing a Pallas kernel is the dominant cost of a

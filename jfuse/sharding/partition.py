@@ -46,11 +46,10 @@ class ShardedCall:
         return dataclasses.asdict(self)
 
 
-# Bodies rewritten when they hold a marker; cond's predicate and while's cond are left alone.
-_BODY_PARAMS = {"jit": ("jaxpr",), "pjit": ("jaxpr",), "closed_call": ("call_jaxpr",),
-                "core_call": ("call_jaxpr",), "custom_jvp_call": ("call_jaxpr",),
-                "checkpoint": ("jaxpr",), "remat": ("jaxpr",), "remat2": ("jaxpr",),
-                "scan": ("jaxpr",), "while": ("body_jaxpr",), "cond": ("branches",)}
+# Left as they are even when they hold a marker: a custom_vjp's fwd/bwd are written for its body,
+# and a while's cond computes no fused op's output.
+_KEPT_PRIMITIVES = {"custom_vjp_call", "custom_vjp_call_jaxpr"}
+_KEPT_PARAMS = {"cond_jaxpr"}
 
 
 class Partitioner:
@@ -73,20 +72,16 @@ class Partitioner:
     def holds_marker(self, jaxpr: jc.Jaxpr) -> bool:
         key = id(jaxpr)
         if key not in self._holds_marker:
-            found = False
-            for eqn in jaxpr.eqns:
-                if marker_id(eqn) is not None:
-                    found = True
-                    break
-                for _, value in jc.jaxpr_params(eqn):
-                    bodies = value if isinstance(value, tuple) else (value,)
-                    if any(self.holds_marker(jc.open_and_consts(b)[0]) for b in bodies):
-                        found = True
-                        break
-                if found:
-                    break
-            self._holds_marker[key] = found
+            self._holds_marker[key] = any(
+                marker_id(eqn) is not None
+                or any(self._value_holds_marker(value) for _, value in jc.jaxpr_params(eqn))
+                for eqn in jaxpr.eqns)
         return self._holds_marker[key]
+
+    def _value_holds_marker(self, value) -> bool:
+        """Whether a jaxpr param (a body, or a tuple of branches) holds a marker."""
+        bodies = value if isinstance(value, tuple) else (value,)
+        return any(self.holds_marker(jc.open_and_consts(b)[0]) for b in bodies)
 
     # --- evaluation ---------------------------------------------------------------------------
 
@@ -117,31 +112,23 @@ class Partitioner:
 
     def _bind(self, eqn: jc.JaxprEqn, values, operand_specs):
         name = eqn.primitive.name
-        body_params = _BODY_PARAMS.get(name, ())
-        if not any(self._param_holds_marker(eqn, key) for key in body_params):
-            return eqn.primitive.bind(*values, **jc.bind_params(eqn))
-        inputs = prop.body_input_specs(eqn, operand_specs)
+        inputs = {} if name in _KEPT_PRIMITIVES else prop.body_input_specs(eqn, operand_specs)
         replaced = {}
-        for key in body_params:
-            if not self._param_holds_marker(eqn, key):
-                continue
+        for key, body_specs in inputs.items():
             value = eqn.params[key]
+            if key in _KEPT_PARAMS or not self._value_holds_marker(value):
+                continue
             if key == "branches":
-                replaced[key] = tuple(self._body(b, inputs[key]) for b in value)
+                replaced[key] = tuple(self._body(b, body_specs) for b in value)
             else:
-                replaced[key] = self._body(value, inputs[key])
+                replaced[key] = self._body(value, body_specs)
+        if not replaced:
+            return eqn.primitive.bind(*values, **jc.bind_params(eqn))
         if name == "custom_jvp_call":  # its bind params are functions built from call_jaxpr
             params = eqn.primitive.get_bind_params({**eqn.params, **replaced})
         else:
             params = {**jc.bind_params(eqn), **replaced}
         return eqn.primitive.bind(*values, **params)
-
-    def _param_holds_marker(self, eqn, key) -> bool:
-        value = eqn.params.get(key)
-        if value is None:
-            return False
-        bodies = value if isinstance(value, tuple) else (value,)
-        return any(self.holds_marker(jc.open_and_consts(b)[0]) for b in bodies)
 
     def _body(self, body, in_specs):
         new = self.run(body if isinstance(body, jc.ClosedJaxpr) else

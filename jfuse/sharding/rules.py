@@ -70,7 +70,7 @@ def plan(call: roles.PartitionableCall, specs: Sequence[MaybeSpec],
     n, n_axes = None, ()
     for role, spec, aval in zip(call.roles, specs, avals):
         if role in _WEIGHTS:
-            k_dim, n_dim = _WEIGHTS[role]
+            n_dim = _WEIGHTS[role][1]
             n = aval.shape[n_dim]
             n_axes = tuple(a for a in spec[n_dim] if a not in row_axes)
             break

@@ -52,10 +52,6 @@ def to_partition_spec(spec: Spec) -> PartitionSpec:
                            for axes in spec])
 
 
-def axes_of(spec: Spec) -> set[str]:
-    return {axis for axes in spec for axis in axes}
-
-
 def shard_count(axes: Iterable[str], mesh: Any) -> int:
     sizes = dict(mesh.shape)
     return math.prod(sizes[a] for a in axes)
