@@ -20,6 +20,7 @@ import numpy as np
 
 from jfuse import _jax_compat as jc
 from jfuse.ops._partitionable import marker_id
+from jfuse.shared_calls import is_fused_call
 
 Atom = Any  # a Var or a Literal
 
@@ -124,9 +125,10 @@ def _shardings_unspecified(params: dict) -> bool:
 def _is_inlinable_call(eqn: jc.JaxprEqn) -> bool:
     name = eqn.primitive.name
     if name in ("jit", "pjit"):
-        # A fused op's sharding marker must stay whole for the partition pass to find it.
+        # A fused op's sharding marker must stay whole for the partition pass to find it, and
+        # a shared fused call is fused already.
         return (_shardings_unspecified(eqn.params) and not eqn.effects
-                and marker_id(eqn) is None)
+                and marker_id(eqn) is None and not is_fused_call(eqn))
     return name in ("closed_call", "core_call")
 
 
@@ -157,7 +159,9 @@ class _CommonSubexpressions:
         operands = []
         for atom, val in zip(in_atoms, invals):
             if isinstance(atom, jc.Literal):
-                operands.append(("lit", str(atom.aval), repr(atom.val)))
+                # bytes, not repr: printing a numpy scalar costs more than binding the equation
+                value = np.asarray(atom.val)
+                operands.append(("lit", str(atom.aval), value.dtype.str, value.tobytes()))
             else:
                 operands.append(("val", id(val)))
         return (eqn.primitive, params, tuple(operands))
@@ -205,6 +209,27 @@ def _eval_canonical(jaxpr: jc.Jaxpr, consts: Sequence[Any], args: Sequence[Any],
     return [read(v) for v in jaxpr.outvars]
 
 
+def _already_canonical(jaxpr: jc.Jaxpr) -> bool:
+    """No call to inline and no two equations on variables that CSE would merge.
+
+    A duplicate anywhere implies one whose operands are not themselves duplicates, so comparing
+    operands as variables finds it. Repeated constants (``broadcast_in_dim 0.0``, of which a
+    backward pass has hundreds) are left as they are: the passes read constants by value.
+    """
+    seen = set()
+    for eqn in jaxpr.eqns:
+        if _is_inlinable_call(eqn):
+            return False
+        if not any(isinstance(atom, jc.Var) for atom in eqn.invars):
+            continue
+        key = _CommonSubexpressions.key(eqn, eqn.invars, eqn.invars)
+        if key is not None:
+            if key in seen:
+                return False
+            seen.add(key)
+    return True
+
+
 def canonicalize(
     jaxpr: jc.Jaxpr, consts: Sequence[Any], *, consts_as_inputs: bool = False
 ) -> jc.ClosedJaxpr:
@@ -214,6 +239,10 @@ def canonicalize(
     invars of ``jaxpr``. With ``consts_as_inputs`` they become its leading invars instead, which
     lets the caller cache the result without holding on to the constants' values.
     """
+    if _already_canonical(jaxpr) and not (consts_as_inputs and jaxpr.constvars):
+        # Re-tracing would rebuild the same jaxpr; the backward half of a training step, whose
+        # fused calls are already shared functions, is usually in this form.
+        return jc.ClosedJaxpr(jaxpr, list(consts))
     avals = [v.aval for v in jaxpr.invars]
     if consts_as_inputs:
         n_consts = len(consts)

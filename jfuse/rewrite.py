@@ -25,6 +25,7 @@ from jfuse.ops._partitionable import marker_id
 from jfuse.passes import PIPELINE
 from jfuse.passes.base import Plan, Site, plan_rewrites
 from jfuse.report import FusionReport, MissedFusion, MissReason
+from jfuse.shared_calls import SharedCalls, is_fused_call
 
 # Primitives whose jaxpr params are rewritten recursively. Their bodies keep the same inputs and
 # outputs, so swapping the body leaves every other param valid.
@@ -41,36 +42,47 @@ def _is_platform_switch(eqn: jc.JaxprEqn, graph: Graph) -> bool:
     return producer is not None and producer.primitive.name == "platform_index"
 
 
-class _BodyUnchanged(Exception):
-    """A nested body could not be swapped (it gained constants); keep the original."""
-
-
 class Rewriter:
     """Rewrites jaxprs with the passes in ``PIPELINE`` under ``options``."""
 
     def __init__(self, options: FuseOptions):
         self.options = options
         self.report = FusionReport()
+        self._shared = SharedCalls()
 
     def rewrite(
         self, jaxpr: jc.Jaxpr, consts: Sequence[Any], *, consts_as_inputs: bool = False
     ) -> jc.ClosedJaxpr:
         """The rewritten jaxpr: same inputs (consts first if ``consts_as_inputs``) and outputs."""
+        return self._rewrite(jaxpr, consts, consts_as_inputs)[0]
+
+    def _rewrite(self, jaxpr: jc.Jaxpr, consts: Sequence[Any], consts_as_inputs: bool = False
+                 ) -> tuple[jc.ClosedJaxpr, bool]:
+        """(the rewritten jaxpr, whether anything in it or below it was fused)."""
         canonical = canonicalize(jaxpr, consts, consts_as_inputs=consts_as_inputs)
         graph = Graph(canonical.jaxpr)
         plan = plan_rewrites(graph, PIPELINE, self.options)
         self.report.missed.extend(plan.misses)
-        if not plan.sites and not any(self._has_nested(e) for e in graph.eqns):
-            return canonical
+        # Bodies first: a program whose bodies and own equations hold nothing to fuse (the
+        # backward half of a training step, usually) is returned without being traced again.
+        nested_params = {
+            pos: params for pos, eqn in enumerate(graph.eqns)
+            if pos not in plan.absorbed and self._has_nested(eqn)
+            and (params := self._nested_params(eqn, graph)) is not None
+        }
+        if not plan.sites and not nested_params:
+            return canonical, False
         avals = [v.aval for v in canonical.jaxpr.invars]
-        return jc.make_closed_jaxpr(
-            lambda *args: self._evaluate(canonical.jaxpr, canonical.consts, args, plan, graph),
+        rewritten = jc.make_closed_jaxpr(
+            lambda *args: self._evaluate(
+                canonical.jaxpr, canonical.consts, args, plan, nested_params),
             avals,
         )
+        return rewritten, True
 
     # --- evaluation ---------------------------------------------------------------------------
 
-    def _evaluate(self, jaxpr: jc.Jaxpr, consts, args, plan: Plan, graph: Graph) -> list:
+    def _evaluate(self, jaxpr: jc.Jaxpr, consts, args, plan: Plan, nested_params: dict) -> list:
         env: dict[jc.Var, Any] = {}
 
         def read(atom):
@@ -83,7 +95,7 @@ class Rewriter:
                 self._emit(site, read, env)
             if pos in plan.absorbed:
                 continue
-            params = self._bind_params(eqn, graph)
+            params = nested_params.get(pos) or jc.bind_params(eqn)
             with jc.equation_context(eqn):
                 outs = eqn.primitive.bind(*[read(a) for a in eqn.invars], **params)
             if not eqn.primitive.multiple_results:
@@ -97,7 +109,8 @@ class Rewriter:
         values = [read(a) for a in site.inputs]
         try:
             with jc.equation_context(site.absorbed[0]):
-                outs = list(site.emit(*values))
+                shared = self._shared.function_for(site, values)
+                outs = list(site.emit(*values) if shared is None else shared(*values))
             self.report.sites.append(site.to_report())
         except Exception as error:  # a kernel or op that cannot serve: run the block unfused
             if raise_internal_errors():
@@ -117,25 +130,30 @@ class Rewriter:
     def _has_nested(eqn: jc.JaxprEqn) -> bool:
         return eqn.primitive.name in _NESTED or eqn.primitive.name in _OPAQUE_CUSTOM_VJP
 
-    def _bind_params(self, eqn: jc.JaxprEqn, graph: Graph) -> dict:
-        params = jc.bind_params(eqn)
+    def _nested_params(self, eqn: jc.JaxprEqn, graph: Graph) -> dict | None:
+        """``eqn``'s bind params with its bodies rewritten, or None if no body changed."""
         name = eqn.primitive.name
         if name in _OPAQUE_CUSTOM_VJP:
             self._report_opaque(eqn)
-            return params
+            return None
         if (name not in _NESTED or _is_platform_switch(eqn, graph) or is_derivative_region(eqn)
-                or marker_id(eqn) is not None):
-            return params
+                or marker_id(eqn) is not None or is_fused_call(eqn)):
+            return None
+        params = jc.bind_params(eqn)
+        changed = False
         for key, value in jc.jaxpr_params(eqn):
             if key not in params or key == "cond_jaxpr":
                 continue
             try:
                 if isinstance(value, tuple):
-                    params[key] = tuple(self._rewrite_body(v) for v in value)
-                else:
-                    params[key] = self._rewrite_body(value)
-            except _BodyUnchanged:
-                params[key] = value
+                    bodies = [self._rewrite_body(v) for v in value]
+                    if any(body is not None for body in bodies):
+                        params[key] = tuple(original if body is None else body
+                                            for original, body in zip(value, bodies))
+                        changed = True
+                elif (body := self._rewrite_body(value)) is not None:
+                    params[key] = body
+                    changed = True
             except Exception as error:
                 if raise_internal_errors():
                     raise
@@ -146,15 +164,18 @@ class Rewriter:
                 warnings.warn("jfuse: " + message, RuntimeWarning, stacklevel=2)
                 self.report.fallbacks.append(message)
                 params[key] = value
-        return params
+        return params if changed else None
 
     def _rewrite_body(self, body):
+        """The rewritten body, or None when nothing in it fused (or it gained constants)."""
         open_jaxpr, consts = jc.open_and_consts(body)
-        new = self.rewrite(open_jaxpr, consts)
+        new, changed = self._rewrite(open_jaxpr, consts)
+        if not changed:
+            return None
         if isinstance(body, jc.ClosedJaxpr):
             return new
         if new.consts:
-            raise _BodyUnchanged()
+            return None  # an open body cannot take constants: keep the original
         return new.jaxpr
 
     def _report_opaque(self, eqn: jc.JaxprEqn) -> None:

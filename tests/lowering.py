@@ -24,6 +24,7 @@ Usage::
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import re
 import warnings
@@ -84,13 +85,26 @@ def lower_for(fn: Callable[..., Any], *args: Any, platform: str) -> str:
 
 def count_kernel_calls(text: str, platform: str) -> int:
     """How many Pallas kernel custom calls (``tpu_custom_call`` for "tpu"; Triton or Mosaic GPU
-    for "cuda") the StableHLO ``text`` contains.
+    for "cuda") one run of the StableHLO ``text``'s public ``main`` makes.
 
-    Counts call sites in the text: a kernel inside a private function that is called twice
-    counts once.
+    Kernels inside private functions count once per call of the function (jfuse emits repeated
+    fused blocks as one shared function, called once per site).
     """
     targets = KERNEL_CALL_TARGETS[platform]
     if not targets:
         return 0
-    pattern = r"custom_call\s*@(?:%s)(?=\()" % "|".join(re.escape(t) for t in targets)
-    return len(re.findall(pattern, text))
+    kernel = re.compile(r"custom_call\s*@(?:%s)(?=\()" % "|".join(re.escape(t) for t in targets))
+    call = re.compile(r"(?<![\w.])(?:func\.)?call\s+@([\w$.-]+)\(")
+    header = re.compile(r"func\.func\s+(?:public|private)\s+@([\w$.-]+)\(")
+    starts = [(m.start(), m.group(1)) for m in header.finditer(text)]
+    if not starts:
+        return len(kernel.findall(text))
+    bodies = {name: text[begin:end] for (begin, name), (end, _) in
+              zip(starts, starts[1:] + [(len(text), "")])}
+
+    @functools.cache
+    def runs(name: str) -> int:
+        body = bodies.get(name, "")
+        return len(kernel.findall(body)) + sum(runs(callee) for callee in call.findall(body))
+
+    return runs("main" if "main" in bodies else starts[0][1])

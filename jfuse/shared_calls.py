@@ -1,0 +1,146 @@
+"""One traced function per distinct fused block: the layers of a model share their fused calls.
+
+A 32-layer model has 97 fused sites but only a handful of distinct ones: the same equations on
+the same shapes, layer after layer. Emitting each site inline makes JAX trace every fused op, its
+three per-platform implementations and, under ``grad``, its JVP and transpose, once per site;
+that was most of what jfuse added to compile time. Instead, the rewriter emits each site as a call
+of a ``jax.jit``-wrapped function shared by every site with the same :func:`block_signature`, so
+JAX's own caches trace, linearize, transpose and lower it once, exactly as they do for a layer
+function the user wraps in ``jax.jit``. XLA inlines the calls when it compiles, so the program it
+runs is the same.
+
+Two sites share a function only when their blocks are the same equations (primitives, params,
+literals) wired the same way to the same input types, which fixes everything the pass derived
+from them. Sites whose operands lie on a multi-device mesh are not shared: each of those leaves a
+marker for the partition pass (:mod:`jfuse.sharding.partition`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Hashable
+
+import jax
+import numpy as np
+
+from jfuse import _jax_compat as jc
+from jfuse.ops._partitionable import mesh_of
+
+# The name of the shared functions' ``jit`` equations; the rewriter and the canonicalization
+# leave them whole (they are already fused).
+FUSED_CALL_PREFIX = "jfuse_fused_"
+
+# How far back a block's read of a value it neither computes nor receives is followed (the
+# replay recomputes such values, e.g. a broadcast constant shared with other code).
+_MAX_DEPTH = 8
+
+
+def is_fused_call(eqn: Any) -> bool:
+    """True for a shared fused call (a ``jit`` named ``jfuse_fused_<pattern>``), also after
+    autodiff has renamed it (``jvp(...)``, ``transpose(...)``)."""
+    return (eqn.primitive.name in ("jit", "pjit")
+            and FUSED_CALL_PREFIX in str(eqn.params.get("name", "")))
+
+
+class _Unshareable(Exception):
+    """The block depends on something the signature cannot capture."""
+
+
+def _frozen_param(value: Any) -> Hashable:
+    if isinstance(value, (tuple, list)):
+        return tuple(_frozen_param(v) for v in value)
+    if isinstance(value, np.ndarray):
+        return ("array", value.dtype.str, value.shape, value.tobytes())
+    try:
+        hash(value)
+    except TypeError:
+        raise _Unshareable from None
+    return value
+
+
+def _literal_token(atom: Any) -> Hashable:
+    value = np.asarray(atom.val)
+    return ("literal", str(atom.aval), value.dtype.str, value.shape, value.tobytes())
+
+
+def block_signature(site: Any) -> Hashable | None:
+    """A key equal for two sites exactly when their blocks compute the same thing the same way
+    from inputs of the same types; None when the block cannot be described (then it is emitted
+    on its own)."""
+    tokens: dict[Any, Hashable] = {}
+    for index, atom in enumerate(site.inputs):
+        if isinstance(atom, jc.Var):
+            tokens.setdefault(atom, ("input", index))
+    graph = site.graph
+
+    def token(atom: Any, depth: int) -> Hashable:
+        if isinstance(atom, jc.Literal):
+            return _literal_token(atom)
+        if atom in tokens:
+            return tokens[atom]
+        producer = graph.producer(atom) if graph is not None else None
+        if producer is None or depth > _MAX_DEPTH or producer.effects:
+            raise _Unshareable
+        return ("outside", equation(producer, depth + 1), producer.outvars.index(atom))
+
+    def equation(eqn: Any, depth: int) -> Hashable:
+        if eqn.effects:
+            raise _Unshareable
+        params = tuple(sorted((k, _frozen_param(v)) for k, v in eqn.params.items()))
+        return (eqn.primitive, params, tuple(token(a, depth) for a in eqn.invars))
+
+    try:
+        body = []
+        for position, eqn in enumerate(site.absorbed):
+            body.append(equation(eqn, 0))
+            for index, var in enumerate(eqn.outvars):
+                tokens[var] = ("equation", position, index)
+        outputs = tuple(tokens[var] for var in site.outputs)
+    except (_Unshareable, KeyError):
+        return None
+    # A literal operand (a bias of 1.0) is part of the block: it is baked into the function.
+    inputs = tuple(_literal_token(atom) if isinstance(atom, jc.Literal) else atom.aval
+                   for atom in site.inputs)
+    return (site.pattern, tuple(body), outputs, inputs)
+
+
+class SharedCalls:
+    """The shared functions of one rewrite, by block signature."""
+
+    def __init__(self):
+        self._functions: dict[Hashable, Callable[..., Any]] = {}
+
+    def function_for(self, site: Any, values: list) -> Callable[..., Any] | None:
+        """A jitted function computing ``site``'s outputs from ``values``, or None to emit the
+        site inline (no signature, or operands on a multi-device mesh)."""
+        if mesh_of(values) is not None:
+            return None
+        signature = block_signature(site)
+        if signature is None:
+            return None
+        # Kernel lowerings read the abstract mesh in context (the device generation).
+        key = (signature, str(jax.sharding.get_abstract_mesh()))
+        function = self._functions.get(key)
+        if function is None:
+            function = self._functions[key] = _shared_function(site)
+        return function
+
+
+def _shared_function(site: Any) -> Callable[..., Any]:
+    """``site.emit`` as a jitted function of the site's variable operands; its literal operands
+    (equal for every site with the same signature) are constants inside."""
+    emit = site.emit
+    literals = {i: atom.val for i, atom in enumerate(site.inputs) if isinstance(atom, jc.Literal)}
+    n_operands = len(site.inputs)
+
+    def fused_call(*variables):
+        remaining = iter(variables)
+        operands = [literals[i] if i in literals else next(remaining) for i in range(n_operands)]
+        return tuple(emit(*operands))
+
+    fused_call.__name__ = fused_call.__qualname__ = f"{FUSED_CALL_PREFIX}{site.pattern}"
+    jitted = jax.jit(fused_call)
+
+    def call(*operands):
+        return jitted(*[value for i, value in enumerate(operands) if i not in literals])
+
+    return call
