@@ -73,3 +73,31 @@ def test_shared_function_gradients_match(rng):
     got = jfuse.jit(jax.grad(jfuse.fuse(f), argnums=(0, 1, 2)))(x, w, b)
     want = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(x, w, b)
     chex.assert_trees_all_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_training_step_is_re_traced_only_where_something_fused(rng, monkeypatch):
+    """The differentiated loss is rewritten (one re-trace); the step around it, whose backward
+    holds nothing left to fuse, is not traced again."""
+    from jfuse import graph, rewrite
+
+    evaluations, retraces = [], []
+    original_evaluate = rewrite.Rewriter._evaluate
+    monkeypatch.setattr(rewrite.Rewriter, "_evaluate",
+                        lambda self, *a: evaluations.append(1) or original_evaluate(self, *a))
+    original_canonical = graph._eval_canonical
+    monkeypatch.setattr(graph, "_eval_canonical",
+                        lambda *a: retraces.append(1) or original_canonical(*a))
+    x = jnp.asarray(rng.standard_normal((8, 16)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((16, 16)) / 4, jnp.float32)
+    b = jnp.zeros(16)
+    loss = _stack(4)
+
+    def step(x, w, b):
+        value, grads = jax.value_and_grad(loss, argnums=(1, 2))(x, w, b)
+        return value, w - 0.1 * grads[0], b - 0.1 * grads[1]
+
+    jitted = jfuse.jit(step)
+    chex.assert_trees_all_close(jitted(x, w, b), jax.jit(step)(x, w, b), rtol=2e-5, atol=2e-5)
+    assert jitted.report.fused == {"linear": 4}
+    assert len(evaluations) == 1  # the loss only
+    assert len(retraces) <= 1  # the loss's canonicalization; the step's was already canonical
