@@ -17,8 +17,9 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
-import models  # noqa: E402
-from jfuse.benchmarking import compare, machine_description, write_results  # noqa: E402
+import models
+
+from jfuse.benchmarking import compare, machine_description, write_results
 
 
 def cases():

@@ -93,3 +93,42 @@ def swiglu_mlp_loss(layers, batch):
     for p in layers:
         x = x + swiglu(x, p)
     return jnp.mean((x.astype(jnp.float32) - y) ** 2)
+
+
+def stack_layers(params):
+    """``init_llama``'s parameters with the per-layer dicts stacked on a leading axis."""
+    return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *params["layers"])}
+
+
+def llama_scan_loss(params, tokens):
+    """``llama_loss`` with the layers run by ``lax.scan`` over stacked parameters (see
+    ``stack_layers``), as large models are written: one layer traced and compiled, not n."""
+
+    def layer(x, p):
+        x = x + attention(rms_norm(x, p["attn_norm"]), p, N_HEADS)
+        x = x + swiglu(rms_norm(x, p["mlp_norm"]), p)
+        return x, None
+
+    x = params["embed"][tokens[:, :-1]]
+    x, _ = lax.scan(layer, x, params["layers"])
+    logits = rms_norm(x, params["final_norm"]) @ params["embed"].T
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+
+
+def init_mlp(key, sizes, dtype=jnp.float32):
+    """``(w, b)`` per layer of a plain MLP with widths ``sizes`` (d_in, hidden..., d_out)."""
+    keys = jax.random.split(key, len(sizes) - 1)
+    return [
+        ((jax.random.normal(k, (a, b)) / np.sqrt(a)).astype(dtype), jnp.zeros(b, dtype))
+        for k, a, b in zip(keys, sizes[:-1], sizes[1:])
+    ]
+
+
+def gelu_mlp_loss(layers, batch):
+    """An MLP with GELU hidden layers (matmul + bias + activation: the ``linear`` pattern)."""
+    x, y = batch
+    for w, b in layers[:-1]:
+        x = jax.nn.gelu(x @ w + b)
+    w, b = layers[-1]
+    return jnp.mean(((x @ w + b).astype(jnp.float32) - y) ** 2)
