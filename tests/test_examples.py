@@ -32,3 +32,19 @@ def test_near_misses_example_reports_both_misses(capsys):
         namespace["jnp"].ones((4, 8)))
     assert sorted(m.reason for m in report.missed) == sorted(
         [MissReason.UNSUPPORTED_ACTIVATION, MissReason.INTERMEDIATE_ESCAPES])
+
+
+def test_readme_quickstart_runs_and_prints_what_the_readme_shows(tmp_path, capsys):
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Quickstart"):]
+    code = section[section.index("```python\n") + len("```python\n"):section.index("```\n\nprints")]
+    shown = section[section.index("prints\n\n```\n") + len("prints\n\n```\n"):]
+    shown = shown[:shown.index("```")]
+    script = tmp_path / "quickstart.py"
+    script.write_text(code)
+    runpy.run_path(str(script), run_name="__main__")
+    out = capsys.readouterr().out
+    assert out.strip().endswith("{'glu': 2}")
+    # The report the README shows is the one it prints (up to the script's path).
+    printed = [line.replace(str(script), "quickstart.py") for line in out.splitlines()]
+    assert printed == shown.rstrip("\n").splitlines()
