@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from typing import Any, Iterator
 
 import jax
@@ -88,8 +89,22 @@ def _frame_text(frame) -> str:
     return f"{short_path(frame.file_name)}:{frame.start_line} ({frame.function_name})"
 
 
+def _notebook_cell(path: str) -> str | None:
+    """``Cell In[7]`` for code typed into a Jupyter/IPython cell (whose file is a temporary
+    ``/tmp/ipykernel_…/….py``), as IPython's own tracebacks name it; None elsewhere."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    cells = getattr(getattr(shell, "compile", None), "_filename_map", None)
+    if isinstance(cells, dict) and path in cells:
+        return f"Cell In[{cells[path]}]"
+    return None
+
+
 def short_path(path: str) -> str:
-    """Paths under the working directory print relative to it."""
+    """Paths under the working directory print relative to it; notebook cells by their number."""
+    cell = _notebook_cell(path)
+    if cell is not None:
+        return cell
     try:
         relative = os.path.relpath(path)
     except ValueError:  # another drive on Windows
@@ -146,3 +161,65 @@ def open_and_consts(jaxpr: ClosedJaxpr | Jaxpr) -> tuple[Jaxpr, list[Any]]:
 def make_closed_jaxpr(fn, avals) -> ClosedJaxpr:
     """Trace ``fn`` on abstract values (weak types kept) to a closed jaxpr."""
     return jax.make_jaxpr(fn)(*avals)
+
+
+def inline_call_equations(jaxpr: Jaxpr, should_inline) -> Jaxpr:
+    """``jaxpr`` with every ``jit`` equation ``should_inline(eqn)`` accepts replaced by its body,
+    at every level (bodies of scans, conds, remat regions and other calls included).
+
+    Edits the jaxpr instead of re-tracing it: fresh variables for each inlined copy, the call's
+    name stack in front of each inlined equation's. A call whose body has constants is kept.
+    Returns ``jaxpr`` itself when nothing was inlined.
+    """
+    substitution: dict[Var, Any] = {}
+
+    def read(atom):
+        return atom if isinstance(atom, Literal) else substitution.get(atom, atom)
+
+    def fresh(var):
+        return var if isinstance(var, DropVar) else Var(var.aval)
+
+    changed = False
+    eqns: list[JaxprEqn] = []
+    for eqn in jaxpr.eqns:
+        eqn = _with_inlined_bodies(eqn, should_inline)
+        body = eqn.params.get("jaxpr") if eqn.primitive.name in ("jit", "pjit") else None
+        inner = body.jaxpr if isinstance(body, ClosedJaxpr) else body
+        if (body is None or not should_inline(eqn) or inner.constvars
+                or (isinstance(body, ClosedJaxpr) and body.consts)):
+            if any(not isinstance(a, Literal) and a in substitution for a in eqn.invars):
+                eqn = eqn.replace(invars=[read(a) for a in eqn.invars])
+            eqns.append(eqn)
+            continue
+        changed = True
+        renamed: dict[Var, Any] = dict(zip(inner.invars, (read(a) for a in eqn.invars)))
+        for inner_eqn in inner.eqns:
+            outvars = [fresh(v) for v in inner_eqn.outvars]
+            eqns.append(inner_eqn.replace(
+                invars=[a if isinstance(a, Literal) else renamed.get(a, a) for a in inner_eqn.invars],
+                outvars=outvars,
+                source_info=inner_eqn.source_info.replace(
+                    name_stack=eqn.source_info.name_stack + inner_eqn.source_info.name_stack),
+            ))
+            renamed.update(zip(inner_eqn.outvars, outvars))
+        for outer, result in zip(eqn.outvars, inner.outvars):
+            if not isinstance(outer, DropVar):
+                substitution[outer] = result if isinstance(result, Literal) else renamed[result]
+    if not changed and not any(e is not o for e, o in zip(eqns, jaxpr.eqns)):
+        return jaxpr
+    return jaxpr.replace(eqns=eqns, outvars=[read(a) for a in jaxpr.outvars])
+
+
+def _with_inlined_bodies(eqn: JaxprEqn, should_inline) -> JaxprEqn:
+    params = {}
+    for name, value in jaxpr_params(eqn):
+        bodies = value if isinstance(value, tuple) else (value,)
+        new = []
+        for body in bodies:
+            open_jaxpr, consts = open_and_consts(body)
+            inlined = inline_call_equations(open_jaxpr, should_inline)
+            new.append(body if inlined is open_jaxpr else (
+                ClosedJaxpr(inlined, consts) if isinstance(body, ClosedJaxpr) else inlined))
+        if any(n is not b for n, b in zip(new, bodies)):
+            params[name] = tuple(new) if isinstance(value, tuple) else new[0]
+    return eqn.replace(params={**eqn.params, **params}) if params else eqn

@@ -35,6 +35,7 @@ from jfuse.config import FuseOptions, raise_internal_errors
 from jfuse.ops._partitionable import partition_context
 from jfuse.report import FusionReport
 from jfuse.rewrite import Rewriter
+from jfuse.shared_calls import inline_fused_calls
 from jfuse.sharding.inputs import InputLayouts, dynamic_specs, input_layouts
 from jfuse.sharding.partition import Partitioner
 from jfuse.sharding.specs import from_sharding, replicated
@@ -267,6 +268,7 @@ class FusedFunction:
                 report.merge(inner)
             if self._inner_reports is None:  # the outermost function sees the whole program
                 rewritten = self._partition(rewritten, closed.consts, layouts, report)
+                rewritten = inline_fused_calls(rewritten)
             entry = _Compiled(rewritten, closed.consts, out_tree, report, True, cacheable)
         except Exception as error:
             if raise_internal_errors():

@@ -204,8 +204,8 @@ _KERNEL_CALL = re.compile(
 )
 
 
-_FUNCTION = re.compile(r"func\.func\s+(?:public|private)\s+@([\w$.-]+)\(")
-_CALL = re.compile(r"(?<![\w.])(?:func\.)?call\s+@([\w$.-]+)\(")
+_FUNCTION = re.compile(r'func\.func\s+(?:public|private)\s+@("[^"]+"|[\w$.-]+)\(')
+_CALL = re.compile(r'(?<![\w.])(?:func\.)?call\s+@("[^"]+"|[\w$.-]+)\(')
 
 
 def kernel_calls(lowered_text: str) -> dict[str, int]:

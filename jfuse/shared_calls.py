@@ -144,3 +144,16 @@ def _shared_function(site: Any) -> Callable[..., Any]:
         return jitted(*[value for i, value in enumerate(operands) if i not in literals])
 
     return call
+
+
+def inline_fused_calls(closed: jc.ClosedJaxpr) -> jc.ClosedJaxpr:
+    """The finished program with every shared call replaced by its body.
+
+    The shared functions have done their job once the program is traced (JAX traced,
+    linearized and transposed each once). Inlining them before lowering gives XLA the same
+    instruction order as fused ops emitted one by one: its scheduler then finds the same memory
+    peak (with the calls left in, a bf16 training step measured 25% more temp memory on jax
+    0.12, although XLA inlines the calls itself).
+    """
+    inlined = jc.inline_call_equations(closed.jaxpr, is_fused_call)
+    return closed if inlined is closed.jaxpr else jc.ClosedJaxpr(inlined, closed.consts)

@@ -94,8 +94,8 @@ def count_kernel_calls(text: str, platform: str) -> int:
     if not targets:
         return 0
     kernel = re.compile(r"custom_call\s*@(?:%s)(?=\()" % "|".join(re.escape(t) for t in targets))
-    call = re.compile(r"(?<![\w.])(?:func\.)?call\s+@([\w$.-]+)\(")
-    header = re.compile(r"func\.func\s+(?:public|private)\s+@([\w$.-]+)\(")
+    call = re.compile(r'(?<![\w.])(?:func\.)?call\s+@("[^"]+"|[\w$.-]+)\(')
+    header = re.compile(r'func\.func\s+(?:public|private)\s+@("[^"]+"|[\w$.-]+)\(')
     starts = [(m.start(), m.group(1)) for m in header.finditer(text)]
     if not starts:
         return len(kernel.findall(text))

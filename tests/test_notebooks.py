@@ -88,6 +88,7 @@ def test_notebooks_are_committed_without_outputs():
 def test_quickstart_notebook():
     text, figures = _run("quickstart.ipynb")
     assert "jfuse fusion report: train_step" in text
+    assert "at Cell In[" in text  # report locations name the notebook cell, as tracebacks do
     assert "step.report.fused =" in text and "glu" in text and "add_rms_norm" in text
     assert "memory ratio" in text and "time ratio" in text
     assert figures == 1  # the loss curves

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import re
+import importlib
 
 import chex
 import jax
 import jax.numpy as jnp
+import pytest
 
 import jfuse
-from jfuse.shared_calls import FUSED_CALL_PREFIX, is_fused_call
+from jfuse.config import FuseOptions
+from jfuse.rewrite import Rewriter
+from jfuse.shared_calls import inline_fused_calls, is_fused_call
 
-
-def _fused_functions(text: str) -> set[str]:
-    return set(re.findall(r"func\.func\s+private\s+@(%s\w*)\(" % FUSED_CALL_PREFIX, text))
+linear_op = importlib.import_module("jfuse.ops.linear")  # the module; jfuse.ops.linear is the op
 
 
 def _stack(n_layers):
@@ -25,22 +26,41 @@ def _stack(n_layers):
     return f
 
 
-def test_identical_layers_share_one_function(rng):
+def _step(loss):
+    def step(x, w, b):  # differentiates inside the traced function, as training steps do
+        value, grads = jax.value_and_grad(loss, argnums=(1, 2))(x, w, b)
+        return value, w - 0.1 * grads[0], b - 0.1 * grads[1]
+
+    return step
+
+
+@pytest.fixture
+def op_traces(monkeypatch):
+    """How many times a fused op was traced (each trace goes through ``dispatch``)."""
+    calls = []
+    original = linear_op.dispatch
+    monkeypatch.setattr(linear_op, "dispatch", lambda *a: calls.append(1) or original(*a))
+    return calls
+
+
+def test_identical_layers_are_traced_once_not_once_per_layer(rng, op_traces):
     x = jnp.asarray(rng.standard_normal((8, 16)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((16, 16)) / 4, jnp.float32)
     b = jnp.zeros(16)
-    shared = {}
+    traces = {}
     for n in (2, 8):
-        jitted = jfuse.jit(jax.grad(_stack(n)))  # the forward rewritten, then differentiated
-        assert jitted.report is None
-        text = jitted.lower(x, w, b).as_text()
+        op_traces.clear()
+        jitted = jfuse.jit(_step(_stack(n)))
+        closed = jitted.trace(x, w, b).jaxpr
         assert jitted.report.fused == {"linear": n}
-        shared[n] = _fused_functions(text)
-    # The first layer reads the argument (its type may differ); the rest share a function.
-    assert 1 <= len(shared[8]) == len(shared[2]) <= 2
+        traces[n] = len(op_traces)
+        # The finished program holds the ops inline (the shared functions served the trace).
+        assert not any(is_fused_call(e) for e in closed.eqns)
+    # The first layer reads the argument (its type may differ); the rest share one function.
+    assert 0 < traces[8] == traces[2] <= 2 * 2  # each distinct block: its primal and its JVP
 
 
-def test_blocks_that_differ_get_their_own_function(rng):
+def test_blocks_that_differ_get_their_own_function(rng, op_traces):
     """Same shapes, different activation, eps or bias literal: nothing may be shared."""
     x = jnp.asarray(rng.standard_normal((5, 8, 16)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((3, 16, 16)) / 4, jnp.float32)
@@ -60,9 +80,33 @@ def test_blocks_that_differ_get_their_own_function(rng):
     got = fused(x, w)
     chex.assert_trees_all_equal(got, jax.jit(f)(x, w))  # a wrongly shared function would differ
     assert sum(fused.report.fused.values()) == 5
-    jaxpr = jax.make_jaxpr(jfuse.fuse(f))(x, w)
-    assert sum(is_fused_call(e) for e in jaxpr.eqns) == 5
-    assert len({id(e.params["jaxpr"]) for e in jaxpr.eqns if is_fused_call(e)}) == 5
+    assert len(op_traces) == 3  # the three linear blocks, each traced on its own
+
+
+def test_a_shared_function_per_distinct_block():
+    """Below the finished program (here: a rewrite inside another), sites with equal blocks
+    call one function and different blocks call different ones."""
+    x = jnp.ones((8, 16))
+    w = jnp.ones((16, 16)) / 16
+    rewriter = Rewriter(FuseOptions.create())
+
+    def f(x, w):
+        a = jnp.tanh(x @ w + 1.0)
+        a = jnp.tanh(a @ w + 1.0)
+        return jnp.tanh(a @ w + 2.0)
+
+    closed = jax.make_jaxpr(f)(x, w)
+    rewritten = rewriter.rewrite(closed.jaxpr, closed.consts)
+    calls = [e for e in rewritten.jaxpr.eqns if is_fused_call(e)]
+    assert len(calls) == 3
+    # The first two blocks are equal but read different input types (an argument vs a result);
+    # whichever way that falls, the third (bias 2.0) never shares with the others.
+    assert calls[2].params["jaxpr"] is not calls[1].params["jaxpr"]
+    assert calls[2].params["jaxpr"] is not calls[0].params["jaxpr"]
+    inlined = inline_fused_calls(rewritten)
+    assert not any(is_fused_call(e) for e in inlined.jaxpr.eqns)
+    chex.assert_trees_all_equal(jax.core.eval_jaxpr(inlined.jaxpr, inlined.consts, x, w),
+                                [f(x, w)])
 
 
 def test_shared_function_gradients_match(rng):
@@ -90,12 +134,7 @@ def test_training_step_is_re_traced_only_where_something_fused(rng, monkeypatch)
     x = jnp.asarray(rng.standard_normal((8, 16)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((16, 16)) / 4, jnp.float32)
     b = jnp.zeros(16)
-    loss = _stack(4)
-
-    def step(x, w, b):
-        value, grads = jax.value_and_grad(loss, argnums=(1, 2))(x, w, b)
-        return value, w - 0.1 * grads[0], b - 0.1 * grads[1]
-
+    step = _step(_stack(4))
     jitted = jfuse.jit(step)
     chex.assert_trees_all_close(jitted(x, w, b), jax.jit(step)(x, w, b), rtol=2e-5, atol=2e-5)
     assert jitted.report.fused == {"linear": 4}
