@@ -163,6 +163,21 @@ def make_closed_jaxpr(fn, avals) -> ClosedJaxpr:
     return jax.make_jaxpr(fn)(*avals)
 
 
+def jit_inlined_at_lowering(fn):
+    """``jax.jit(fn)`` whose calls stay ``jit`` equations through tracing and autodiff (so JAX
+    caches their traces) and are inlined when lowered to MLIR, once per distinct body
+    (``Inline.JAX_LATE``, jax >= 0.12); None where JAX has no such mode."""
+    from jax._src import api
+
+    late = getattr(getattr(api, "Inline", None), "JAX_LATE", None)
+    return None if late is None else jax.jit(fn, inline=late)
+
+
+def inlined_at_lowering(eqn: JaxprEqn) -> bool:
+    """True for a ``jit`` equation that lowering inlines (see :func:`jit_inlined_at_lowering`)."""
+    return getattr(eqn.params.get("inline"), "value", None) == "jax_late"
+
+
 def inline_call_equations(jaxpr: Jaxpr, should_inline) -> Jaxpr:
     """``jaxpr`` with every ``jit`` equation ``should_inline(eqn)`` accepts replaced by its body,
     at every level (bodies of scans, conds, remat regions and other calls included).

@@ -138,7 +138,7 @@ def _shared_function(site: Any) -> Callable[..., Any]:
         return tuple(emit(*operands))
 
     fused_call.__name__ = fused_call.__qualname__ = f"{FUSED_CALL_PREFIX}{site.pattern}"
-    jitted = jax.jit(fused_call)
+    jitted = jc.jit_inlined_at_lowering(fused_call) or jax.jit(fused_call)
 
     def call(*operands):
         return jitted(*[value for i, value in enumerate(operands) if i not in literals])
@@ -147,13 +147,16 @@ def _shared_function(site: Any) -> Callable[..., Any]:
 
 
 def inline_fused_calls(closed: jc.ClosedJaxpr) -> jc.ClosedJaxpr:
-    """The finished program with every shared call replaced by its body.
+    """The finished program as XLA should see it: every shared call replaced by its body.
 
     The shared functions have done their job once the program is traced (JAX traced,
-    linearized and transposed each once). Inlining them before lowering gives XLA the same
-    instruction order as fused ops emitted one by one: its scheduler then finds the same memory
-    peak (with the calls left in, a bf16 training step measured 25% more temp memory on jax
-    0.12, although XLA inlines the calls itself).
+    linearized and transposed each once). Left as calls, they would change the instruction
+    order XLA starts from, and with it the memory peak its scheduler finds: a bf16 training step
+    measured 25% more temp memory on jax 0.12, although XLA inlines the calls itself. On JAX
+    that can inline a ``jit`` while lowering it (>= 0.12), the calls are marked so when they
+    are created and stay here (each body is then lowered once); on older JAX they are inlined
+    into the jaxpr here.
     """
-    inlined = jc.inline_call_equations(closed.jaxpr, is_fused_call)
+    inlined = jc.inline_call_equations(
+        closed.jaxpr, lambda eqn: is_fused_call(eqn) and not jc.inlined_at_lowering(eqn))
     return closed if inlined is closed.jaxpr else jc.ClosedJaxpr(inlined, closed.consts)
