@@ -178,9 +178,10 @@ def inlined_at_lowering(eqn: JaxprEqn) -> bool:
     return getattr(eqn.params.get("inline"), "value", None) == "jax_late"
 
 
-def inline_call_equations(jaxpr: Jaxpr, should_inline) -> Jaxpr:
-    """``jaxpr`` with every ``jit`` equation ``should_inline(eqn)`` accepts replaced by its body,
-    at every level (bodies of scans, conds, remat regions and other calls included).
+def inline_call_equations(jaxpr: Jaxpr, should_inline, *, into_bodies: bool = True) -> Jaxpr:
+    """``jaxpr`` with every ``jit`` equation ``should_inline(eqn)`` accepts replaced by its body
+    (calls inside an inlined body included), and with ``into_bodies`` also inside the bodies of
+    scans, conds, remat regions and other equations that hold jaxprs.
 
     Edits the jaxpr instead of re-tracing it: fresh variables for each inlined copy, the call's
     name stack in front of each inlined equation's. A call whose body has constants is kept.
@@ -191,13 +192,11 @@ def inline_call_equations(jaxpr: Jaxpr, should_inline) -> Jaxpr:
     def read(atom):
         return atom if isinstance(atom, Literal) else substitution.get(atom, atom)
 
-    def fresh(var):
-        return var if isinstance(var, DropVar) else Var(var.aval)
-
     changed = False
     eqns: list[JaxprEqn] = []
     for eqn in jaxpr.eqns:
-        eqn = _with_inlined_bodies(eqn, should_inline)
+        if into_bodies:
+            eqn = _with_inlined_bodies(eqn, should_inline)
         body = eqn.params.get("jaxpr") if eqn.primitive.name in ("jit", "pjit") else None
         inner = body.jaxpr if isinstance(body, ClosedJaxpr) else body
         if (body is None or not should_inline(eqn) or inner.constvars
@@ -207,9 +206,11 @@ def inline_call_equations(jaxpr: Jaxpr, should_inline) -> Jaxpr:
             eqns.append(eqn)
             continue
         changed = True
+        if not into_bodies:  # calls inside the body are inlined too (with bodies, above)
+            inner = inline_call_equations(inner, should_inline, into_bodies=False)
         renamed: dict[Var, Any] = dict(zip(inner.invars, (read(a) for a in eqn.invars)))
         for inner_eqn in inner.eqns:
-            outvars = [fresh(v) for v in inner_eqn.outvars]
+            outvars = [v if isinstance(v, DropVar) else Var(v.aval) for v in inner_eqn.outvars]
             eqns.append(inner_eqn.replace(
                 invars=[a if isinstance(a, Literal) else renamed.get(a, a) for a in inner_eqn.invars],
                 outvars=outvars,
@@ -220,9 +221,50 @@ def inline_call_equations(jaxpr: Jaxpr, should_inline) -> Jaxpr:
         for outer, result in zip(eqn.outvars, inner.outvars):
             if not isinstance(outer, DropVar):
                 substitution[outer] = result if isinstance(result, Literal) else renamed[result]
-    if not changed and not any(e is not o for e, o in zip(eqns, jaxpr.eqns)):
+    if not changed and all(e is o for e, o in zip(eqns, jaxpr.eqns)):
         return jaxpr
     return jaxpr.replace(eqns=eqns, outvars=[read(a) for a in jaxpr.outvars])
+
+
+def consts_as_invars(jaxpr: Jaxpr) -> Jaxpr:
+    """``jaxpr`` with its constvars turned into leading invars (named ``const0``, ...)."""
+    info = jaxpr.debug_info
+    names = getattr(info, "arg_names", None)
+    if names is not None:
+        info = info._replace(
+            arg_names=tuple(f"const{i}" for i in range(len(jaxpr.constvars))) + tuple(names))
+    return jaxpr.replace(constvars=[], invars=[*jaxpr.constvars, *jaxpr.invars], debug_info=info)
+
+
+def merge_equations(jaxpr: Jaxpr, key) -> Jaxpr:
+    """``jaxpr`` with each equation whose ``key(eqn)`` (not None) equals an earlier one's
+    dropped and its results read from the earlier one's (common-subexpression elimination).
+
+    ``key`` sees the equation with its operands already renamed, so chains of duplicates merge.
+    Returns ``jaxpr`` itself when nothing merged.
+    """
+    substitution: dict[Var, Any] = {}
+    seen: dict[Any, JaxprEqn] = {}
+    eqns: list[JaxprEqn] = []
+    for eqn in jaxpr.eqns:
+        if any(not isinstance(a, Literal) and a in substitution for a in eqn.invars):
+            eqn = eqn.replace(invars=[a if isinstance(a, Literal) else substitution.get(a, a)
+                                      for a in eqn.invars])
+        k = key(eqn)
+        earlier = seen.get(k) if k is not None else None
+        if earlier is not None and all(not isinstance(v, DropVar) for v in earlier.outvars):
+            for var, result in zip(eqn.outvars, earlier.outvars):
+                if not isinstance(var, DropVar):
+                    substitution[var] = result
+            continue
+        if k is not None:
+            seen[k] = eqn
+        eqns.append(eqn)
+    if len(eqns) == len(jaxpr.eqns) and all(e is o for e, o in zip(eqns, jaxpr.eqns)):
+        return jaxpr
+    return jaxpr.replace(
+        eqns=eqns,
+        outvars=[a if isinstance(a, Literal) else substitution.get(a, a) for a in jaxpr.outvars])
 
 
 def _with_inlined_bodies(eqn: JaxprEqn, should_inline) -> JaxprEqn:
@@ -232,7 +274,7 @@ def _with_inlined_bodies(eqn: JaxprEqn, should_inline) -> JaxprEqn:
         new = []
         for body in bodies:
             open_jaxpr, consts = open_and_consts(body)
-            inlined = inline_call_equations(open_jaxpr, should_inline)
+            inlined = inline_call_equations(open_jaxpr, should_inline, into_bodies=True)
             new.append(body if inlined is open_jaxpr else (
                 ClosedJaxpr(inlined, consts) if isinstance(body, ClosedJaxpr) else inlined))
         if any(n is not b for n, b in zip(new, bodies)):

@@ -4,11 +4,11 @@ Matching asks three questions again and again: who produces this value, who read
 an output. :class:`Graph` answers each in O(1) from tables built once per jaxpr, so matching stays
 linear in the number of equations.
 
-:func:`canonicalize` re-traces a jaxpr into the form the passes expect: nested ``jit`` calls
+:func:`canonicalize` rewrites a jaxpr into the form the passes expect: nested ``jit`` calls
 inlined (``jax.nn.silu`` is one), identical pure equations merged (LayerNorm computes ``x - mean``
-twice), every equation keeping the user's source line. It works by re-binding equations under
-``jax.make_jaxpr`` rather than by editing jaxprs, so it needs no knowledge of JAX's ``Var``
-constructors, which change between releases.
+twice), every equation keeping the user's source line. It edits the jaxpr (through the few
+constructors in :mod:`jfuse._jax_compat`), which costs a fraction of re-tracing it; the rare
+form editing cannot handle (a ``closed_call``, a call with constants) is re-traced instead.
 """
 
 from __future__ import annotations
@@ -209,25 +209,42 @@ def _eval_canonical(jaxpr: jc.Jaxpr, consts: Sequence[Any], args: Sequence[Any],
     return [read(v) for v in jaxpr.outvars]
 
 
-def _already_canonical(jaxpr: jc.Jaxpr) -> bool:
-    """No call to inline and no two equations on variables that CSE would merge.
+def _equation_key(eqn: jc.JaxprEqn) -> Any:
+    """What makes two pure equations interchangeable (see :class:`_CommonSubexpressions`)."""
+    return _CommonSubexpressions.key(eqn, eqn.invars, eqn.invars)
 
-    A duplicate anywhere implies one whose operands are not themselves duplicates, so comparing
-    operands as variables finds it. Repeated constants (``broadcast_in_dim 0.0``, of which a
-    backward pass has hundreds) are left as they are: the passes read constants by value.
-    """
-    seen = set()
+
+def _canonical_by_editing(jaxpr: jc.Jaxpr) -> jc.Jaxpr | None:
+    """The canonical form, built by editing the jaxpr; None where only a re-trace can build it
+    (a ``closed_call``, or a call whose body has constants)."""
+    inlined = jc.inline_call_equations(jaxpr, _is_inlinable_call, into_bodies=False)
+    if any(_is_inlinable_call(eqn) for eqn in inlined.eqns):
+        return None
+    return jc.merge_equations(_fold_scalar_conversions(inlined), _equation_key)
+
+
+def _fold_scalar_conversions(jaxpr: jc.Jaxpr) -> jc.Jaxpr:
+    """``convert_element_type`` of a scalar literal becomes a literal, as it does when JAX traces
+    it (``jnp.where(c, x, 0.0)`` inside ``jit`` converts its ``0.0``): the passes read constants
+    as literals."""
+    folded: dict[jc.Var, jc.Literal] = {}
+    eqns = []
     for eqn in jaxpr.eqns:
-        if _is_inlinable_call(eqn):
-            return False
-        if not any(isinstance(atom, jc.Var) for atom in eqn.invars):
+        if any(not isinstance(a, jc.Literal) and a in folded for a in eqn.invars):
+            eqn = eqn.replace(invars=[folded.get(a, a) if not isinstance(a, jc.Literal) else a
+                                      for a in eqn.invars])
+        if (eqn.primitive.name == "convert_element_type" and len(eqn.invars) == 1
+                and isinstance(eqn.invars[0], jc.Literal) and np.ndim(eqn.invars[0].val) == 0
+                and not isinstance(eqn.outvars[0], jc.DropVar)):
+            out = eqn.outvars[0]
+            value = np.asarray(eqn.invars[0].val).astype(eqn.params["new_dtype"])
+            folded[out] = jc.Literal(value, out.aval)
             continue
-        key = _CommonSubexpressions.key(eqn, eqn.invars, eqn.invars)
-        if key is not None:
-            if key in seen:
-                return False
-            seen.add(key)
-    return True
+        eqns.append(eqn)
+    if not folded:
+        return jaxpr
+    return jaxpr.replace(eqns=eqns, outvars=[folded.get(a, a) if not isinstance(a, jc.Literal)
+                                             else a for a in jaxpr.outvars])
 
 
 def canonicalize(
@@ -239,10 +256,12 @@ def canonicalize(
     invars of ``jaxpr``. With ``consts_as_inputs`` they become its leading invars instead, which
     lets the caller cache the result without holding on to the constants' values.
     """
-    if _already_canonical(jaxpr) and not (consts_as_inputs and jaxpr.constvars):
-        # Re-tracing would rebuild the same jaxpr; the backward half of a training step, whose
-        # fused calls are already shared functions, is usually in this form.
-        return jc.ClosedJaxpr(jaxpr, list(consts))
+    # Editing is several times cheaper than re-tracing, and gives the same jaxpr.
+    edited = _canonical_by_editing(jaxpr)
+    if edited is not None:
+        if consts_as_inputs:
+            return jc.ClosedJaxpr(jc.consts_as_invars(edited), [])
+        return jc.ClosedJaxpr(edited, list(consts))
     avals = [v.aval for v in jaxpr.invars]
     if consts_as_inputs:
         n_consts = len(consts)
