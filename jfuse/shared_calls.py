@@ -5,9 +5,9 @@ the same shapes, layer after layer. Emitting each site inline makes JAX trace ev
 three per-platform implementations and, under ``grad``, its JVP and transpose, once per site;
 that was most of what jfuse added to compile time. Instead, the rewriter emits each site as a call
 of a ``jax.jit``-wrapped function shared by every site with the same :func:`block_signature`, so
-JAX's own caches trace, linearize, transpose and lower it once, exactly as they do for a layer
-function the user wraps in ``jax.jit``. XLA inlines the calls when it compiles, so the program it
-runs is the same.
+JAX's own caches trace, linearize and transpose it once, as they do for a layer function the user
+wraps in ``jax.jit``. The finished program is then handed to XLA with the calls inlined
+(:func:`inline_fused_calls`), so XLA compiles the same program as without sharing.
 
 Two sites share a function only when their blocks are the same equations (primitives, params,
 literals) wired the same way to the same input types, which fixes everything the pass derived
