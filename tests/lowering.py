@@ -24,14 +24,14 @@ Usage::
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
-import re
 import warnings
 from typing import Any, Callable, Iterator
 
 import jax
 from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
+
+from jfuse import benchmarking
 
 __all__ = ["lower_for", "count_kernel_calls", "abstract_device_context", "KERNEL_CALL_TARGETS"]
 
@@ -87,24 +87,8 @@ def count_kernel_calls(text: str, platform: str) -> int:
     """How many Pallas kernel custom calls (``tpu_custom_call`` for "tpu"; Triton or Mosaic GPU
     for "cuda") one run of the StableHLO ``text``'s public ``main`` makes.
 
-    Kernels inside private functions count once per call of the function (jfuse emits repeated
-    fused blocks as one shared function, called once per site).
+    Kernels inside private functions count once per call of the function
+    (:func:`jfuse.benchmarking.kernel_calls` does the counting).
     """
-    targets = KERNEL_CALL_TARGETS[platform]
-    if not targets:
-        return 0
-    kernel = re.compile(r"custom_call\s*@(?:%s)(?=\()" % "|".join(re.escape(t) for t in targets))
-    call = re.compile(r'(?<![\w.])(?:func\.)?call\s+@("[^"]+"|[\w$.-]+)\(')
-    header = re.compile(r'func\.func\s+(?:public|private)\s+@("[^"]+"|[\w$.-]+)\(')
-    starts = [(m.start(), m.group(1)) for m in header.finditer(text)]
-    if not starts:
-        return len(kernel.findall(text))
-    bodies = {name: text[begin:end] for (begin, name), (end, _) in
-              zip(starts, starts[1:] + [(len(text), "")])}
-
-    @functools.cache
-    def runs(name: str) -> int:
-        body = bodies.get(name, "")
-        return len(kernel.findall(body)) + sum(runs(callee) for callee in call.findall(body))
-
-    return runs("main" if "main" in bodies else starts[0][1])
+    kinds = {benchmarking.KERNEL_CALL_TARGETS[target] for target in KERNEL_CALL_TARGETS[platform]}
+    return sum(n for kind, n in benchmarking.kernel_calls(text).items() if kind in kinds)
