@@ -212,7 +212,8 @@ def inline_call_equations(jaxpr: Jaxpr, should_inline, *, into_bodies: bool = Tr
         for inner_eqn in inner.eqns:
             outvars = [v if isinstance(v, DropVar) else Var(v.aval) for v in inner_eqn.outvars]
             eqns.append(inner_eqn.replace(
-                invars=[a if isinstance(a, Literal) else renamed.get(a, a) for a in inner_eqn.invars],
+                invars=[a if isinstance(a, Literal) else renamed.get(a, a)
+                        for a in inner_eqn.invars],
                 outvars=outvars,
                 source_info=inner_eqn.source_info.replace(
                     name_stack=eqn.source_info.name_stack + inner_eqn.source_info.name_stack),

@@ -18,7 +18,6 @@ import jax.numpy as jnp
 import pytest
 from lowering import lower_for
 
-import jfuse
 from jfuse import benchmarking, ops
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
