@@ -51,14 +51,36 @@ class MissedFusion:
         }
 
 
+# The platforms whose kernel decision every fused site records: the lowering platform names
+# ``jax.jit(...).lower(lowering_platforms=...)`` takes.
+KERNEL_PLATFORMS = ("tpu", "cuda")
+
+
 @dataclasses.dataclass(frozen=True)
 class FusedSite:
-    """A block replaced by a fused op."""
+    """A block replaced by a fused op.
+
+    ``platforms`` says what the op runs on each lowering platform: ``"kernel"`` (its Pallas
+    kernel), ``"xla"`` with the reason in ``platform_reasons``, or ``"interpret"``. CPU always runs
+    XLA. It is decided when the site is fused, from the same rules the kernels apply at dispatch.
+    """
 
     pattern: str
     where: str
     detail: str
     bytes_saved: int = 0
+    platforms: dict[str, str] = dataclasses.field(default_factory=dict)
+    platform_reasons: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def runs_kernel_on(self, platform: str) -> bool:
+        return self.platforms.get(platform) == "kernel"
+
+    def declines(self) -> str:
+        """`` [GPU: XLA (reason)]``: the platforms that run XLA instead of the kernel, or ""."""
+        labels = {"tpu": "TPU", "cuda": "GPU"}
+        notes = [f"{labels.get(p, p)}: XLA ({self.platform_reasons.get(p, 'declined')})"
+                 for p, runs in self.platforms.items() if runs == "xla" and p in labels]
+        return "" if not notes else " [" + "; ".join(notes) + "]"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -141,7 +163,7 @@ class FusionReport:
         if self.sites:
             lines.append("  fused:")
             for site in self.sites:
-                lines.append(f"    {site.pattern:<14} {site.detail}")
+                lines.append(f"    {site.pattern:<14} {site.detail}{site.declines()}")
                 lines.append(f"    {'':<14} at {site.where}")
         if self.missed:
             lines.append("  missed:")

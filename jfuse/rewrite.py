@@ -111,7 +111,7 @@ class Rewriter:
             with jc.equation_context(site.absorbed[0]):
                 shared = self._shared.function_for(site, values)
                 outs = list(site.emit(*values) if shared is None else shared(*values))
-            self.report.sites.append(site.to_report())
+            self.report.sites.append(site.to_report(self.options.implementation))
         except Exception as error:  # a kernel or op that cannot serve: run the block unfused
             if raise_internal_errors():
                 raise

@@ -41,7 +41,7 @@ from jfuse.passes.base import (
     MatchResult,
     Pattern,
     Site,
-    kernel_notes,
+    kernel_refusals,
     replay_block,
 )
 from jfuse.report import MissedFusion, MissReason
@@ -395,7 +395,7 @@ def _site(graph, mul, eqns, gate: _Branch, up: _Branch, activation, out, options
     if gate.w_is_nk:
         detail += ", W as (N, K)"
     dtype = gate.x.aval.dtype
-    detail += kernel_notes(
+    refusals = kernel_refusals(
         kernels.tpu_unsupported_reason(m, k, n, dtype)
         or kernels.profitability_reason("tpu", m, k, n, dtype),
         kernels.triton_unsupported_reason(m, k, n, dtype)
@@ -404,7 +404,7 @@ def _site(graph, mul, eqns, gate: _Branch, up: _Branch, activation, out, options
     # Unfused, both (M, N) products go to memory and come back for the gate.
     saved = 2 * 2 * m * n * np.dtype(gate.dot.outvars[0].aval.dtype).itemsize
     return Site(NAME, eqns, inputs, [out], emit, jc.user_source_line(mul), detail, saved,
-                graph)
+                graph, refusals)
 
 
 PATTERN = Pattern(NAME, frozenset({"mul"}), match_glu)

@@ -40,7 +40,7 @@ from jfuse.passes.base import (
     MatchResult,
     Pattern,
     Site,
-    kernel_notes,
+    kernel_refusals,
     replay_block,
 )
 from jfuse.report import MissedFusion, MissReason
@@ -544,15 +544,15 @@ def _site(graph, anchor, root, eqns, out, found, options) -> Site:
         parts.append("sum also returned" if len(outputs) == 2 else "sum not needed")
     dtype = root.aval.dtype
     detail = (f"{rows}x{hidden} {np.dtype(dtype).name}->{np.dtype(out_dtype).name}, "
-              + ", ".join(parts)
-              + kernel_notes(kernels.tpu_unsupported_reason(rows, hidden, dtype),
-                             kernels.triton_unsupported_reason(rows, hidden, dtype)))
+              + ", ".join(parts))
+    refusals = kernel_refusals(kernels.tpu_unsupported_reason(rows, hidden, dtype),
+                               kernels.triton_unsupported_reason(rows, hidden, dtype))
     # Unfused in training XLA writes the f32 statistics and re-reads the rows for them (one extra
     # read of the (rows, hidden) input); with the residual add, the sum is written and read back.
     itemsize = np.dtype(root.aval.dtype).itemsize
     saved = rows * hidden * itemsize * (3 if has_residual else 1)
     return Site(name, all_eqns, inputs, outputs, emit, jc.user_source_line(anchor), detail, saved,
-                graph)
+                graph, refusals)
 
 
 PATTERN = Pattern("norm", frozenset({"rsqrt", "sqrt", "pow"}), match_norm, NAMES)
