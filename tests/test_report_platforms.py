@@ -65,3 +65,24 @@ def test_implementation_option_is_what_the_report_says_runs(implementation, runs
     assert report.sites[0].platforms == {"tpu": runs, "cuda": runs}
     if implementation == "xla":
         assert "XLA (implementation='xla')" in str(report)
+
+
+def test_pallas_reports_the_glu_kernel_past_its_profitability_rule():
+    args = _arguments()
+    report = jfuse.explain(_swiglu_block, implementation="pallas")(*args)
+    assert [site.platforms["cuda"] for site in report.sites] == ["kernel", "kernel"]
+    text = lower_for(jfuse.fuse(_swiglu_block, implementation="pallas"), *args, platform="cuda")
+    assert count_kernel_calls(text, "cuda") == 2
+
+
+def test_pallas_on_one_platform_ignores_another_platforms_refusal(rng):
+    # The TPU kernel refuses f16; lowered for the GPU, "pallas" still runs the Triton kernel.
+    x = jnp.asarray(rng.standard_normal((16, 64)), jnp.float16)
+    w = jnp.asarray(rng.standard_normal((64, 128)) / 8, jnp.float16)
+    block = lambda x, w: jax.nn.relu(x @ w)
+    report = jfuse.explain(block, implementation="pallas")(x, w)
+    assert report.fused == {"linear": 1} and not report.fallbacks
+    site = report.sites[0]
+    assert site.platforms == {"tpu": "xla", "cuda": "kernel"} and "float16" in site.platform_reasons["tpu"]
+    fused = jfuse.fuse(block, implementation="pallas")
+    assert count_kernel_calls(lower_for(fused, x, w, platform="cuda"), "cuda") == 1

@@ -65,7 +65,7 @@ class Site:
                 platforms[platform], reasons[platform] = "xla", "implementation='xla'"
             elif implementation == "interpret":
                 platforms[platform] = "interpret"
-            elif reason and implementation is None:  # "pallas" runs the kernel or fails to fuse
+            elif reason:  # (under "pallas", only on a platform other than the one it runs on)
                 platforms[platform], reasons[platform] = "xla", reason
             else:
                 platforms[platform] = "kernel"

@@ -395,11 +395,14 @@ def _site(graph, mul, eqns, gate: _Branch, up: _Branch, activation, out, options
     if gate.w_is_nk:
         detail += ", W as (N, K)"
     dtype = gate.x.aval.dtype
+    # The profitability rule applies where the op picks (implementation=None); "pallas" asks
+    # for the kernel wherever it can run.
+    preferred = options.implementation is None
     refusals = kernel_refusals(
         kernels.tpu_unsupported_reason(m, k, n, dtype)
-        or kernels.profitability_reason("tpu", m, k, n, dtype),
+        or (preferred and kernels.profitability_reason("tpu", m, k, n, dtype)) or None,
         kernels.triton_unsupported_reason(m, k, n, dtype)
-        or kernels.profitability_reason("gpu", m, k, n, dtype),
+        or (preferred and kernels.profitability_reason("gpu", m, k, n, dtype)) or None,
     )
     # Unfused, both (M, N) products go to memory and come back for the gate.
     saved = 2 * 2 * m * n * np.dtype(gate.dot.outvars[0].aval.dtype).itemsize
