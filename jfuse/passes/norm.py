@@ -31,16 +31,14 @@ from jfuse import _jax_compat as jc
 from jfuse.debug import reject
 from jfuse.config import FuseOptions
 from jfuse.graph import Graph, literal_value
-from jfuse.ops.norm import fused_norm
+from jfuse.ops.norm import fused_norm, norm_refusals
 from jfuse.passes._elementwise import _BINARY_NUMPY, _UNARY_NUMPY, evaluate_elementwise
 from jfuse.passes._matmul import is_float
-from jfuse.pallas import norm as kernels
 from jfuse.passes.base import (
     AUTODIFF_HINT,
     MatchResult,
     Pattern,
     Site,
-    kernel_refusals,
     replay_block,
 )
 from jfuse.report import MissedFusion, MissReason
@@ -545,8 +543,9 @@ def _site(graph, anchor, root, eqns, out, found, options) -> Site:
     dtype = root.aval.dtype
     detail = (f"{rows}x{hidden} {np.dtype(dtype).name}->{np.dtype(out_dtype).name}, "
               + ", ".join(parts))
-    refusals = kernel_refusals(kernels.tpu_unsupported_reason(rows, hidden, dtype),
-                               kernels.triton_unsupported_reason(rows, hidden, dtype))
+    refusals = norm_refusals(root.aval, subtract_mean=subtract_mean, has_residual=has_residual,
+                             eps=eps, scale_offset=offset, out_dtype=out_dtype,
+                             implementation=options.implementation)
     # Unfused in training XLA writes the f32 statistics and re-reads the rows for them (one extra
     # read of the (rows, hidden) input); with the residual add, the sum is written and read back.
     itemsize = np.dtype(root.aval.dtype).itemsize
