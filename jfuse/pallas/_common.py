@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jfuse.ops.activations import get_activation
+from jfuse.core.activations import get_activation
 
 Array = jax.Array
 
@@ -104,7 +104,7 @@ def triton_activation(name: str | None) -> Callable[[Array], Array] | None:
     """The f32 epilogue function for activation ``name`` in a Triton kernel (None: identity).
 
     Exact GELU is :func:`gelu_exact_without_erf`, since Triton has no ``erf`` lowering; every
-    other activation is its ``jfuse.ops.activations`` forward. Raises ValueError for an
+    other activation is its ``jfuse.core.activations`` forward. Raises ValueError for an
     unknown name.
     """
     if name == "gelu":

@@ -37,7 +37,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from jfuse.ops.activations import get_activation
+from jfuse.core.activations import get_activation
 from jfuse.pallas._common import (
     TPU_DTYPES,
     TRITON_DTYPES,
@@ -331,7 +331,7 @@ def glu_tpu(
       w_gate, w_up: ``(K, N)`` each, or ``(N, K)`` each with ``weights_transposed=True``
         (torch layout; contracted in place, never transposed in memory).
       b_gate, b_up: ``(N,)`` or None, independently.
-      activation: the gate activation, a name from ``jfuse.ops.activations`` (``"silu"`` for
+      activation: the gate activation, a name from ``jfuse.core.activations`` (``"silu"`` for
         SwiGLU, ``"gelu"``/``"gelu_tanh"`` for GeGLU, ``"relu"`` for ReGLU, ``"sigmoid"`` for
         GLU), or None for the bilinear variant ``(x @ w_gate) * (x @ w_up)``.
       out_dtype: dtype of the outputs; default ``x.dtype``.

@@ -29,7 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from jfuse.ops.activations import get_activation
+from jfuse.core.activations import get_activation
 from jfuse.pallas._common import (
     TPU_DTYPES,
     TRITON_DTYPES,
@@ -206,7 +206,7 @@ def linear_tpu(
       w: ``(K, N)``, or ``(N, K)`` with ``rhs_transposed=True`` (contracted in place, never
         transposed in memory).
       b: ``(N,)`` or None.
-      activation: a name from ``jfuse.ops.activations`` or None (identity).
+      activation: a name from ``jfuse.core.activations`` or None (identity).
       out_dtype: dtype of the outputs; default ``x.dtype``.
       return_preactivation: also return ``z = x @ w + b`` (in ``out_dtype``).
       interpret: run in Pallas' HLO interpreter (any backend, e.g. CPU for tests).
