@@ -23,9 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jfuse.pallas import glu as glu_module
 from jfuse.pallas._tiling import TPU_VMEM_BUDGET
+from jfuse.pallas.matmul import tpu_blocks
 from jfuse.pallas.glu import (
+    GLU,
     GPU_MAX_PROFITABLE_K,
     glu_tpu,
     glu_triton,
@@ -314,17 +315,15 @@ def test_tpu_bf16_rows_come_in_sixteens():
 
 def test_tpu_default_blocks_fit_the_vmem_budget():
     # Worst case for the defaults: f32 in and out, three outputs, both biases, every dim large.
-    bm, bn, bk, vmem = glu_module._tpu_blocks(
-        4096, 8192, 14336, jnp.float32, jnp.float32, n_outs=3, n_biases=2,
-        block_m=None, block_n=None, block_k=None,
-    )
+    bm, bn, bk, vmem = tpu_blocks(GLU, 4096, 8192, 14336, jnp.float32, jnp.float32,
+                                  n_outputs=3, n_biases=2)
     assert (bm, bn, bk) == (512, 256, 512)
     assert vmem <= TPU_VMEM_BUDGET, vmem / 2**20
     # Small dims are taken whole; bf16 M is balanced in 16-row multiples.
-    assert glu_module._tpu_blocks(37, 45, 53, jnp.float32, jnp.float32, 1, 0,
-                                  None, None, None)[:3] == (37, 53, 45)
-    assert glu_module._tpu_blocks(600, 700, 300, jnp.bfloat16, jnp.bfloat16, 1, 0,
-                                  None, None, None)[:3] == (304, 256, 384)
+    assert tpu_blocks(GLU, 37, 45, 53, jnp.float32, jnp.float32, n_outputs=1,
+                      n_biases=0)[:3] == (37, 53, 45)
+    assert tpu_blocks(GLU, 600, 700, 300, jnp.bfloat16, jnp.bfloat16, n_outputs=1,
+                      n_biases=0)[:3] == (304, 256, 384)
 
 
 def test_tpu_raises_vmem_limit_only_for_oversized_blocks():

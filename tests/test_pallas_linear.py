@@ -258,10 +258,10 @@ def test_tpu_bf16_rows_come_in_sixteens():
 
 def test_tpu_default_block_k():
     from jfuse.pallas._tiling import tpu_default_block_k
-    from jfuse.pallas.linear import _TPU_BLOCK_K
+    from jfuse.pallas.linear import LINEAR
 
     def _tpu_default_block_k(k):
-        return tpu_default_block_k(k, _TPU_BLOCK_K)
+        return tpu_default_block_k(k, LINEAR.tpu_max_blocks[2])
 
     # Whole K when it fits; else the largest multiple of 128 <= 512 dividing K rounded up to 128.
     assert _tpu_default_block_k(45) == 45
