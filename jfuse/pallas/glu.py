@@ -31,12 +31,9 @@ import jax
 import jax.numpy as jnp
 
 from jfuse.pallas._common import kernel_activation
-from jfuse.pallas.matmul import (
-    MatmulOp,
-    matmul,
-    tpu_unsupported_reason,
-    triton_unsupported_reason,
-)
+from jfuse.pallas.matmul import MatmulOp, matmul
+# Re-exported: what a kernel refuses is what any matmul kernel refuses.
+from jfuse.pallas.matmul import tpu_unsupported_reason, triton_unsupported_reason
 
 Array = jax.Array
 
@@ -192,15 +189,11 @@ def glu(
         rules the problem out, so the caller can fall back to XLA.
       ValueError: for inconsistent shapes, an unknown activation or an illegal block size.
     """
-    outs = matmul(
-        GLU, x, (w_gate, w_up), (b_gate, b_up),
-        backend=backend,
-        epilogue=_epilogue(kernel_activation(backend, activation), return_preactivations),
-        n_outputs=3 if return_preactivations else 1,
-        name=f"jfuse_glu_{activation or 'bilinear'}",
-        weights_transposed=weights_transposed,
-        **options,
-    )
+    epilogue = _epilogue(kernel_activation(backend, activation), return_preactivations)
+    outs = matmul(GLU, x, (w_gate, w_up), (b_gate, b_up), backend=backend,
+                  weights_transposed=weights_transposed, epilogue=epilogue,
+                  n_outputs=3 if return_preactivations else 1,
+                  name=f"jfuse_glu_{activation or 'bilinear'}", **options)
     return outs if return_preactivations else outs[0]
 
 

@@ -21,12 +21,9 @@ from typing import Any, Callable
 import jax
 
 from jfuse.pallas._common import kernel_activation
-from jfuse.pallas.matmul import (
-    MatmulOp,
-    matmul,
-    tpu_unsupported_reason,
-    triton_unsupported_reason,
-)
+from jfuse.pallas.matmul import MatmulOp, matmul
+# Re-exported: what a kernel refuses is what any matmul kernel refuses.
+from jfuse.pallas.matmul import tpu_unsupported_reason, triton_unsupported_reason
 
 Array = jax.Array
 
@@ -97,15 +94,10 @@ def linear(
         the problem out, so the caller can fall back to XLA.
       ValueError: for inconsistent shapes, an unknown activation or an illegal block size.
     """
-    outs = matmul(
-        LINEAR, x, (w,), (b,),
-        backend=backend,
-        epilogue=_epilogue(kernel_activation(backend, activation), return_preactivation),
-        n_outputs=2 if return_preactivation else 1,
-        name=f"jfuse_linear_{activation or 'identity'}",
-        weights_transposed=rhs_transposed,
-        **options,
-    )
+    epilogue = _epilogue(kernel_activation(backend, activation), return_preactivation)
+    outs = matmul(LINEAR, x, (w,), (b,), backend=backend, weights_transposed=rhs_transposed,
+                  epilogue=epilogue, n_outputs=2 if return_preactivation else 1,
+                  name=f"jfuse_linear_{activation or 'identity'}", **options)
     return outs if return_preactivation else outs[0]
 
 
