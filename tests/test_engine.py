@@ -441,8 +441,8 @@ def test_kernels_are_traced_once_per_configuration_not_per_site(rng, monkeypatch
     from lowering import count_kernel_calls, lower_for
 
     calls = []
-    original = kernels.linear_tpu
-    monkeypatch.setattr(kernels, "linear_tpu", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = kernels.linear
+    monkeypatch.setattr(kernels, "linear", lambda *a, **k: calls.append(1) or original(*a, **k))
     w = jnp.asarray(rng.standard_normal((16, 16)) / 4, jnp.float32)
     b = jnp.zeros(16)
     x = jnp.asarray(rng.standard_normal((8, 16)), jnp.float32)

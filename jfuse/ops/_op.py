@@ -4,9 +4,11 @@ In the spirit of tokamax's ``Op``: an op is a subclass of :class:`FusedOp` that 
 
 * ``reference``: the XLA implementation (inside a rewrite, a replay of the user's equations);
 * ``kernel``: the Pallas implementation for a backend (``"tpu"``: Mosaic, ``"triton"``: GPU);
-* ``unsupported_reason``: why a platform's kernel cannot (or should not) serve a call, or None.
-  The same answer serves dispatch (the kernel is not traced; XLA runs there) and the fusion
-  report (the site says which platform runs XLA and why), so the two never disagree;
+* ``unsupported_reason``: why a platform's kernel cannot serve a call, or None; and
+  ``unprofitable_reason``: why it should not (it is expected to lose to XLA there), which only
+  ``implementation=None`` heeds. The same answers serve dispatch (the kernel is not traced; XLA
+  runs there) and the fusion report (the site says which platform runs XLA and why), so the two
+  never disagree;
 * ``tangents``: the derivative, in plain JAX primitives, from the operands and the forward's
   *full* outputs (the user's outputs plus what the derivative needs: a pre-activation, the GLU
   products, a norm's statistics);
@@ -97,13 +99,26 @@ class FusedOp:
         """The XLA implementation: the full outputs, or the user's outputs padded with None."""
         raise NotImplementedError
 
-    def kernel(self, spec: OpSpec, operands: tuple, backend: str, interpret: bool,
+    def kernel(self, spec: OpSpec, inputs: tuple, backend: str, interpret: bool,
                full: bool) -> tuple:
-        """The Pallas implementation, same outputs as :meth:`reference`."""
+        """The Pallas implementation on :meth:`kernel_inputs`, same outputs as :meth:`reference`."""
         raise NotImplementedError
 
+    def kernel_inputs(self, spec: OpSpec, operands: tuple) -> tuple:
+        """The arrays the kernel is traced on (default: the operands). An op that selects its
+        kernel's inputs from the operands (a GLU slicing a fused weight) does it here, so the
+        kernel trace is shared by every call with the same spec and input types."""
+        return operands
+
     def unsupported_reason(self, spec: OpSpec, platform: str, avals: Sequence[Any]) -> str | None:
-        """Why ``platform``'s kernel ("tpu" or "cuda") will not serve operands of ``avals``."""
+        """Why ``platform``'s kernel ("tpu" or "cuda") cannot serve kernel inputs of ``avals``
+        (see :meth:`kernel_inputs`), or None."""
+        return None
+
+    def unprofitable_reason(self, spec: OpSpec, platform: str,
+                            avals: Sequence[Any]) -> str | None:
+        """Why ``platform``'s kernel is expected to lose to XLA here (heeded only when the
+        implementation is left to jfuse, ``implementation=None``), or None."""
         return None
 
     def outputs(self, spec: OpSpec, full_outputs: tuple) -> Any:
@@ -120,10 +135,22 @@ class FusedOp:
 
     # -- derived ----------------------------------------------------------------------------
 
-    def refusals(self, spec: OpSpec, avals: Sequence[Any]) -> dict[str, str]:
-        """Per lowering platform, why its kernel will not run this call (absent: it will)."""
-        reasons = {platform: self.unsupported_reason(spec, platform, avals)
-                   for platform in KERNEL_BACKENDS}
+    def refusal(self, spec: OpSpec, platform: str, kernel_avals: Sequence[Any]) -> str | None:
+        """Why ``platform`` runs XLA for this call under ``spec.implementation``, or None."""
+        reason = self.unsupported_reason(spec, platform, kernel_avals)
+        if reason is None and spec.implementation is None:
+            reason = self.unprofitable_reason(spec, platform, kernel_avals)
+        return reason
+
+    def refusals(self, spec: OpSpec, operand_avals: Sequence[Any]) -> dict[str, str]:
+        """Per lowering platform, why its kernel will not run this call (absent: it will): what
+        the fusion report says, from the rules dispatch applies."""
+        avals = operand_avals
+        if type(self).kernel_inputs is not FusedOp.kernel_inputs:
+            structs = [None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype)
+                       for a in operand_avals]
+            avals = jax.eval_shape(lambda *o: self.kernel_inputs(spec, o), *structs)
+        reasons = {platform: self.refusal(spec, platform, avals) for platform in KERNEL_BACKENDS}
         return {platform: reason for platform, reason in reasons.items() if reason}
 
 
@@ -136,13 +163,15 @@ def _traced_kernel(op: FusedOp, spec: OpSpec, backend: str, interpret: bool, ful
     platform = {backend_: platform for platform, backend_ in KERNEL_BACKENDS.items()}[backend]
 
     def run(*operands):
-        if not interpret:
-            reason = op.unsupported_reason(spec, platform, _avals(operands))
-            if reason:
-                raise NotImplementedError(reason)
+        inputs = op.kernel_inputs(spec, operands)
+        # In interpret mode the kernels check what they can serve themselves (no platform's
+        # compiler is involved, and no profitability applies).
+        reason = None if interpret else op.refusal(spec, platform, _avals(inputs))
+        if reason:
+            raise NotImplementedError(reason)
         key = (op.name, backend, interpret, full, spec.trace_key())
         return cached_trace(
-            key, lambda *o: tuple(op.kernel(spec, o, backend, interpret, full)), *operands)
+            key, lambda *i: tuple(op.kernel(spec, i, backend, interpret, full)), *inputs)
 
     return run
 

@@ -24,9 +24,12 @@ import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-from jfuse.ops._autodiff import recompute_in_backward
 from jfuse.ops import _partitionable
-from jfuse.ops._dispatch import OpCall, cached_trace, check_implementation, dispatch
+from jfuse.ops._autodiff import recompute_in_backward
+from jfuse.ops._dispatch import check_implementation
+from jfuse.ops._op import FusedOp, OpSpec, apply, as_vector, is_zero, not_in_key
+from jfuse.pallas import glu as kernels
+from jfuse.pallas._common import tpu_precision_reason
 from jfuse.core.activations import get_activation
 
 Array = jax.Array
@@ -36,20 +39,18 @@ Array = jax.Array
 Source = tuple[int, Callable[[Any], Any] | None] | None
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class GluSpec:
-    """Everything about one GLU call that is not an array."""
+@dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
+class GluSpec(OpSpec):
+    """Everything about one GLU call that is not an array. The replay is the user's own
+    equations, ``(x, *params) -> (y, gate_pre, up_pre)``."""
 
     activation: str
     weights_transposed: bool  # weights are (N, K), contracted on dim 1
     out_dtype: Any
-    sources: tuple[Source, Source, Source, Source]
+    # Selected from the params by the kernel's inputs (kernel_inputs), so not part of the key.
+    sources: tuple[Source, Source, Source, Source] = not_in_key(())
     preactivation_dtype: Any = None  # dtype of the gate/up products (the matmuls' outputs)
     precision: Any = None
-    implementation: str | None = None
-    # The user's own equations, (x, *params) -> (y, gate_pre, up_pre), used as the XLA
-    # implementation inside a rewrite so the CPU result is exactly the unfused one.
-    replay: Callable[..., tuple] | None = None
 
 
 def _take(params: Sequence[Any], source: Source):
@@ -68,101 +69,6 @@ def _operands(params, spec: GluSpec):
 
 def _dims(x_ndim: int, spec: GluSpec):
     return (((x_ndim - 1,), (1 if spec.weights_transposed else 0,)), ((), ()))
-
-
-def _reference(x, params, spec: GluSpec):
-    if spec.replay is not None:
-        return spec.replay(x, *params)
-    w_gate, w_up, b_gate, b_up = _operands(params, spec)
-    acc = jnp.promote_types(spec.out_dtype, jnp.float32)
-    dims = _dims(x.ndim, spec)
-    g = lax.dot_general(x, w_gate, dims, precision=spec.precision, preferred_element_type=acc)
-    u = lax.dot_general(x, w_up, dims, precision=spec.precision, preferred_element_type=acc)
-    if b_gate is not None:
-        g = g + b_gate.astype(acc)
-    if b_up is not None:
-        u = u + b_up.astype(acc)
-    y = get_activation(spec.activation).forward(g) * u
-    pre = spec.preactivation_dtype
-    return y.astype(spec.out_dtype), g.astype(pre), u.astype(pre)
-
-
-def _vector(b, n: int):
-    """A bias as (N,): the rewrite may hand it over as (1, 1, N) or as a scalar."""
-    if b is None:
-        return None
-    return jnp.broadcast_to(jnp.reshape(b, (-1,)), (n,)) if b.size == 1 else jnp.reshape(b, (n,))
-
-
-def _kernel(x, params, spec: GluSpec, backend: str, interpret: bool, with_preactivations: bool):
-    from jfuse.pallas import glu as kernels
-
-    w_gate, w_up, b_gate, b_up = _operands(params, spec)
-    lead, k = x.shape[:-1], x.shape[-1]
-    n = w_gate.shape[0] if spec.weights_transposed else w_gate.shape[1]
-    m = int(np.prod(lead, dtype=np.int64))
-    # The profitability rule picks the faster implementation for implementation=None; "pallas"
-    # asks for the kernel wherever it can run (how the device check times it against XLA).
-    if not interpret and spec.implementation is None:
-        reason = kernels.profitability_reason("tpu" if backend == "tpu" else "gpu", m, k, n, x.dtype)
-        if reason:
-            raise NotImplementedError(reason)
-    run = kernels.glu_tpu if backend == "tpu" else kernels.glu_triton
-
-    def call(x, w_gate, w_up, b_gate, b_up):
-        outs = run(
-            jnp.reshape(x, (m, k)),
-            w_gate,
-            w_up,
-            _vector(b_gate, n),
-            _vector(b_up, n),
-            activation=spec.activation,
-            weights_transposed=spec.weights_transposed,
-            out_dtype=spec.out_dtype,
-            return_preactivations=with_preactivations,
-            interpret=interpret,
-            precision=spec.precision,
-        )
-        shape, pre = lead + (n,), spec.preactivation_dtype
-        if not with_preactivations:
-            return jnp.reshape(outs, shape), None, None
-        y, g, u = outs
-        return (jnp.reshape(y, shape), jnp.reshape(g, shape).astype(pre),
-                jnp.reshape(u, shape).astype(pre))
-
-    key = ("glu", backend, interpret, with_preactivations, spec.activation,
-           spec.weights_transposed, str(spec.out_dtype), str(spec.preactivation_dtype),
-           str(spec.precision))
-    return cached_trace(key, call, x, w_gate, w_up, b_gate, b_up)
-
-
-def _forward(x, params, spec: GluSpec, with_preactivations: bool = True):
-    """(y, gate pre-activation, up projection) from the chosen implementation; without the
-    pre-activations (None) the kernels write y alone."""
-
-    def reference_with(spec_):
-        def run(x, *params):
-            y, g, u = _reference(x, params, spec_)
-            return (y, g, u) if with_preactivations else (y, None, None)
-
-        return run
-
-    def kernel(backend: str, interpret: bool):
-        def run(x, *params):
-            return _kernel(x, params, spec, backend, interpret, with_preactivations)
-
-        return run
-
-    return dispatch(spec.implementation, OpCall(
-        pattern="glu",
-        operands=(x, *params),
-        roles=(_partitionable.X, *_param_roles(spec, len(params))),
-        contracts_features=True,
-        reference=reference_with(spec),
-        # The replay is written for the global shapes; one shard runs the generic reference.
-        local_reference=reference_with(dataclasses.replace(spec, replay=None)),
-        kernel=kernel,
-    ))
 
 
 def _param_roles(spec: GluSpec, count: int) -> tuple[str, ...]:
@@ -186,15 +92,11 @@ def _param_roles(spec: GluSpec, count: int) -> tuple[str, ...]:
     return tuple(role or _partitionable.FUSED_BIAS for role in roles)
 
 
-def _is_zero(t) -> bool:
-    return t is None or isinstance(t, SymbolicZero)
-
-
 def _branch_tangent(x, dx, w, dw, db, spec: GluSpec, shape, dtype):
     """d(x·w + b) = dx·w + x·dw + db, skipping zero terms."""
     dims = _dims(x.ndim, spec)
     terms = []
-    if not _is_zero(dx):
+    if not is_zero(dx):
         terms.append(lax.dot_general(dx, w, dims, precision=spec.precision,
                                      preferred_element_type=dtype))
     if dw is not None:
@@ -227,63 +129,115 @@ def _gated_tangent(activation: str, out_dtype, g, u, dg, du):
     return functools.reduce(lambda a, b: a + b, terms).astype(out_dtype)
 
 
-def _jvp(spec: GluSpec, primals, tangents):
-    x, params = primals
-    dx, dparams = tangents
-    y, g, u = _glu_with_preactivations(x, params, spec)
-    w_gate, w_up, _, _ = _operands(params, spec)
-    if isinstance(dparams, SymbolicZero):
-        dparams = (None,) * len(params)
-    dw_gate, dw_up, db_gate, db_up = _operands(dparams, spec)
-    dg = _branch_tangent(x, dx, w_gate, dw_gate, db_gate, spec, g.shape, g.dtype)
-    du = _branch_tangent(x, dx, w_up, dw_up, db_up, spec, u.shape, u.dtype)
-    dy = recompute_in_backward(functools.partial(_gated_tangent, spec.activation, y.dtype))(
-        g, u, dg, du)
-    zeros = lambda a: jnp.zeros(a.shape, a.dtype)
-    dg = zeros(g) if dg is None else dg
-    du = zeros(u) if du is None else du
-    return (y, g, u), (dy, dg, du)
+def _mkn(avals, spec: GluSpec) -> tuple[int, int, int]:
+    x, w_gate = avals[0], avals[1]
+    m = int(np.prod(x.shape[:-1], dtype=np.int64))
+    return m, x.shape[-1], w_gate.shape[0] if spec.weights_transposed else w_gate.shape[1]
 
 
-# As for linear: `_glu` writes y alone; its JVP calls `_glu_with_preactivations`, itself a
-# custom_jvp, so derivatives of any order never differentiate a kernel.
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
-def _glu_with_preactivations(x, params, spec: GluSpec):
-    return _forward(x, params, spec)
+class Glu(FusedOp):
+    """``act(x·Wg + bg) ⊙ (x·Wu + bu)``. Operands ``(x, *params)`` with the weights and biases
+    selected from ``params`` by ``spec.sources`` (a fused gate/up weight is sliced); full outputs
+    ``(y, g, u)``, the two products being what the derivative needs."""
+
+    name = "glu"
+
+    def kernel_inputs(self, spec: GluSpec, operands):
+        return (operands[0], *_operands(operands[1:], spec))
+
+    def reference(self, spec: GluSpec, operands, full):
+        x, params = operands[0], operands[1:]
+        if spec.replay is not None:
+            y, g, u = spec.replay(x, *params)
+        else:
+            w_gate, w_up, b_gate, b_up = _operands(params, spec)
+            acc = jnp.promote_types(spec.out_dtype, jnp.float32)
+            dims = _dims(x.ndim, spec)
+            g = lax.dot_general(x, w_gate, dims, precision=spec.precision,
+                                preferred_element_type=acc)
+            u = lax.dot_general(x, w_up, dims, precision=spec.precision,
+                                preferred_element_type=acc)
+            if b_gate is not None:
+                g = g + b_gate.astype(acc)
+            if b_up is not None:
+                u = u + b_up.astype(acc)
+            y = (get_activation(spec.activation).forward(g) * u).astype(spec.out_dtype)
+            g, u = g.astype(spec.preactivation_dtype), u.astype(spec.preactivation_dtype)
+        return (y, g, u) if full else (y, None, None)
+
+    def kernel(self, spec: GluSpec, inputs, backend, interpret, full):
+        x, w_gate, w_up, b_gate, b_up = inputs
+        lead, k = x.shape[:-1], x.shape[-1]
+        m, _, n = _mkn(inputs, spec)
+        outs = kernels.glu(
+            jnp.reshape(x, (m, k)), w_gate, w_up, as_vector(b_gate, n), as_vector(b_up, n),
+            backend=backend, activation=spec.activation,
+            weights_transposed=spec.weights_transposed, out_dtype=spec.out_dtype,
+            return_preactivations=full, interpret=interpret, precision=spec.precision,
+        )
+        shape, pre = lead + (n,), spec.preactivation_dtype
+        if not full:
+            return jnp.reshape(outs, shape), None, None
+        y, g, u = outs
+        return (jnp.reshape(y, shape), jnp.reshape(g, shape).astype(pre),
+                jnp.reshape(u, shape).astype(pre))
+
+    def unsupported_reason(self, spec: GluSpec, platform, avals):
+        if platform == "tpu" and (reason := tpu_precision_reason(spec.precision)):
+            return reason
+        refuse = (kernels.tpu_unsupported_reason if platform == "tpu"
+                  else kernels.triton_unsupported_reason)
+        return refuse(*_mkn(avals, spec), avals[0].dtype)
+
+    def unprofitable_reason(self, spec: GluSpec, platform, avals):
+        return kernels.profitability_reason("tpu" if platform == "tpu" else "gpu",
+                                            *_mkn(avals, spec), avals[0].dtype)
+
+    def tangents(self, spec: GluSpec, operands, tangents, full_outputs):
+        x, params = operands[0], operands[1:]
+        dx, dparams = tangents[0], tangents[1:]
+        y, g, u = full_outputs
+        w_gate, w_up, _, _ = _operands(params, spec)
+        dw_gate, dw_up, db_gate, db_up = _operands(dparams, spec)
+        dg = _branch_tangent(x, dx, w_gate, dw_gate, db_gate, spec, g.shape, g.dtype)
+        du = _branch_tangent(x, dx, w_up, dw_up, db_up, spec, u.shape, u.dtype)
+        dy = recompute_in_backward(functools.partial(_gated_tangent, spec.activation, y.dtype))(
+            g, u, dg, du)
+        zeros = lambda a: jnp.zeros(a.shape, a.dtype)
+        return dy, (zeros(g) if dg is None else dg), (zeros(u) if du is None else du)
+
+    def roles(self, spec: GluSpec, operands):
+        return (_partitionable.X, *_param_roles(spec, len(operands) - 1))
 
 
-_glu_with_preactivations.defjvp(_jvp, symbolic_zeros=True)
+GLU = Glu()
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
-def _glu(x, params, spec: GluSpec):
-    return _forward(x, params, spec, with_preactivations=False)[0]
-
-
-def _glu_jvp(spec, primals, tangents):
-    (y, _, _), (dy, _, _) = _jvp(spec, primals, tangents)
-    return y, dy
-
-
-_glu.defjvp(_glu_jvp, symbolic_zeros=True)
+def _spec(*, activation, sources, weights_transposed=False, out_dtype, preactivation_dtype=None,
+          precision=None, implementation=None, replay=None) -> GluSpec:
+    out_dtype = np.dtype(out_dtype)
+    return GluSpec(activation=activation, weights_transposed=weights_transposed,
+                   out_dtype=out_dtype, sources=tuple(sources),
+                   preactivation_dtype=np.dtype(preactivation_dtype or out_dtype),
+                   precision=precision, implementation=implementation, replay=replay)
 
 
 def fused_glu(x, params: tuple, *, activation: str, sources, weights_transposed: bool = False,
               out_dtype=None, preactivation_dtype=None, precision=None, implementation=None,
               replay=None) -> Array:
     """The op as the rewrite calls it: weights and biases selected from ``params`` by ``sources``."""
-    out_dtype = np.dtype(out_dtype if out_dtype is not None else x.dtype)
-    spec = GluSpec(
-        activation=activation,
-        weights_transposed=weights_transposed,
-        out_dtype=out_dtype,
-        sources=tuple(sources),
-        preactivation_dtype=np.dtype(preactivation_dtype or out_dtype),
-        precision=precision,
-        implementation=implementation,
-        replay=replay,
-    )
-    return _glu(x, tuple(params), spec)
+    spec = _spec(activation=activation, sources=sources, weights_transposed=weights_transposed,
+                 out_dtype=out_dtype if out_dtype is not None else x.dtype,
+                 preactivation_dtype=preactivation_dtype, precision=precision,
+                 implementation=implementation, replay=replay)
+    return apply(GLU, spec, x, *params)
+
+
+def glu_refusals(x_aval, param_avals, **spec_fields) -> dict[str, str]:
+    """Per lowering platform, why its kernel will not run this GLU (see
+    :meth:`FusedOp.refusals`); ``spec_fields`` as :func:`fused_glu` takes them."""
+    spec_fields.setdefault("out_dtype", x_aval.dtype)
+    return GLU.refusals(_spec(**spec_fields), [x_aval, *param_avals])
 
 
 def _check(name: str, a, ndim=None, shape=None) -> None:

@@ -22,32 +22,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.custom_derivatives import SymbolicZero
 
-from jfuse.ops._autodiff import recompute_in_backward
 from jfuse.ops import _partitionable
-from jfuse.ops._dispatch import OpCall, cached_trace, check_implementation, dispatch
+from jfuse.ops._autodiff import recompute_in_backward
+from jfuse.ops._dispatch import check_implementation
+from jfuse.ops._op import FusedOp, OpSpec, apply, as_vector, is_zero
+from jfuse.pallas import linear as kernels
+from jfuse.pallas._common import tpu_precision_reason
 from jfuse.core.activations import get_activation
 
 Array = jax.Array
 
-# A replay of the exact unfused equations, (x, w, b) -> (y, z), used as the XLA implementation
-# when the op comes from a rewrite: on CPU the fused program then computes bit for bit what the
-# user's program computed.
-Replay = Callable[[Any, Any, Any], tuple[Any, Any]]
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class LinearSpec:
-    """Everything about one linear call that is not an array."""
+@dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
+class LinearSpec(OpSpec):
+    """Everything about one linear call that is not an array. The replay is the user's own
+    equations, ``(x, w, b) -> (y, z)``."""
 
     activation: str | None
     transpose_w: bool  # w is (N, K) and contracted on its dim 1 (torch-style weights)
     out_dtype: Any
     preactivation_dtype: Any
     precision: Any = None
-    implementation: str | None = None
-    replay: Replay | None = None
 
 
 def _contract_dims(x_ndim: int, spec: LinearSpec):
@@ -58,119 +53,19 @@ def _n_out(w, spec: LinearSpec) -> int:
     return w.shape[0] if spec.transpose_w else w.shape[1]
 
 
-def _bias_vector(b, n: int, dtype) -> Array:
-    """The bias as an (N,) vector: it may arrive as (N,), (1, N), (1, 1, N) or a scalar."""
-    b = jnp.asarray(b, dtype)
-    return jnp.broadcast_to(jnp.reshape(b, (-1,)), (n,)) if b.size == 1 else jnp.reshape(b, (n,))
-
-
-def _reference(x, w, b, spec: LinearSpec):
-    """XLA: f32 accumulation, bias and activation in f32, one cast at the end."""
-    if spec.replay is not None:
-        return spec.replay(x, w, b)
-    acc = jnp.promote_types(spec.out_dtype, jnp.float32)
-    z = lax.dot_general(
-        x, w, _contract_dims(x.ndim, spec), precision=spec.precision, preferred_element_type=acc
-    )
-    if b is not None:
-        z = z + _bias_vector(b, z.shape[-1], acc)
-    act = get_activation(spec.activation)
-    y = z if act is None else act.forward(z)
-    return y.astype(spec.out_dtype), z.astype(spec.preactivation_dtype)
-
-
-def _kernel(x, w, b, spec: LinearSpec, backend: str, interpret: bool, with_preactivation: bool):
-    from jfuse.pallas import linear as pallas_linear
-
-    if spec.precision is not None and spec.precision != lax.Precision.DEFAULT:
-        raise NotImplementedError(f"precision={spec.precision} (the kernels use the default)")
-    run = pallas_linear.linear_tpu if backend == "tpu" else pallas_linear.linear_triton
-    n = _n_out(w, spec)
-
-    def call(x, w, b):
-        lead, k = x.shape[:-1], x.shape[-1]
-        outs = run(
-            jnp.reshape(x, (-1, k)),
-            w,
-            None if b is None else _bias_vector(b, n, spec.out_dtype),
-            activation=spec.activation,
-            rhs_transposed=spec.transpose_w,
-            out_dtype=spec.out_dtype,
-            return_preactivation=with_preactivation,
-            interpret=interpret,
-        )
-        if not with_preactivation:
-            return jnp.reshape(outs, lead + (n,)), None
-        y, z = outs
-        return (jnp.reshape(y, lead + (n,)),
-                jnp.reshape(z, lead + (n,)).astype(spec.preactivation_dtype))
-
-    key = ("linear", backend, interpret, with_preactivation, spec.activation, spec.transpose_w,
-           str(spec.out_dtype), str(spec.preactivation_dtype))
-    return cached_trace(key, call, x, w, b)
-
-
-def _forward(x, w, b, spec: LinearSpec, with_preactivation: bool = True):
-    """(y, z): the output and the pre-activation (None unless asked for), from the chosen
-    implementation. Without the pre-activation the kernels write y alone."""
-
-    def reference_with(spec_):
-        def run(x, w, b):
-            y, z = _reference(x, w, b, spec_)
-            return y, (z if with_preactivation else None)
-
-        return run
-
-    def kernel(backend: str, interpret: bool):
-        return functools.partial(_kernel, spec=spec, backend=backend, interpret=interpret,
-                                 with_preactivation=with_preactivation)
-
-    weight_role = _partitionable.WEIGHT_NK if spec.transpose_w else _partitionable.WEIGHT_KN
-    return dispatch(spec.implementation, OpCall(
-        pattern="linear",
-        operands=(x, w, b),
-        roles=(_partitionable.X, weight_role, _partitionable.BIAS),
-        contracts_features=True,
-        reference=reference_with(spec),
-        # The replay is written for the global shapes; one shard runs the generic reference.
-        local_reference=reference_with(dataclasses.replace(spec, replay=None)),
-        kernel=kernel,
-    ))
-
-
-def _is_zero(t) -> bool:
-    return t is None or isinstance(t, SymbolicZero)
-
-
 def _preactivation_tangent(x, w, b, dx, dw, db, spec: LinearSpec, shape, dtype):
     """dz = dx·w + x·dw + db, skipping the terms whose tangent is zero."""
     dims = _contract_dims(x.ndim, spec)
     dz = None
-    if not _is_zero(dx):
+    if not is_zero(dx):
         dz = lax.dot_general(dx, w, dims, precision=spec.precision, preferred_element_type=dtype)
-    if not _is_zero(dw):
+    if not is_zero(dw):
         term = lax.dot_general(x, dw, dims, precision=spec.precision, preferred_element_type=dtype)
         dz = term if dz is None else dz + term
-    if b is not None and not _is_zero(db):
-        term = jnp.broadcast_to(_bias_vector(db, shape[-1], dtype), shape)
+    if b is not None and not is_zero(db):
+        term = jnp.broadcast_to(as_vector(db, shape[-1]).astype(dtype), shape)
         dz = term if dz is None else dz + term
     return jnp.zeros(shape, dtype) if dz is None else dz.astype(dtype)
-
-
-def _jvp_parts(spec: LinearSpec, primals, tangents):
-    x, w, b = primals
-    dx, dw, db = tangents
-    y, z = _linear_with_preactivation(x, w, b, spec)
-    dz = _preactivation_tangent(x, w, b, dx, dw, db, spec, z.shape, z.dtype)
-    act = get_activation(spec.activation)
-    if act is None:
-        dy = dz.astype(y.dtype)
-    elif act.derivative_mask is not None:
-        dy = lax.select(act.derivative_mask(z), dz, lax.full_like(dz, 0)).astype(y.dtype)
-    else:
-        tangent = functools.partial(_activation_tangent, spec.activation, y.dtype)
-        dy = recompute_in_backward(tangent)(z, dz)
-    return (y, z), (dy, dz)
 
 
 def _activation_tangent(activation: str, out_dtype, z, dz):
@@ -180,28 +75,82 @@ def _activation_tangent(activation: str, out_dtype, z, dz):
     return (get_activation(activation).derivative(z) * dz).astype(out_dtype)
 
 
-# Two custom_jvp functions: `_linear` computes y alone (no pre-activation written when nothing
-# differentiates it); its JVP rule calls `_linear_with_preactivation`, itself a custom_jvp, so
-# derivatives of any order never have to differentiate a kernel.
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
-def _linear_with_preactivation(x, w, b, spec: LinearSpec):
-    return _forward(x, w, b, spec)
+class Linear(FusedOp):
+    """``activation(x @ w + b)``. Operands ``(x, w, b)``; full outputs ``(y, z)`` with ``z`` the
+    pre-activation (what the derivative needs); without it the kernels write ``y`` alone."""
+
+    name = "linear"
+
+    def reference(self, spec: LinearSpec, operands, full):
+        """XLA: f32 accumulation, bias and activation in f32, one cast at the end."""
+        x, w, b = operands
+        if spec.replay is not None:
+            y, z = spec.replay(x, w, b)
+        else:
+            acc = jnp.promote_types(spec.out_dtype, jnp.float32)
+            z = lax.dot_general(x, w, _contract_dims(x.ndim, spec), precision=spec.precision,
+                                preferred_element_type=acc)
+            if b is not None:
+                z = z + as_vector(b, z.shape[-1]).astype(acc)
+            act = get_activation(spec.activation)
+            y = (z if act is None else act.forward(z)).astype(spec.out_dtype)
+            z = z.astype(spec.preactivation_dtype)
+        return y, (z if full else None)
+
+    def kernel(self, spec: LinearSpec, inputs, backend, interpret, full):
+        x, w, b = inputs
+        lead, k, n = x.shape[:-1], x.shape[-1], _n_out(w, spec)
+        outs = kernels.linear(
+            jnp.reshape(x, (-1, k)), w,
+            None if b is None else as_vector(b, n).astype(spec.out_dtype),
+            backend=backend, activation=spec.activation, rhs_transposed=spec.transpose_w,
+            out_dtype=spec.out_dtype, return_preactivation=full, interpret=interpret,
+            precision=spec.precision,
+        )
+        if not full:
+            return jnp.reshape(outs, lead + (n,)), None
+        y, z = outs
+        return (jnp.reshape(y, lead + (n,)),
+                jnp.reshape(z, lead + (n,)).astype(spec.preactivation_dtype))
+
+    def unsupported_reason(self, spec: LinearSpec, platform, avals):
+        if platform == "tpu" and (reason := tpu_precision_reason(spec.precision)):
+            return reason
+        x, w = avals[0], avals[1]
+        m, k = int(np.prod(x.shape[:-1], dtype=np.int64)), x.shape[-1]
+        refuse = (kernels.tpu_unsupported_reason if platform == "tpu"
+                  else kernels.triton_unsupported_reason)
+        return refuse(m, k, _n_out(w, spec), x.dtype)
+
+    def tangents(self, spec: LinearSpec, operands, tangents, full_outputs):
+        x, w, b = operands
+        dx, dw, db = tangents
+        y, z = full_outputs
+        dz = _preactivation_tangent(x, w, b, dx, dw, db, spec, z.shape, z.dtype)
+        act = get_activation(spec.activation)
+        if act is None:
+            dy = dz.astype(y.dtype)
+        elif act.derivative_mask is not None:
+            dy = lax.select(act.derivative_mask(z), dz, lax.full_like(dz, 0)).astype(y.dtype)
+        else:
+            tangent = functools.partial(_activation_tangent, spec.activation, y.dtype)
+            dy = recompute_in_backward(tangent)(z, dz)
+        return dy, dz
+
+    def roles(self, spec: LinearSpec, operands):
+        weight = _partitionable.WEIGHT_NK if spec.transpose_w else _partitionable.WEIGHT_KN
+        return (_partitionable.X, weight, _partitionable.BIAS)
 
 
-_linear_with_preactivation.defjvp(_jvp_parts, symbolic_zeros=True)
+LINEAR = Linear()
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
-def _linear(x, w, b, spec: LinearSpec):
-    return _forward(x, w, b, spec, with_preactivation=False)[0]
-
-
-def _linear_jvp(spec, primals, tangents):
-    (y, _), (dy, _) = _jvp_parts(spec, primals, tangents)
-    return y, dy
-
-
-_linear.defjvp(_linear_jvp, symbolic_zeros=True)
+def _spec(*, activation, transpose_w=False, out_dtype, preactivation_dtype=None, precision=None,
+          implementation=None, replay=None) -> LinearSpec:
+    out_dtype = np.dtype(out_dtype)
+    return LinearSpec(activation=activation, transpose_w=transpose_w, out_dtype=out_dtype,
+                      preactivation_dtype=np.dtype(preactivation_dtype or out_dtype),
+                      precision=precision, implementation=implementation, replay=replay)
 
 
 def fused_linear(
@@ -215,20 +164,21 @@ def fused_linear(
     preactivation_dtype=None,
     precision=None,
     implementation: str | None = None,
-    replay: Replay | None = None,
+    replay: Callable[..., tuple] | None = None,
 ) -> Array:
     """The op as the rewrite calls it (no argument checks: the pattern pass already did them)."""
-    out_dtype = np.dtype(out_dtype if out_dtype is not None else jnp.result_type(x, w))
-    spec = LinearSpec(
-        activation=activation,
-        transpose_w=transpose_w,
-        out_dtype=out_dtype,
-        preactivation_dtype=np.dtype(preactivation_dtype or out_dtype),
-        precision=precision,
-        implementation=implementation,
-        replay=replay,
-    )
-    return _linear(x, w, b, spec)
+    spec = _spec(activation=activation, transpose_w=transpose_w,
+                 out_dtype=out_dtype if out_dtype is not None else jnp.result_type(x, w),
+                 preactivation_dtype=preactivation_dtype, precision=precision,
+                 implementation=implementation, replay=replay)
+    return apply(LINEAR, spec, x, w, b)
+
+
+def linear_refusals(x_aval, w_aval, b_aval=None, **spec_fields) -> dict[str, str]:
+    """Per lowering platform, why its kernel will not run this linear (see
+    :meth:`FusedOp.refusals`); ``spec_fields`` as :func:`fused_linear` takes them."""
+    spec_fields.setdefault("out_dtype", x_aval.dtype)
+    return LINEAR.refusals(_spec(**spec_fields), [x_aval, w_aval, b_aval])
 
 
 def _check_float(name: str, a) -> None:

@@ -197,7 +197,7 @@ def norm_refusals(x_aval, *, subtract_mean: bool, has_residual: bool, out_dtype=
     :meth:`FusedOp.refusals`): what the fusion report says, from the rule dispatch applies."""
     spec = _spec(subtract_mean=subtract_mean, has_residual=has_residual,
                  out_dtype=out_dtype if out_dtype is not None else x_aval.dtype, **spec_fields)
-    return NORM.refusals(spec, [x_aval])
+    return NORM.refusals(spec, [x_aval, x_aval if has_residual else None, None, None])
 
 
 def _check(op: str, name: str, a, shape=None) -> Array:

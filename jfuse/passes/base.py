@@ -49,7 +49,7 @@ class Site:
     bytes_saved: int = 0
     graph: Graph | None = None
     # Per lowering platform ("tpu", "cuda"), why its kernel will not serve this block (the op then
-    # runs XLA there); see :func:`kernel_refusals`.
+    # runs XLA there), as the op's ``refusals`` says (the rule its dispatch applies).
     kernel_refusals: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def replay(self) -> Callable[..., tuple]:
@@ -71,12 +71,6 @@ class Site:
                 platforms[platform] = "kernel"
         return FusedSite(self.pattern, self.where, self.detail, self.bytes_saved, platforms,
                          reasons)
-
-
-def kernel_refusals(tpu_reason: str | None, gpu_reason: str | None) -> dict[str, str]:
-    """Per lowering platform, why its kernel will not run this site (platforms that will: absent)."""
-    return {platform: reason
-            for platform, reason in (("tpu", tpu_reason), ("cuda", gpu_reason)) if reason}
 
 
 @dataclasses.dataclass

@@ -25,7 +25,7 @@ from jfuse.debug import enabled as debug_enabled
 from jfuse.debug import reject
 from jfuse.config import FuseOptions
 from jfuse.graph import Graph
-from jfuse.ops.glu import fused_glu
+from jfuse.ops.glu import fused_glu, glu_refusals
 from jfuse.passes._elementwise import match_activation
 from jfuse.passes._matmul import (
     bias_source,
@@ -35,13 +35,11 @@ from jfuse.passes._matmul import (
     matmul_orientation,
     other_operand,
 )
-from jfuse.pallas import glu as kernels
 from jfuse.passes.base import (
     AUTODIFF_HINT,
     MatchResult,
     Pattern,
     Site,
-    kernel_refusals,
     replay_block,
 )
 from jfuse.report import MissedFusion, MissReason
@@ -394,16 +392,11 @@ def _site(graph, mul, eqns, gate: _Branch, up: _Branch, activation, out, options
         detail += f", fused {gate.layout} weight"
     if gate.w_is_nk:
         detail += ", W as (N, K)"
-    dtype = gate.x.aval.dtype
-    # The profitability rule applies where the op picks (implementation=None); "pallas" asks
-    # for the kernel wherever it can run.
-    preferred = options.implementation is None
-    refusals = kernel_refusals(
-        kernels.tpu_unsupported_reason(m, k, n, dtype)
-        or (preferred and kernels.profitability_reason("tpu", m, k, n, dtype)) or None,
-        kernels.triton_unsupported_reason(m, k, n, dtype)
-        or (preferred and kernels.profitability_reason("gpu", m, k, n, dtype)) or None,
-    )
+    refusals = glu_refusals(
+        gate.x.aval, [p.aval for p in params], activation=activation.activation, sources=sources,
+        weights_transposed=gate.w_is_nk, out_dtype=out_dtype,
+        preactivation_dtype=gate.value.aval.dtype, precision=dot.params.get("precision"),
+        implementation=options.implementation)
     # Unfused, both (M, N) products go to memory and come back for the gate.
     saved = 2 * 2 * m * n * np.dtype(gate.dot.outvars[0].aval.dtype).itemsize
     return Site(NAME, eqns, inputs, [out], emit, jc.user_source_line(mul), detail, saved,

@@ -20,7 +20,7 @@ from jfuse import _jax_compat as jc
 from jfuse.debug import reject
 from jfuse.config import FuseOptions
 from jfuse.graph import Graph
-from jfuse.ops.linear import fused_linear
+from jfuse.ops.linear import fused_linear, linear_refusals
 from jfuse.passes._elementwise import (
     activation_hidden_by_shared_intermediates,
     match_activation,
@@ -34,13 +34,11 @@ from jfuse.passes._matmul import (
     moves_first_axis_last,
     other_operand,
 )
-from jfuse.pallas import linear as kernels
 from jfuse.passes.base import (
     AUTODIFF_HINT,
     MatchResult,
     Pattern,
     Site,
-    kernel_refusals,
     replay_block,
 )
 from jfuse.report import MissedFusion, MissReason
@@ -228,8 +226,11 @@ def _make_site(graph, block, x, w, w_is_nk, bias, preactivation, activation, wei
     detail = f"{'+'.join(parts)} ({m}x{k})@({k}x{n}) {np.dtype(out.aval.dtype).name}"
     if w_is_nk:
         detail += ", W as (N, K)"
-    refusals = kernel_refusals(kernels.tpu_unsupported_reason(m, k, n, x.aval.dtype),
-                               kernels.triton_unsupported_reason(m, k, n, x.aval.dtype))
+    refusals = linear_refusals(
+        x.aval, w.aval, None if bias is None else bias.aval, activation=act_name,
+        transpose_w=w_is_nk, out_dtype=out.aval.dtype,
+        preactivation_dtype=preactivation.aval.dtype, precision=dot.params.get("precision"),
+        implementation=options.implementation)
     # Unfused, the matmul result goes to memory and comes back for the bias/activation.
     matmul_out = dot.outvars[0].aval
     saved = 2 * m * n * np.dtype(matmul_out.dtype).itemsize
