@@ -40,12 +40,12 @@ _NESTED = (compat.CONTROL_FLOW_PRIMITIVES | compat.REMAT_PRIMITIVES | compat.CAL
 
 
 def _is_platform_switch(eqn: jx.JaxprEqn, graph: Graph) -> bool:
-    """A ``cond`` on ``platform_index``: a fused op's per-platform implementations (or a user's
+    """A ``cond`` on the platform index: a fused op's per-platform implementations (or a user's
     ``lax.platform_dependent``), whose branches are kernels and references, not model code."""
     if eqn.primitive.name != "cond":
         return False
     producer = graph.producer(eqn.invars[0])
-    return producer is not None and producer.primitive.name == "platform_index"
+    return producer is not None and compat.is_platform_index(producer)
 
 
 class Rewriter:

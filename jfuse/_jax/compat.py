@@ -24,6 +24,9 @@ REMAT_PRIMITIVES = frozenset({"checkpoint", "remat", "remat2"})
 # ``jax.custom_vjp`` regions (the ``_jaxpr`` form is what older JAX leaves after tracing).
 CUSTOM_VJP_PRIMITIVES = frozenset({"custom_vjp_call", "custom_vjp_call_jaxpr"})
 CUSTOM_JVP_PRIMITIVE = "custom_jvp_call"
+# ``lax.platform_dependent`` lowers to a ``cond`` whose index comes from this primitive (an
+# implementation detail of JAX with no public name).
+PLATFORM_INDEX_PRIMITIVE = "platform_index"
 # Control flow whose bodies keep their inputs and outputs when rewritten.
 CONTROL_FLOW_PRIMITIVES = frozenset({"scan", "while", "cond"})
 
@@ -62,6 +65,11 @@ def is_call(eqn: Any) -> bool:
 
 def is_custom_vjp(eqn: Any) -> bool:
     return eqn.primitive.name in CUSTOM_VJP_PRIMITIVES
+
+
+def is_platform_index(eqn: Any) -> bool:
+    """True for the equation that picks ``lax.platform_dependent``'s branch by platform."""
+    return eqn.primitive.name == PLATFORM_INDEX_PRIMITIVE
 
 
 # --- params --------------------------------------------------------------------------------------

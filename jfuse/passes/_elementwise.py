@@ -5,7 +5,7 @@ sigmoid(x)``, ``x / (1 + exp(-x))``; GELU as JAX writes it, as PyTorch users wri
 constants; upcasts to f32 around any of them. Instead of a template per spelling, this module
 collects the region of elementwise equations that depends on one value ``v`` and nothing else
 (literals aside), and evaluates candidate exits of that region in float64 on probe points spread
-over [-12, 12]. A candidate is the activation whose float64 reference it matches within the
+over [-12, 12] (with :mod:`jfuse.core.probe`, the evaluator the norm pass shares). A candidate is the activation whose float64 reference it matches within the
 rounding of the narrowest dtype the region computes in.
 
 ReLU is the one activation whose derivative convention at 0 differs between spellings, so it is
