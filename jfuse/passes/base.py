@@ -5,7 +5,11 @@ function that inspects the graph around one anchor equation. It answers with a :
 (a block to replace and how to compute it) and/or :class:`MissedFusion` entries, or ``None`` when
 the anchor is not the start of anything it knows. The driver resolves overlaps (earlier patterns in
 the pipeline win), places each fused call where its inputs exist, and never absorbs an equation
-with side effects.
+with side effects. :func:`replay_block` is a site's block as the user wrote it, re-bound by the
+shared evaluator (:func:`jfuse._jax.jaxpr.run_equations`).
+
+Passes know the graph, the report's vocabulary and the ops they call; this module knows neither
+a particular pattern nor how the rewriter re-traces the program.
 """
 
 from __future__ import annotations
