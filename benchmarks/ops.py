@@ -148,11 +148,25 @@ class OpCase:
 
 
 def cases(preset: str) -> list[OpCase]:
-    """The op cases of a preset: ``quick`` (tiny, for tests), ``cpu`` or ``accelerator``."""
+    """The op cases of a preset: ``quick`` (tiny, for tests), ``cpu``, ``accelerator`` or
+    ``device`` (what the device check times)."""
     if preset == "quick":
         matmul, glu_shapes, norm, dtypes = (64, 32, 64), [(64, 32, 96)], (64, 128), ("float32",)
     elif preset == "cpu":
         matmul, glu_shapes, norm, dtypes = (1024, 512, 2048), [(1024, 512, 1376)], (4096, 1024), ("float32",)
+    elif preset == "device":
+        # The device check (benchmarks/device_check.py): bf16 first, the shapes users run (tokens
+        # 8k-16k, hidden 4k), the GLU at K = 384, 1024 and 4096 to place its GPU threshold
+        # (the check forces the kernel past it), the linear at an MLP's up-projection.
+        matmul = (8192, 4096, 4096)
+        glu_shapes = [(8192, 384, 1536), (8192, 1024, 4096), (8192, 4096, 11008)]
+        norm, dtypes = (16384, 4096), ("bfloat16", "float32")
+        return [OpCase(op, shape, dtype, mode, activation)
+                for dtype in dtypes
+                for op, shape, activation in [("linear", matmul, "gelu_tanh"),
+                                              *[("glu", s, "silu") for s in glu_shapes],
+                                              *[(op, norm, None) for op in NORM_OPS]]
+                for mode in MODES]
     elif preset == "accelerator":
         # Large enough that a call takes ~0.1-2 ms on an H100/v5e; the GLU also at K=384, under
         # the GPU profitability threshold (jfuse.pallas.glu.GPU_MAX_PROFITABLE_K), where the
@@ -160,7 +174,7 @@ def cases(preset: str) -> list[OpCase]:
         matmul, glu_shapes, norm = (8192, 4096, 4096), [(8192, 4096, 11008), (16384, 384, 1536)], (16384, 8192)
         dtypes = ("float32", "bfloat16")
     else:
-        raise ValueError(f"unknown preset {preset!r}; expected quick, cpu or accelerator")
+        raise ValueError(f"unknown preset {preset!r}; expected quick, cpu, accelerator or device")
     out = []
     for dtype in dtypes:
         shapes: list[tuple[str, tuple[int, ...], str | None]] = [
@@ -193,11 +207,15 @@ def _max_relative_difference(a, b) -> float:
 
 
 def measure(case: OpCase, *, repeats: int, warmup: int, min_sample_s: float = 0.0,
-            peak: ChipPeak | None = None) -> dict[str, Any]:
-    """Compile both implementations, check they agree, time them interleaved; one CSV row."""
+            peak: ChipPeak | None = None, implementation: str | None = None) -> dict[str, Any]:
+    """Compile both implementations, check they agree, time them interleaved; one CSV row.
+
+    ``implementation`` is the fused side's (default None, what users get; the device check
+    passes ``"pallas"`` to time each kernel even where the op would pick XLA)."""
     args = case.arguments()
     ref, ref_compile_s, _ = timed_compile(jax.jit(case.program("xla")), *args)
-    fused, fused_compile_s, fused_text = timed_compile(jax.jit(case.program(None)), *args)
+    fused, fused_compile_s, fused_text = timed_compile(jax.jit(case.program(implementation)),
+                                                       *args)
     rel_diff = _max_relative_difference(fused(*args), ref(*args))
     medians = interleaved_medians(
         {"ref": lambda: ref(*args), "fused": lambda: fused(*args)},
@@ -215,8 +233,11 @@ def measure(case: OpCase, *, repeats: int, warmup: int, min_sample_s: float = 0.
         "shape": "x".join(map(str, case.shape)),
         "backend": jax.default_backend(),
         "ref": "implementation='xla'",
-        "fused": "implementation=None",
-        "fused_impl": implementation_label(kernel_calls(fused_text)),
+        "fused": f"implementation={implementation!r}",
+        # What the compiled program runs: its kernel calls ("xla" for none); interpret-mode
+        # kernels are plain XLA ops, so they are named as such.
+        "fused_impl": ("interpret" if implementation == "interpret"
+                       else implementation_label(kernel_calls(fused_text))),
         "ref_ms": ref_s * 1e3,
         "fused_ms": fused_s * 1e3,
         "time_ratio": fused_s / ref_s,

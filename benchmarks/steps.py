@@ -100,6 +100,12 @@ def cases(preset: str) -> list[StepCase]:
     return out
 
 
+def _lowering_platform() -> str:
+    """The name ``lower(lowering_platforms=...)`` uses for this backend ("cuda" for a GPU)."""
+    backend = jax.default_backend()
+    return "cuda" if backend == "gpu" else backend
+
+
 def measure(case: StepCase, *, repeats: int, warmup: int) -> dict[str, Any]:
     """One CSV row: ``compare`` of the case's step under jax.jit and jfuse.jit."""
     step, args = case.build()
@@ -123,6 +129,12 @@ def measure(case: StepCase, *, repeats: int, warmup: int) -> dict[str, Any]:
         "ref_compile_s": result.jax_compile_s,
         "fused_compile_s": result.jfuse_compile_s,
         "fused_sites": ", ".join(f"{k}={v}" for k, v in report.fused.items()),
+        # What really runs: kernel calls in the compiled step against the fused sites, and the
+        # sites the report says run XLA on this platform (a kernel declined them).
+        "kernels": sum(result.jfuse_kernel_calls.values()),
+        "sites": len(report.sites),
+        "sites_on_xla": sum(not site.runs_kernel_on(_lowering_platform())
+                            for site in report.sites),
         "fallbacks": len(report.fallbacks),
         "repeats": repeats,
     }

@@ -21,6 +21,7 @@ import contextvars
 import dataclasses
 import functools
 import inspect
+import itertools
 import logging
 import warnings
 from typing import Any, Callable, Iterable
@@ -31,6 +32,7 @@ import numpy as np
 from jfuse._jax import jaxpr as jx
 from jfuse._jax.source import short_path
 from jfuse.config import FuseOptions, raise_internal_errors
+from jfuse.core.kernel_calls import kernel_calls
 from jfuse.core.markers import partition_context
 from jfuse.differentiation import fusing_differentiated_functions
 from jfuse.report import FusionReport
@@ -43,6 +45,7 @@ from jfuse.sharding.specs import from_sharding, replicated
 logger = logging.getLogger("jfuse")
 
 _CACHE_SIZE = 64
+_TRACE_SERIALS = itertools.count(1)
 
 # The arguments of the jfuse.jit call being traced (and its in_shardings), so the function jax.jit
 # traces can read their layouts: inside the trace only the mesh is visible, not the splits.
@@ -139,6 +142,7 @@ class FusedFunction:
         self._cache: collections.OrderedDict[Any, _Compiled] = collections.OrderedDict()
         self.last_report: FusionReport | None = None
         self.trace_count = 0
+        self.serial = 0  # when this function last traced, on a counter shared by all of them
 
     @property
     def reports(self) -> list[FusionReport]:
@@ -195,6 +199,7 @@ class FusedFunction:
 
     def _build(self, leaves, treedef, dynamic_positions, dynamic, layouts) -> _Compiled | None:
         self.trace_count += 1
+        self.serial = next(_TRACE_SERIALS)
 
         def flat_fn(*dynamic_values):
             filled = list(leaves)
@@ -361,13 +366,25 @@ class _LazyLayouts:
 
 
 class JittedFusedFunction:
-    """What :func:`jit` returns: call it, ``.lower(...)`` or ``.trace(...)`` it like jax.jit's."""
+    """What :func:`jit` returns: call it, ``.lower(...)`` or ``.trace(...)`` it like jax.jit's.
 
-    def __init__(self, fused: FusedFunction, jitted, in_shardings=None):
+    A Pallas kernel is compiled by Mosaic or Triton only when XLA compiles the program, after
+    jfuse has traced and checked it. If that compile fails on the device, the call does not fail:
+    this signature is compiled again with every fused op on its XLA implementation (the same
+    blocks, still fused, so the answer is unchanged), a warning says why, and the report of that
+    signature records it in ``fallbacks``. ``.lower(...).compile()`` is jax.jit's own and raises.
+    """
+
+    def __init__(self, fused: FusedFunction, jitted, in_shardings=None, jit_kwargs=None):
         functools.update_wrapper(self, fused._fn)
         self._fused = fused
         self._jitted = jitted
         self._in_shardings = in_shardings
+        self._jit_kwargs = dict(jit_kwargs or {})
+        # Signatures whose kernels failed to compile, and what runs them instead (built on the
+        # first failure: the fast path below stays jax.jit's own call).
+        self._xla_signatures: set = set()
+        self._xla: JittedFusedFunction | None = None
 
     def _through_jit(self, method, args, kwargs):
         # The layouts are read only if jax.jit traces (a cache miss): the context var holds a
@@ -379,7 +396,73 @@ class JittedFusedFunction:
             _jit_call.reset(token)
 
     def __call__(self, *args, **kwargs):
-        return self._through_jit(self._jitted, args, kwargs)
+        if self._xla_signatures and self._signature(args, kwargs) in self._xla_signatures:
+            return self._xla(*args, **kwargs)
+        try:
+            return self._through_jit(self._jitted, args, kwargs)
+        except Exception as error:
+            if not self._kernel_compile_failed(args, kwargs):
+                raise
+            return self._run_on_xla(error, args, kwargs)
+
+    def _signature(self, args, kwargs) -> Any:
+        leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+        try:
+            key = (treedef, tuple(_aval_key(leaf) if _is_array_leaf(leaf) else leaf
+                                  for leaf in leaves))
+            hash(key)
+            return key
+        except TypeError:
+            return None
+
+    def _kernel_compile_failed(self, args, kwargs) -> bool:
+        """After a failed call: did it fail in XLA's compile of a program holding kernels?
+
+        Tracing and lowering are cached by jax.jit, so this repeats only the compile. A program
+        without kernel calls, an error while tracing (the user's, or already handled by jfuse's
+        trace-time fallbacks) or a program that compiles (the error was at run time) is not a
+        kernel compile failure: the original error is raised.
+        """
+        if raise_internal_errors():
+            return False
+        try:
+            lowered = self.lower(*args, **kwargs)
+        except Exception:
+            return False
+        if not kernel_calls(lowered.as_text()):
+            return False
+        try:
+            lowered.compile()
+        except Exception:
+            return True
+        return False
+
+    def _run_on_xla(self, error: Exception, args, kwargs):
+        message = (
+            f"a fused op's kernel failed to compile on {jax.default_backend()} "
+            f"({type(error).__name__}: {_first_line(error)}); this signature runs the fused ops' "
+            "XLA implementation"
+        )
+        warnings.warn("jfuse: " + message, RuntimeWarning, stacklevel=3)
+        logger.warning("jfuse: %s", message)
+        if self._xla is None:
+            options = dataclasses.replace(self._fused._options, implementation="xla",
+                                          report=False)
+            xla = FusedFunction(self._fused._fn, options)
+            self._xla = JittedFusedFunction(xla, jax.jit(xla, **self._jit_kwargs),
+                                            self._in_shardings, self._jit_kwargs)
+        result = self._xla(*args, **kwargs)
+        signature = self._signature(args, kwargs)
+        if signature is not None:
+            self._xla_signatures.add(signature)
+        report = self._xla._fused.last_report
+        if report is not None:
+            report.fallbacks.append(message)
+            if self._fused._options.should_print_report():
+                print(report)
+            if self._fused._options.is_strict():
+                raise FusionError(report) from error
+        return result
 
     def __get__(self, instance, owner=None):
         return self if instance is None else functools.partial(self, instance)
@@ -393,19 +476,30 @@ class JittedFusedFunction:
     def eval_shape(self, *args, **kwargs):
         return self._through_jit(self._jitted.eval_shape, args, kwargs)
 
+    def _latest(self) -> FusedFunction:
+        """The rewrite that traced most recently (the XLA one after a kernel compile failure)."""
+        if self._xla is not None and self._xla._fused.serial > self._fused.serial:
+            return self._xla._fused
+        return self._fused
+
     @property
     def report(self) -> FusionReport | None:
         """The fusion report of the most recently compiled signature."""
-        return self._fused.last_report
+        return self._latest().last_report
 
     @property
     def reports(self) -> list[FusionReport]:
-        return self._fused.reports
+        return self._fused.reports + (self._xla._fused.reports if self._xla is not None else [])
 
     @property
     def trace_count(self) -> int:
         """How many times jfuse traced ``fn`` (once per new signature)."""
         return self._fused.trace_count
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:300] if text else ""
 
 
 def jit(
@@ -436,7 +530,7 @@ def jit(
     fused = fuse(fn, patterns=patterns, implementation=implementation, report=report,
                  strict=strict)
     return JittedFusedFunction(fused, jax.jit(fused, **jit_kwargs),
-                               jit_kwargs.get("in_shardings"))
+                               jit_kwargs.get("in_shardings"), jit_kwargs)
 
 
 def explain(

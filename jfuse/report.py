@@ -12,6 +12,8 @@ import dataclasses
 import enum
 from typing import Any
 
+from jfuse.report_text import human_bytes, render
+
 
 class MissReason(str, enum.Enum):
     """Why a block that looked like a pattern was left unfused."""
@@ -51,14 +53,39 @@ class MissedFusion:
         }
 
 
+# The platforms whose kernel decision every fused site records: the lowering platform names
+# ``jax.jit(...).lower(lowering_platforms=...)`` takes.
+KERNEL_PLATFORMS = ("tpu", "cuda")
+
+
 @dataclasses.dataclass(frozen=True)
 class FusedSite:
-    """A block replaced by a fused op."""
+    """A block replaced by a fused op.
+
+    ``platforms`` says what the op runs on each lowering platform: ``"kernel"`` (its Pallas
+    kernel), ``"xla"`` with the reason in ``platform_reasons``, or ``"interpret"``. CPU always runs
+    XLA. It is decided when the site is fused, from the same rules the kernels apply at dispatch.
+    """
 
     pattern: str
     where: str
     detail: str
     bytes_saved: int = 0
+    platforms: dict[str, str] = dataclasses.field(default_factory=dict)
+    platform_reasons: dict[str, str] = dataclasses.field(default_factory=dict)
+    # How many times one call of the function runs this site: the trip count of the loops
+    # (lax.scan) around it; ``bytes_saved`` is per run.
+    iterations: int = 1
+
+    def runs_kernel_on(self, platform: str) -> bool:
+        return self.platforms.get(platform) == "kernel"
+
+    def declines(self) -> str:
+        """`` [GPU: XLA (reason)]``: the platforms that run XLA instead of the kernel, or ""."""
+        labels = {"tpu": "TPU", "cuda": "GPU"}
+        notes = [f"{labels.get(p, p)}: XLA ({self.platform_reasons.get(p, 'declined')})"
+                 for p, runs in self.platforms.items() if runs == "xla" and p in labels]
+        return "" if not notes else " [" + "; ".join(notes) + "]"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -97,8 +124,9 @@ class FusionReport:
 
     @property
     def bytes_saved(self) -> int:
-        """Estimated intermediate bytes no longer written and read back, per call."""
-        return sum(site.bytes_saved for site in self.sites)
+        """Estimated intermediate bytes no longer written and read back, per call (a site in a
+        loop body counts once per iteration)."""
+        return sum(site.bytes_saved * site.iterations for site in self.sites)
 
     def merge(self, other: "FusionReport") -> None:
         """Fold in the report of a nested jaxpr (a scan body, a remat region)."""
@@ -111,7 +139,7 @@ class FusionReport:
         text = f"jfuse {self.function or '<fn>'}: fused {fused}; {len(self.missed)} missed"
         if self.fallbacks:
             text += f"; {len(self.fallbacks)} fallback(s)"
-        return text + f"; ~{_human_bytes(self.bytes_saved)} of intermediates saved per call"
+        return text + f"; ~{human_bytes(self.bytes_saved)} of intermediates saved per call"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -126,44 +154,10 @@ class FusionReport:
             "sharding": [call.to_dict() for call in self.sharding],
         }
 
+    def text(self, verbose: bool = False) -> str:
+        """The report for a person: misses first, identical sites grouped with a count, then
+        per-pattern totals (see :mod:`jfuse.report_text`). ``verbose`` lists every site."""
+        return render(self, verbose)
+
     def __str__(self) -> str:
-        lines = [f"jfuse fusion report: {self.function or '<fn>'}"]
-        if self.signature:
-            lines.append(f"  signature: {self.signature}")
-        patterns = sorted({s.pattern for s in self.sites} | {m.pattern for m in self.missed})
-        if patterns:
-            lines.append(f"  {'pattern':<16}{'fused':>6}{'missed':>8}")
-            for name in patterns:
-                n_missed = sum(m.pattern == name for m in self.missed)
-                lines.append(f"  {name:<16}{self.fused.get(name, 0):>6}{n_missed:>8}")
-        else:
-            lines.append("  no fusible blocks found")
-        if self.sites:
-            lines.append("  fused:")
-            for site in self.sites:
-                lines.append(f"    {site.pattern:<14} {site.detail}")
-                lines.append(f"    {'':<14} at {site.where}")
-        if self.missed:
-            lines.append("  missed:")
-            for miss in self.missed:
-                lines.append(f"    {miss.pattern:<14} {miss.reason.value}: {miss.detail}")
-                lines.append(f"    {'':<14} at {miss.where}")
-                lines.append(f"    {'':<14} hint: {miss.hint}")
-        if self.sharding:
-            lines.append(f"  sharding{' (mesh ' + self.mesh + ')' if self.mesh else ''}:")
-            for call in self.sharding:
-                outcome = "kernel per shard" if call.partitioned else "XLA (declined)"
-                lines.append(f"    {call.pattern:<14} {outcome}: {call.detail}")
-                lines.append(f"    {'':<14} at {call.where}")
-        for fallback in self.fallbacks:
-            lines.append(f"  fallback: {fallback}")
-        lines.append(f"  {self.summary_line()}")
-        return "\n".join(lines)
-
-
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
+        return self.text()

@@ -107,7 +107,7 @@ class Rewriter:
             with equation_context(site.absorbed[0]):
                 shared = self._shared.function_for(site, values)
                 outs = list(site.emit(*values) if shared is None else shared(*values))
-            self.report.sites.append(site.to_report())
+            self.report.sites.append(site.to_report(self.options.implementation))
         except Exception as error:  # a kernel or op that cannot serve: run the block unfused
             self._fall_back(error, f"{site.pattern} at {site.where}: the fused op failed while "
                                    f"tracing ({type(error).__name__}: {error}); this block runs "

@@ -34,7 +34,7 @@ def test_near_misses_example_reports_both_misses(capsys):
         [MissReason.UNSUPPORTED_ACTIVATION, MissReason.INTERMEDIATE_ESCAPES])
 
 
-def test_readme_quickstart_runs_and_prints_what_the_readme_shows(tmp_path, capsys):
+def test_readme_quickstart_runs_and_prints_what_the_readme_shows(tmp_path, capsys, monkeypatch):
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("## Quickstart"):]
     code = section[section.index("```python\n") + len("```python\n"):section.index("```\n\nprints")]
@@ -42,6 +42,7 @@ def test_readme_quickstart_runs_and_prints_what_the_readme_shows(tmp_path, capsy
     shown = shown[:shown.index("```")]
     script = tmp_path / "quickstart.py"
     script.write_text(code)
+    monkeypatch.chdir(tmp_path)  # as a user runs it: report paths are relative to the cwd
     runpy.run_path(str(script), run_name="__main__")
     out = capsys.readouterr().out
     assert out.strip().endswith("{'glu': 2}")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jfuse
-from jfuse.ops.activations import ACTIVATIONS
+from jfuse.core.activations import ACTIVATIONS
 
 from conftest import tolerance
 

@@ -89,7 +89,13 @@ def dispatch(implementation: str | None, call: OpCall):
         return call.reference(*operands)
 
     if implementation == "pallas":
-        tpu, gpu = kernel("tpu"), kernel("triton")  # a refusal is an error the caller asked to see
+        # A refusal on the platform this program runs on is an error the caller asked to see.
+        # Both branches are traced on every platform, so the other one falls back quietly (a TPU
+        # kernel refusing f16 must not stop the GPU's).
+        backend = jax.default_backend()
+        tpu = kernel("tpu") if backend == "tpu" else _or_reference(kernel("tpu"), reference)
+        gpu = (kernel("triton") if backend == "gpu"
+               else _or_reference(kernel("triton"), reference))
     else:
         tpu = _or_reference(kernel("tpu"), reference)
         gpu = _or_reference(kernel("triton"), reference)

@@ -27,7 +27,7 @@ from jax.custom_derivatives import SymbolicZero
 from jfuse.ops._autodiff import recompute_in_backward
 from jfuse.ops import _partitionable
 from jfuse.ops._dispatch import OpCall, cached_trace, check_implementation, dispatch
-from jfuse.ops.activations import get_activation
+from jfuse.core.activations import get_activation
 
 Array = jax.Array
 
@@ -101,7 +101,9 @@ def _kernel(x, params, spec: GluSpec, backend: str, interpret: bool, with_preact
     lead, k = x.shape[:-1], x.shape[-1]
     n = w_gate.shape[0] if spec.weights_transposed else w_gate.shape[1]
     m = int(np.prod(lead, dtype=np.int64))
-    if not interpret:
+    # The profitability rule picks the faster implementation for implementation=None; "pallas"
+    # asks for the kernel wherever it can run (how the device check times it against XLA).
+    if not interpret and spec.implementation is None:
         reason = kernels.profitability_reason("tpu" if backend == "tpu" else "gpu", m, k, n, x.dtype)
         if reason:
             raise NotImplementedError(reason)
@@ -311,8 +313,9 @@ def glu(
       activation: the gate: ``"silu"`` (SwiGLU), ``"gelu_tanh"``/``"gelu"`` (GeGLU), ``"relu"``
         (ReGLU), ``"sigmoid"`` (GLU), or any name in ``jfuse.ops.ACTIVATIONS``.
       b_gate, b_up: optional biases, shape ``(N,)``.
-      implementation: as for :func:`jfuse.ops.linear`. Where the fused kernel cannot beat XLA
-        (see ``jfuse.pallas.glu.profitability_reason``) ``None`` uses XLA.
+      implementation: as for :func:`jfuse.ops.linear`. Where the fused kernel is expected to lose
+        to XLA (see ``jfuse.pallas.glu.profitability_reason``) ``None`` uses XLA; ``"pallas"``
+        runs the kernel wherever it can.
 
     Returns:
       ``(..., N)`` in ``result_type(x, w_gate, w_up)``; f32 accumulation and gating.

@@ -27,7 +27,7 @@ from jax.custom_derivatives import SymbolicZero
 from jfuse.ops._autodiff import recompute_in_backward
 from jfuse.ops import _partitionable
 from jfuse.ops._dispatch import OpCall, cached_trace, check_implementation, dispatch
-from jfuse.ops.activations import get_activation
+from jfuse.core.activations import get_activation
 
 Array = jax.Array
 

@@ -17,41 +17,32 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.custom_derivatives import SymbolicZero
 
-from jfuse.ops._autodiff import recompute_in_backward
 from jfuse.ops import _partitionable
-from jfuse.ops._dispatch import OpCall, cached_trace, check_implementation, dispatch
+from jfuse.ops._autodiff import recompute_in_backward
+from jfuse.ops._dispatch import check_implementation
+from jfuse.ops._op import FusedOp, OpSpec, apply, as_vector, is_zero
+from jfuse.pallas import norm as kernels
 
 Array = jax.Array
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class NormSpec:
-    """Everything about one norm call that is not an array."""
+@dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
+class NormSpec(OpSpec):
+    """Everything about one norm call that is not an array. The replay is the user's own
+    equations, ``(x, residual, scale, bias) -> (y, h)``."""
 
     subtract_mean: bool  # LayerNorm; RMSNorm otherwise
     eps: float
     scale_offset: float
     has_residual: bool
     out_dtype: Any
-    implementation: str | None = None
-    # The user's own equations, (x, residual, scale, bias) -> (y, h), for the XLA implementation
-    # inside a rewrite: on CPU the fused program then computes exactly the unfused values.
-    replay: Callable[..., tuple] | None = None
-
-
-def _vector(v, hidden: int):
-    if v is None:
-        return None
-    return jnp.broadcast_to(jnp.reshape(v, (-1,)), (hidden,)) if v.size == 1 else jnp.reshape(
-        v, (hidden,))
 
 
 def _statistics(h32, spec: NormSpec):
@@ -64,77 +55,10 @@ def _statistics(h32, spec: NormSpec):
 
 def _affine(n, scale, bias, spec: NormSpec, hidden: int):
     if scale is not None:
-        n = n * (_vector(scale, hidden).astype(jnp.float32) + jnp.float32(spec.scale_offset))
+        n = n * (as_vector(scale, hidden).astype(jnp.float32) + jnp.float32(spec.scale_offset))
     if bias is not None:
-        n = n + _vector(bias, hidden).astype(jnp.float32)
+        n = n + as_vector(bias, hidden).astype(jnp.float32)
     return n
-
-
-def _reference(x, residual, scale, bias, spec: NormSpec):
-    """(y, h, mean, rstd) in XLA: f32 statistics, one cast at the end."""
-    # The sum is rounded to x's dtype before it is normalized, as the unfused `x + residual` is
-    # (and as the kernels do); the backward recomputes from that same rounded h.
-    h = x + residual if spec.has_residual else x
-    h32 = h.astype(jnp.float32)
-    mean, rstd = _statistics(h32, spec)
-    if spec.replay is not None:
-        y, h = spec.replay(x, residual, scale, bias)
-        return y, h, mean, rstd
-    n = (h32 - mean if mean is not None else h32) * rstd
-    y = _affine(n, scale, bias, spec, x.shape[-1]).astype(spec.out_dtype)
-    return y, h, mean, rstd
-
-
-def _kernel(x, residual, scale, bias, spec: NormSpec, backend: str, interpret: bool):
-    from jfuse.pallas import norm as kernels
-
-    lead, hidden = x.shape[:-1], x.shape[-1]
-    rows = int(np.prod(lead, dtype=np.int64))
-    run = kernels.norm_tpu if backend == "tpu" else kernels.norm_triton
-
-    def call(x, residual, scale, bias):
-        outs = list(run(
-            jnp.reshape(x, (rows, hidden)),
-            _vector(scale, hidden),
-            _vector(bias, hidden),
-            None if residual is None else jnp.reshape(residual, (rows, hidden)),
-            subtract_mean=spec.subtract_mean,
-            eps=spec.eps,
-            scale_offset=spec.scale_offset,
-            out_dtype=spec.out_dtype,
-            interpret=interpret,
-        ))
-        y = jnp.reshape(outs.pop(0), x.shape)
-        h = jnp.reshape(outs.pop(0), x.shape) if spec.has_residual else x
-        mean = jnp.reshape(outs.pop(0), lead + (1,)) if spec.subtract_mean else None
-        rstd = jnp.reshape(outs.pop(0), lead + (1,))
-        return y, h, mean, rstd
-
-    key = ("norm", backend, interpret, spec.subtract_mean, spec.eps, spec.scale_offset,
-           spec.has_residual, str(spec.out_dtype))
-    return cached_trace(key, call, x, residual, scale, bias)
-
-
-def _forward(x, residual, scale, bias, spec: NormSpec):
-    def kernel(backend: str, interpret: bool):
-        return functools.partial(_kernel, spec=spec, backend=backend, interpret=interpret)
-
-    base = "layer_norm" if spec.subtract_mean else "rms_norm"
-    return dispatch(spec.implementation, OpCall(
-        pattern=("add_" + base) if spec.has_residual else base,
-        operands=(x, residual, scale, bias),
-        roles=(_partitionable.X, _partitionable.RESIDUAL, _partitionable.FEATURE_VECTOR,
-               _partitionable.FEATURE_VECTOR),
-        contracts_features=False,
-        reference=functools.partial(_reference, spec=spec),
-        # The replay is written for the global shapes; one shard runs the generic reference.
-        local_reference=functools.partial(_reference, spec=dataclasses.replace(spec, replay=None)),
-        kernel=kernel,
-    ))
-
-
-def _zero(t) -> bool:
-    return t is None or isinstance(t, SymbolicZero)
 
 
 def _tangents(h, mean, rstd, scale, dh, dscale, dbias, spec: NormSpec, out_dtype):
@@ -159,66 +83,121 @@ def _tangents(h, mean, rstd, scale, dh, dscale, dbias, spec: NormSpec, out_dtype
         dn = dh32 * rstd + centered * drstd
         dy = _affine(dn, scale, None, spec, hidden)
     if dscale is not None:
-        dy = dy + n * _vector(dscale, hidden).astype(jnp.float32)
+        dy = dy + n * as_vector(dscale, hidden).astype(jnp.float32)
     if dbias is not None:
-        dy = dy + _vector(dbias, hidden).astype(jnp.float32)
+        dy = dy + as_vector(dbias, hidden).astype(jnp.float32)
     return dy.astype(out_dtype), dmean, drstd
 
 
-def _jvp(spec: NormSpec, primals, tangents):
-    x, residual, scale, bias = primals
-    dx, dresidual, dscale, dbias = (None if _zero(t) else t for t in tangents)
-    y, h, mean, rstd = _norm_with_statistics(x, residual, scale, bias, spec)
-    if dx is None and dresidual is None:
-        dh = None
-    elif dresidual is None or not spec.has_residual:
-        dh = dx if dx is not None else None
-    else:
-        dh = dresidual if dx is None else dx + dresidual
-    dy, dmean, drstd = recompute_in_backward(
-        functools.partial(_tangents, spec=spec, out_dtype=y.dtype)
-    )(h, mean, rstd, scale, dh, dscale, dbias)
-    dh_out = jnp.zeros(h.shape, h.dtype) if dh is None else dh.astype(h.dtype)
-    return (y, h, mean, rstd), (dy, dh_out, dmean, drstd)
+class Norm(FusedOp):
+    """RMSNorm / LayerNorm over the last axis, with the residual add in front when given.
+
+    Operands ``(x, residual, scale, bias)``; full outputs ``(y, h, mean, rstd)`` with ``h`` the
+    normalized sum (``x`` without a residual) and f32 per-row statistics (``mean`` None for RMS).
+    """
+
+    name = "norm"
+    contracts_features = False
+
+    def pattern(self, spec: NormSpec) -> str:
+        base = "layer_norm" if spec.subtract_mean else "rms_norm"
+        return ("add_" + base) if spec.has_residual else base
+
+    def reference(self, spec: NormSpec, operands, full):
+        """(y, h, mean, rstd) in XLA: f32 statistics, one cast at the end."""
+        x, residual, scale, bias = operands
+        # The sum is rounded to x's dtype before it is normalized, as the unfused `x + residual`
+        # is (and as the kernels do); the backward recomputes from that same rounded h.
+        h = x + residual if spec.has_residual else x
+        h32 = h.astype(jnp.float32)
+        mean, rstd = _statistics(h32, spec)
+        if spec.replay is not None:
+            y, h = spec.replay(x, residual, scale, bias)
+            return y, h, mean, rstd
+        n = (h32 - mean if mean is not None else h32) * rstd
+        y = _affine(n, scale, bias, spec, x.shape[-1]).astype(spec.out_dtype)
+        return y, h, mean, rstd
+
+    def kernel(self, spec: NormSpec, operands, backend, interpret, full):
+        x, residual, scale, bias = operands
+        lead, hidden = x.shape[:-1], x.shape[-1]
+        rows = int(np.prod(lead, dtype=np.int64))
+        run = kernels.norm_tpu if backend == "tpu" else kernels.norm_triton
+        outs = list(run(
+            jnp.reshape(x, (rows, hidden)),
+            as_vector(scale, hidden),
+            as_vector(bias, hidden),
+            None if residual is None else jnp.reshape(residual, (rows, hidden)),
+            subtract_mean=spec.subtract_mean,
+            eps=spec.eps,
+            scale_offset=spec.scale_offset,
+            out_dtype=spec.out_dtype,
+            interpret=interpret,
+        ))
+        y = jnp.reshape(outs.pop(0), x.shape)
+        h = jnp.reshape(outs.pop(0), x.shape) if spec.has_residual else x
+        mean = jnp.reshape(outs.pop(0), lead + (1,)) if spec.subtract_mean else None
+        rstd = jnp.reshape(outs.pop(0), lead + (1,))
+        return y, h, mean, rstd
+
+    def unsupported_reason(self, spec: NormSpec, platform, avals):
+        x = avals[0]
+        rows, hidden = int(np.prod(x.shape[:-1], dtype=np.int64)), x.shape[-1]
+        refuse = (kernels.tpu_unsupported_reason if platform == "tpu"
+                  else kernels.triton_unsupported_reason)
+        return refuse(rows, hidden, x.dtype)
+
+    def outputs(self, spec: NormSpec, full_outputs):
+        y, h = full_outputs[:2]
+        return (y, h) if spec.has_residual else y
+
+    def tangents(self, spec: NormSpec, operands, tangents, full_outputs):
+        dx, dresidual, dscale, dbias = (None if is_zero(t) else t for t in tangents)
+        y, h, mean, rstd = full_outputs
+        if dx is None and dresidual is None:
+            dh = None
+        elif dresidual is None or not spec.has_residual:
+            dh = dx
+        else:
+            dh = dresidual if dx is None else dx + dresidual
+        dy, dmean, drstd = recompute_in_backward(
+            functools.partial(_tangents, spec=spec, out_dtype=y.dtype)
+        )(h, mean, rstd, operands[2], dh, dscale, dbias)
+        dh_out = jnp.zeros(h.shape, h.dtype) if dh is None else dh.astype(h.dtype)
+        return dy, dh_out, dmean, drstd
+
+    def roles(self, spec: NormSpec, operands):
+        return (_partitionable.X, _partitionable.RESIDUAL, _partitionable.FEATURE_VECTOR,
+                _partitionable.FEATURE_VECTOR)
 
 
-# `_norm` writes no statistics when nothing differentiates it; its JVP calls
-# `_norm_with_statistics`, itself a custom_jvp, so higher derivatives never touch a kernel.
-@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
-def _norm_with_statistics(x, residual, scale, bias, spec: NormSpec):
-    return _forward(x, residual, scale, bias, spec)
+NORM = Norm()
 
 
-_norm_with_statistics.defjvp(_jvp, symbolic_zeros=True)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
-def _norm(x, residual, scale, bias, spec: NormSpec):
-    y, h, _, _ = _forward(x, residual, scale, bias, spec)
-    return (y, h) if spec.has_residual else y
-
-
-def _norm_jvp(spec, primals, tangents):
-    (y, h, _, _), (dy, dh, _, _) = _jvp(spec, primals, tangents)
-    return ((y, h), (dy, dh)) if spec.has_residual else (y, dy)
-
-
-_norm.defjvp(_norm_jvp, symbolic_zeros=True)
+def _spec(*, subtract_mean: bool, eps: float, scale_offset: float = 0.0, has_residual: bool,
+          out_dtype, implementation=None, replay=None) -> NormSpec:
+    return NormSpec(subtract_mean=subtract_mean, eps=float(eps), scale_offset=float(scale_offset),
+                    has_residual=has_residual, out_dtype=np.dtype(out_dtype),
+                    implementation=implementation, replay=replay)
 
 
 def fused_norm(x, residual, scale, bias, *, subtract_mean: bool, eps: float,
                scale_offset: float = 0.0, out_dtype=None, implementation=None, replay=None):
     """The op as the rewrite calls it (no argument checks)."""
-    spec = NormSpec(
-        subtract_mean=subtract_mean,
-        eps=float(eps),
-        scale_offset=float(scale_offset),
-        has_residual=residual is not None,
-        out_dtype=np.dtype(out_dtype if out_dtype is not None else x.dtype),
-        implementation=implementation,
-        replay=replay,
-    )
-    return _norm(x, residual, scale, bias, spec)
+    spec = _spec(subtract_mean=subtract_mean, eps=eps, scale_offset=scale_offset,
+                 has_residual=residual is not None,
+                 out_dtype=out_dtype if out_dtype is not None else x.dtype,
+                 implementation=implementation, replay=replay)
+    return apply(NORM, spec, x, residual, scale, bias)
+
+
+def norm_refusals(x_aval, *, subtract_mean: bool, has_residual: bool, out_dtype=None,
+                  **spec_fields) -> dict[str, str]:
+    """Per lowering platform, why its kernel will not run a norm over ``x_aval`` (see
+    :meth:`FusedOp.refusals`): what the fusion report says, from the rule dispatch applies."""
+    spec = _spec(subtract_mean=subtract_mean, has_residual=has_residual,
+                 out_dtype=out_dtype if out_dtype is not None else x_aval.dtype, **spec_fields)
+    return NORM.refusals(spec, [x_aval])
 
 
 def _check(op: str, name: str, a, shape=None) -> Array:

@@ -1,13 +1,13 @@
-"""Op-independent helpers shared by jfuse's Pallas kernel modules (``linear``, ``glu``,
-``norm``): integer rounding for block sizes; the refusal reasons that ``*_unsupported_reason``
-are built from (dtype, empty or too-large matmul, TPU dot precision) and the check that raises
-them; the f32 matmul used inside the kernels; activation selection for Triton, including an
-exact-GELU epilogue for a backend that has no ``erf``; and a filter for jax 0.12's Triton
-deprecation warning. Block shapes, VMEM budgets and Triton masks live in
-:mod:`jfuse.pallas._tiling`.
+"""Op-independent helpers shared by jfuse's Pallas kernel modules: integer rounding for block
+sizes; the refusal reasons that ``*_unsupported_reason`` are built from (dtype, empty or
+too-large matmul, TPU dot precision) and the check that raises them; the f32 matmul used inside
+the kernels; activation selection per backend, including an exact-GELU epilogue for Triton,
+which has no ``erf``; and a filter for jax 0.12's Triton deprecation warning. Block shapes, VMEM
+budgets and Triton masks live in :mod:`jfuse.pallas._tiling`.
 
-Nothing here knows about jaxprs or about a particular op; the kernel modules import from here,
-never from each other.
+Nothing here knows about jaxprs or about a particular op. The kernel modules import from here;
+among themselves only the matmul ops (``linear``, ``glu``) import the kernel they share,
+:mod:`jfuse.pallas.matmul`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jfuse.ops.activations import get_activation
+from jfuse.core.activations import get_activation
 
 Array = jax.Array
 
@@ -100,16 +100,16 @@ def gelu_exact_without_erf(z: Array) -> Array:
     return 0.5 * z * one_plus_erf_f32(z * _SQRT_HALF)
 
 
-def triton_activation(name: str | None) -> Callable[[Array], Array] | None:
-    """The f32 epilogue function for activation ``name`` in a Triton kernel (None: identity).
+def kernel_activation(backend: str, name: str | None) -> Callable[[Array], Array] | None:
+    """The f32 epilogue function for activation ``name`` in ``backend``'s kernel (None: identity).
 
-    Exact GELU is :func:`gelu_exact_without_erf`, since Triton has no ``erf`` lowering; every
-    other activation is its ``jfuse.ops.activations`` forward. Raises ValueError for an
-    unknown name.
+    On Triton exact GELU is :func:`gelu_exact_without_erf`, since Triton has no ``erf``
+    lowering; every other activation, and every one on TPU, is its ``jfuse.core.activations``
+    forward. Raises ValueError for an unknown name.
     """
-    if name == "gelu":
-        return gelu_exact_without_erf  # Triton has no erf lowering
     act = get_activation(name)
+    if backend == "triton" and name == "gelu":
+        return gelu_exact_without_erf  # Triton has no erf lowering
     return None if act is None else act.forward
 
 

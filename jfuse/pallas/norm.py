@@ -1,7 +1,8 @@
 """Pallas kernels for the fused norms: RMSNorm and LayerNorm, optionally with the residual add
 fused in front (``h = x + residual``, then the norm of ``h``), in one pass over each row.
 
-Two kernels, one per accelerator family, with the same contract:
+One entry point, :func:`norm` (``norm_tpu``/``norm_triton`` name its two backends), and two
+kernels, one per accelerator family, with the same contract:
 
 * :func:`norm_tpu` is a Mosaic kernel: a 1-D grid over blocks of whole rows (``(br, H)``
   blocks, ragged row counts handled by a partial edge block); ``br`` is the most rows whose
@@ -23,6 +24,9 @@ shape ``(R,)``) are returned for the backward pass. A row holding NaN or inf com
 as the plain ``jnp`` computation would make it (e.g. an inf in an RMSNorm row gives that lane
 NaN and the others 0); other rows are untouched, and no padding lane enters any row's sums.
 
+Absent operands and outputs (residual, scale, bias; ``h`` without a residual, ``mean`` for
+RMSNorm) are ``None`` in the operands, the BlockSpecs and the kernel's refs alike, and the
+arithmetic of a block (:func:`_norm_rows`) is shared: each kernel only loads and stores.
 ``interpret=True`` runs either kernel in Pallas' HLO interpreter, which is how their numerics
 are tested on a CPU. ``*_unsupported_reason`` say, without tracing anything, whether a kernel
 can serve a problem; the kernels raise ``NotImplementedError`` with that reason otherwise, so a
@@ -67,6 +71,7 @@ from jfuse.pallas._tiling import (
 Array = jax.Array
 
 __all__ = [
+    "norm",
     "norm_tpu",
     "norm_triton",
     "tpu_unsupported_reason",
@@ -145,13 +150,21 @@ def _raise_if_unsupported(
                          ((what, getattr(d, "dtype", d)) for what, d in others))
 
 
-def _normalize(h: Array, hidden: int, lane_mask: Array | None, *, subtract_mean: bool,
-               eps: float, scale: Array | None, scale_offset: float, bias: Array | None):
-    """The norm of f32 rows ``h`` (reduced over the last axis, ``hidden`` real lanes).
+def _norm_rows(x: Array, residual: Array | None, scale: Array | None, bias: Array | None, *,
+               hidden: int, lane_mask: Array | None, subtract_mean: bool, eps: float,
+               scale_offset: float) -> tuple[Array, Array | None, Array | None, Array]:
+    """The norm of a block of whole rows, reduced over the last axis (``hidden`` real lanes):
+    ``(y in f32, h in x.dtype or None, mean or None, rstd)``, statistics with keepdims.
 
-    ``lane_mask`` marks real lanes when the block is wider than ``hidden`` (Triton); padding
-    lanes must hold 0 in ``h``. Returns ``(y_f32, mean | None, rstd)``, statistics with keepdims.
+    With a residual, ``h = x + residual`` is rounded to ``x.dtype`` as the unfused add rounds
+    it, and normalized from there. ``lane_mask`` marks real lanes when the block is wider than
+    ``hidden`` (Triton); padding lanes must hold 0 in ``x`` and ``residual``.
     """
+    h = x.astype(jnp.float32)
+    h_out = None
+    if residual is not None:
+        h_out = (h + residual.astype(jnp.float32)).astype(x.dtype)
+        h = h_out.astype(jnp.float32)
     if subtract_mean:
         mean = jnp.sum(h, axis=-1, keepdims=True) / hidden
         centered = h - mean
@@ -166,24 +179,20 @@ def _normalize(h: Array, hidden: int, lane_mask: Array | None, *, subtract_mean:
         y = y * (scale.astype(jnp.float32) + scale_offset)
     if bias is not None:
         y = y + bias.astype(jnp.float32)
-    return y, mean, rstd
+    return y, h_out, mean, rstd
 
 
-def _sum_in_f32(x: Array, residual: Array | None) -> tuple[Array, Array | None]:
-    """(h in f32, h in x.dtype or None): the residual add rounded as the unfused add rounds."""
-    if residual is None:
-        return x.astype(jnp.float32), None
-    h = (x.astype(jnp.float32) + residual.astype(jnp.float32)).astype(x.dtype)
-    return h.astype(jnp.float32), h
+def _out_shapes(rows, hidden, dtype, out_dtype, *, has_residual, subtract_mean, stat_shape):
+    """``(y, h | None, mean | None, rstd)`` as ShapeDtypeStructs; None for an output not made."""
+    row_shape = lambda d: jax.ShapeDtypeStruct((rows, hidden), d)
+    stat = jax.ShapeDtypeStruct(stat_shape, jnp.float32)
+    return (row_shape(out_dtype), row_shape(dtype) if has_residual else None,
+            stat if subtract_mean else None, stat)
 
 
 def _kernel_name(subtract_mean: bool, has_residual: bool) -> str:
     base = "layer_norm" if subtract_mean else "rms_norm"
     return f"jfuse_{'add_' if has_residual else ''}{base}"
-
-
-def _finish(y, h, mean, rstd) -> tuple[Array, ...]:
-    return tuple(a for a in (y, h, mean, rstd) if a is not None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,7 +210,7 @@ def _tpu_vmem_bytes(
     n_params: int = 2,
     n_stats: int = 2,
 ) -> int:
-    """VMEM one grid step of :func:`norm_tpu` holds, by its layout in (sublane, 128-lane) tiles.
+    """VMEM one grid step of the Mosaic kernel holds, by its layout in (sublane, 128-lane) tiles.
 
     Every block is double-buffered by the pipeline: ``x`` (and ``residual``) in, ``y`` (and
     ``h``) out, each ``(block_rows, H)`` with H padded to 128 lanes; each ``(block_rows, 1)``
@@ -253,7 +262,7 @@ def _tpu_block_rows(
     n_stats: int,
     block_rows: int | None = None,
 ) -> int:
-    """The row-block size :func:`norm_tpu` uses: ``block_rows`` if given (checked, clipped to
+    """The row-block size of the Mosaic kernel: ``block_rows`` if given (checked, clipped to
     ``rows``), else the most rows (a multiple of 8, or 16 for 16-bit data; at most 1024) whose
     :func:`_tpu_vmem_bytes` fits the budget, balanced so the edge block is not mostly empty."""
     out_dtype = dtype if out_dtype is None else out_dtype
@@ -275,79 +284,25 @@ def _tpu_block_rows(
     return tpu_balanced_block(rows, max_rows, sublanes)
 
 
-def _tpu_norm_kernel(x_ref, *refs, hidden, has_residual, has_scale, has_bias, subtract_mean,
-                     eps, scale_offset):
+def _tpu_kernel(x_ref, res_ref, scale_ref, bias_ref, y_ref, h_ref, mean_ref, rstd_ref, *,
+                hidden, subtract_mean, eps, scale_offset):
     """One (br, H) block of whole rows; each row's statistics are its own, so the garbage rows
-    of a ragged edge block only produce garbage that Pallas never writes back."""
-    refs = list(refs)
-    res_ref = refs.pop(0) if has_residual else None
-    scale_ref = refs.pop(0) if has_scale else None
-    bias_ref = refs.pop(0) if has_bias else None
-    y_ref = refs.pop(0)
-    h_ref = refs.pop(0) if has_residual else None
-    mean_ref = refs.pop(0) if subtract_mean else None
-    (rstd_ref,) = refs
-
-    h, h_out = _sum_in_f32(x_ref[...], None if res_ref is None else res_ref[...])
-    if h_ref is not None:
-        h_ref[...] = h_out
-    y, mean, rstd = _normalize(
-        h, hidden, None, subtract_mean=subtract_mean, eps=eps,
-        scale=None if scale_ref is None else scale_ref[...],  # (1, H) broadcasts over rows
-        scale_offset=scale_offset,
-        bias=None if bias_ref is None else bias_ref[...],
-    )
-    y_ref[...] = y.astype(y_ref.dtype)
-    if mean_ref is not None:
-        mean_ref[...] = mean
-    rstd_ref[...] = rstd
+    of a ragged edge block only produce garbage that Pallas never writes back. An absent
+    operand or output is a None ref; scale and bias are (1, H) blocks that broadcast over rows."""
+    load = lambda ref: None if ref is None else ref[...]
+    outs = _norm_rows(load(x_ref), load(res_ref), load(scale_ref), load(bias_ref),
+                      hidden=hidden, lane_mask=None, subtract_mean=subtract_mean, eps=eps,
+                      scale_offset=scale_offset)
+    for ref, value in zip((y_ref, h_ref, mean_ref, rstd_ref), outs):
+        if ref is not None:
+            ref[...] = value.astype(ref.dtype)
 
 
-def norm_tpu(
-    x: Array,
-    scale: Array | None = None,
-    bias: Array | None = None,
-    residual: Array | None = None,
-    *,
-    subtract_mean: bool,
-    eps: float,
-    scale_offset: float = 0.0,
-    out_dtype: Any = None,
-    interpret: bool = False,
-    block_rows: int | None = None,
-) -> tuple[Array, ...]:
-    """RMSNorm (``subtract_mean=False``) or LayerNorm of the rows of ``x`` (or of
-    ``x + residual``), as one Mosaic (TPU) kernel.
-
-    Args:
-      x: ``(R, H)``, normalized over H.
-      scale, bias: ``(H,)`` or None; any supported float dtype (math is f32).
-      residual: ``(R, H)`` in ``x.dtype``, or None. When given, the kernel normalizes
-        ``h = x + residual`` (rounded to ``x.dtype``) and also returns ``h``.
-      subtract_mean: False for RMSNorm, True for LayerNorm.
-      eps: added to the variance under the rsqrt.
-      scale_offset: the norm multiplies by ``scale + scale_offset`` (1.0 for Gemma); needs a
-        scale.
-      out_dtype: dtype of ``y``; default ``x.dtype``.
-      interpret: run in Pallas' HLO interpreter (any backend, e.g. CPU for tests).
-      block_rows: rows per grid step; None picks the most that fit the VMEM budget (see
-        :func:`_tpu_block_rows`). Must be a multiple of 8 (16 for 16-bit x or y) or cover all
-        rows. Blocks over the budget raise Mosaic's scoped VMEM limit.
-
-    Returns:
-      ``(y, rstd)`` for RMSNorm, ``(y, mean, rstd)`` for LayerNorm; with a residual,
-      ``(y, h, rstd)`` / ``(y, h, mean, rstd)``. Statistics are f32 of shape ``(R,)``.
-
-    Raises:
-      NotImplementedError: when :func:`tpu_unsupported_reason` (or a mixed x/residual dtype)
-        rules the problem out, so the caller can fall back to XLA.
-    """
-    rows, hidden = _check_operands(x, scale, bias, residual, scale_offset)
-    out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
-    _raise_if_unsupported(tpu_unsupported_reason, x, scale, bias, residual, out_dtype)
-    n_params = (scale is not None) + (bias is not None)
-    n_stats = 2 if subtract_mean else 1
-    layout = dict(has_residual=residual is not None, n_params=n_params, n_stats=n_stats)
+def _tpu_call(x, residual, scale, bias, *, rows, hidden, out_dtype, subtract_mean, eps,
+              scale_offset, interpret, block_rows, name):
+    layout = dict(has_residual=residual is not None,
+                  n_params=(scale is not None) + (bias is not None),
+                  n_stats=2 if subtract_mean else 1)
     if block_rows is None and (reason := _tpu_too_wide_reason(rows, hidden, x.dtype, out_dtype,
                                                               **layout)):
         raise NotImplementedError(reason)
@@ -359,50 +314,30 @@ def norm_tpu(
     # Statistics as (R, 1) columns: a (br, 1) block is legal (its last dim is the array's), and
     # the keepdims reductions already have that shape, so no in-kernel relayout is needed.
     stat_block = pl.BlockSpec((br, 1), lambda i: (i, 0))
-    operands, in_specs = [x], [row_block]
-    if residual is not None:
-        operands.append(residual)
-        in_specs.append(row_block)
-    for param in (scale, bias):
-        if param is not None:
-            operands.append(param.reshape(1, hidden))
-            in_specs.append(whole_row)
-    out_shape = [jax.ShapeDtypeStruct((rows, hidden), out_dtype)]
-    out_specs = [row_block]
-    if residual is not None:
-        out_shape.append(jax.ShapeDtypeStruct((rows, hidden), x.dtype))
-        out_specs.append(row_block)
-    out_shape += [jax.ShapeDtypeStruct((rows, 1), jnp.float32)] * n_stats
-    out_specs += [stat_block] * n_stats
+    # An absent operand or output is None in the operands, the shapes and the specs alike.
+    given = lambda a, spec: None if a is None else spec
+    as_row = lambda p: None if p is None else p.reshape(1, hidden)
+    out_shape = _out_shapes(rows, hidden, x.dtype, out_dtype, has_residual=residual is not None,
+                            subtract_mean=subtract_mean, stat_shape=(rows, 1))
 
-    kernel = functools.partial(
-        _tpu_norm_kernel,
-        hidden=hidden,
-        has_residual=residual is not None,
-        has_scale=scale is not None,
-        has_bias=bias is not None,
-        subtract_mean=subtract_mean,
-        eps=float(eps),
-        scale_offset=float(scale_offset),
-    )
-    outs = pl.pallas_call(
+    kernel = functools.partial(_tpu_kernel, hidden=hidden, subtract_mean=subtract_mean, eps=eps,
+                               scale_offset=scale_offset)
+    y, h, mean, rstd = pl.pallas_call(
         kernel,
-        out_shape=tuple(out_shape),
+        out_shape=out_shape,
         grid=(cdiv(rows, br),),
-        in_specs=in_specs,
-        out_specs=tuple(out_specs),
+        in_specs=(row_block, given(residual, row_block), given(scale, whole_row),
+                  given(bias, whole_row)),
+        out_specs=tuple(None if s is None else spec
+                        for s, spec in zip(out_shape, (row_block, row_block) + (stat_block,) * 2)),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=(pltpu.PARALLEL,),
             vmem_limit_bytes=tpu_vmem_limit_bytes(vmem),
         ),
         interpret=interpret,
-        name=_kernel_name(subtract_mean, residual is not None),
-    )(*operands)
-    y, *rest = outs
-    h = rest.pop(0) if residual is not None else None
-    stats = [s.reshape(rows) for s in rest]
-    mean, rstd = stats if subtract_mean else (None, stats[0])
-    return _finish(y, h, mean, rstd)
+        name=name,
+    )(x, residual, as_row(scale), as_row(bias))
+    return y, h, None if mean is None else mean.reshape(rows), rstd.reshape(rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -444,19 +379,10 @@ def _triton_num_warps(tile_elements: int) -> int:
     return 4
 
 
-def _triton_norm_kernel(x_ref, *refs, rows, hidden, block_rows, block_h, has_residual,
-                        has_scale, has_bias, subtract_mean, eps, scale_offset):
+def _triton_kernel(x_ref, res_ref, scale_ref, bias_ref, y_ref, h_ref, mean_ref, rstd_ref, *,
+                   rows, hidden, block_rows, block_h, subtract_mean, eps, scale_offset):
     """``block_rows`` whole rows over whole-array refs, each row one ``block_h``-lane vector
-    (a power of two >= H, masked past H)."""
-    refs = list(refs)
-    res_ref = refs.pop(0) if has_residual else None
-    scale_ref = refs.pop(0) if has_scale else None
-    bias_ref = refs.pop(0) if has_bias else None
-    y_ref = refs.pop(0)
-    h_ref = refs.pop(0) if has_residual else None
-    mean_ref = refs.pop(0) if subtract_mean else None
-    (rstd_ref,) = refs
-
+    (a power of two >= H, masked past H). An absent operand or output is a None ref."""
     row0 = pl.program_id(0) * block_rows
     row_mask = edge_mask(row0, block_rows, rows)
     lane_mask = edge_mask(0, block_h, hidden)
@@ -470,32 +396,65 @@ def _triton_norm_kernel(x_ref, *refs, rows, hidden, block_rows, block_h, has_res
     def tile(ref):
         return ref.at[row_ids[:, None], lanes[None, :]]
 
-    def param(ref):
+    def load_tile(ref):
+        return None if ref is None else masked_load(tile(ref), tile_mask)
+
+    def load_param(ref):
         return None if ref is None else masked_load(ref.at[lanes], lane_mask)[None, :]
 
-    x = masked_load(tile(x_ref), tile_mask)
-    residual = None if res_ref is None else masked_load(tile(res_ref), tile_mask)
-    h, h_out = _sum_in_f32(x, residual)
-    if h_ref is not None:
-        masked_store(tile(h_ref), h_out, tile_mask)
-    y, mean, rstd = _normalize(
-        h, hidden, None if lane_mask is None else lane_mask[None, :],
-        subtract_mean=subtract_mean, eps=eps, scale=param(scale_ref),
-        scale_offset=scale_offset, bias=param(bias_ref),
+    y, h, mean, rstd = _norm_rows(
+        load_tile(x_ref), load_tile(res_ref), load_param(scale_ref), load_param(bias_ref),
+        hidden=hidden, lane_mask=None if lane_mask is None else lane_mask[None, :],
+        subtract_mean=subtract_mean, eps=eps, scale_offset=scale_offset,
     )
     masked_store(tile(y_ref), y.astype(y_ref.dtype), tile_mask)
-    stat_block = lambda ref: ref.at[pl.ds(row0, block_rows)]
-    if mean_ref is not None:
-        masked_store(stat_block(mean_ref), mean[:, 0], row_mask)
-    masked_store(stat_block(rstd_ref), rstd[:, 0], row_mask)
+    if h_ref is not None:
+        masked_store(tile(h_ref), h, tile_mask)
+    for ref, stat in ((mean_ref, mean), (rstd_ref, rstd)):
+        if ref is not None:
+            masked_store(ref.at[pl.ds(row0, block_rows)], stat[:, 0], row_mask)
 
 
-def norm_triton(
+def _triton_call(x, residual, scale, bias, *, rows, hidden, out_dtype, subtract_mean, eps,
+                 scale_offset, interpret, block_rows, name):
+    block_h = next_power_of_2(hidden)
+    br = _triton_block_rows(rows, block_h, block_rows)
+    kernel = functools.partial(
+        _triton_kernel, rows=rows, hidden=hidden, block_rows=br, block_h=block_h,
+        subtract_mean=subtract_mean, eps=eps, scale_offset=scale_offset,
+    )
+    # No BlockSpecs: every program sees whole arrays and slices them itself, because BlockSpec
+    # blocks are loaded unmasked by the Triton lowering (the lanes past H would be read).
+    with quiet_triton_deprecation():
+        return pl.pallas_call(
+            kernel,
+            out_shape=_out_shapes(rows, hidden, x.dtype, out_dtype,
+                                  has_residual=residual is not None,
+                                  subtract_mean=subtract_mean, stat_shape=(rows,)),
+            grid=(cdiv(rows, br),),
+            compiler_params=pltriton.CompilerParams(num_warps=_triton_num_warps(br * block_h)),
+            interpret=interpret,
+            name=name,
+        )(x, residual, scale, bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# The entry point
+# ----------------------------------------------------------------------------------------------
+
+_BACKENDS = {
+    "tpu": (tpu_unsupported_reason, _tpu_call),
+    "triton": (triton_unsupported_reason, _triton_call),
+}
+
+
+def norm(
     x: Array,
     scale: Array | None = None,
     bias: Array | None = None,
     residual: Array | None = None,
     *,
+    backend: str,
     subtract_mean: bool,
     eps: float,
     scale_offset: float = 0.0,
@@ -503,53 +462,58 @@ def norm_triton(
     interpret: bool = False,
     block_rows: int | None = None,
 ) -> tuple[Array, ...]:
-    """RMSNorm or LayerNorm of the rows of ``x`` (or of ``x + residual``), as one Triton (GPU)
-    kernel.
+    """RMSNorm (``subtract_mean=False``) or LayerNorm of the rows of ``x`` (or of
+    ``x + residual``), as one Pallas kernel for ``backend`` (``"tpu"`` or ``"triton"``).
 
-    Same arguments and results as :func:`norm_tpu`, except ``block_rows``: rows per program, a
-    power of two; None groups rows until a program has ~4096 elements (at most 16 rows). A row
-    is one power-of-two block (``next_pow2(H)`` lanes, masked past H), so H is limited to 65536
-    (see :func:`triton_unsupported_reason`).
+    Args:
+      x: ``(R, H)``, normalized over H.
+      scale, bias: ``(H,)`` or None; any supported float dtype (math is f32).
+      residual: ``(R, H)`` in ``x.dtype``, or None. When given, the kernel normalizes
+        ``h = x + residual`` (rounded to ``x.dtype``) and also returns ``h``.
+      backend: ``"tpu"`` (Mosaic) or ``"triton"`` (GPU).
+      subtract_mean: False for RMSNorm, True for LayerNorm.
+      eps: added to the variance under the rsqrt.
+      scale_offset: the norm multiplies by ``scale + scale_offset`` (1.0 for Gemma); needs a
+        scale.
+      out_dtype: dtype of ``y``; default ``x.dtype``.
+      interpret: run in Pallas' HLO interpreter (any backend, e.g. CPU for tests).
+      block_rows: rows per grid step (TPU) or program (Triton). TPU: None picks the most that
+        fit the VMEM budget (see :func:`_tpu_block_rows`); a given one must be a multiple of 8
+        (16 for 16-bit x or y) or cover all rows, and blocks over the budget raise Mosaic's
+        scoped VMEM limit. Triton: a power of two; None groups rows until a program has ~4096
+        elements (at most 16 rows). A Triton row is one power-of-two block (``next_pow2(H)``
+        lanes, masked past H), so H is limited to 65536 there.
+
+    Returns:
+      ``(y, rstd)`` for RMSNorm, ``(y, mean, rstd)`` for LayerNorm; with a residual,
+      ``(y, h, rstd)`` / ``(y, h, mean, rstd)``. Statistics are f32 of shape ``(R,)``.
 
     Raises:
-      NotImplementedError: when :func:`triton_unsupported_reason` (or a mixed x/residual dtype)
-        rules the problem out, so the caller can fall back to XLA.
+      NotImplementedError: when :func:`tpu_unsupported_reason` /
+        :func:`triton_unsupported_reason` (or a mixed x/residual dtype) rules the problem out,
+        so the caller can fall back to XLA.
+      ValueError: for inconsistent shapes, an unknown backend or an illegal block size.
     """
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend={backend!r}; expected one of {sorted(_BACKENDS)}.")
+    unsupported_reason, call = _BACKENDS[backend]
     rows, hidden = _check_operands(x, scale, bias, residual, scale_offset)
     out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
-    _raise_if_unsupported(triton_unsupported_reason, x, scale, bias, residual, out_dtype)
-    block_h = next_power_of_2(hidden)
-    br = _triton_block_rows(rows, block_h, block_rows)
-    n_stats = 2 if subtract_mean else 1
+    _raise_if_unsupported(unsupported_reason, x, scale, bias, residual, out_dtype)
+    outs = call(x, residual, scale, bias, rows=rows, hidden=hidden, out_dtype=out_dtype,
+                subtract_mean=subtract_mean, eps=float(eps), scale_offset=float(scale_offset),
+                interpret=interpret, block_rows=block_rows,
+                name=_kernel_name(subtract_mean, residual is not None))
+    return tuple(a for a in outs if a is not None)
 
-    out_shape = [jax.ShapeDtypeStruct((rows, hidden), out_dtype)]
-    if residual is not None:
-        out_shape.append(jax.ShapeDtypeStruct((rows, hidden), x.dtype))
-    out_shape += [jax.ShapeDtypeStruct((rows,), jnp.float32)] * n_stats
-    operands = [a for a in (x, residual, scale, bias) if a is not None]
 
-    kernel = functools.partial(
-        _triton_norm_kernel,
-        rows=rows, hidden=hidden, block_rows=br, block_h=block_h,
-        has_residual=residual is not None,
-        has_scale=scale is not None,
-        has_bias=bias is not None,
-        subtract_mean=subtract_mean,
-        eps=float(eps),
-        scale_offset=float(scale_offset),
-    )
-    # No BlockSpecs: every program sees whole arrays and slices them itself, because BlockSpec
-    # blocks are loaded unmasked by the Triton lowering (the lanes past H would be read).
-    with quiet_triton_deprecation():
-        outs = pl.pallas_call(
-            kernel,
-            out_shape=tuple(out_shape),
-            grid=(cdiv(rows, br),),
-            compiler_params=pltriton.CompilerParams(num_warps=_triton_num_warps(br * block_h)),
-            interpret=interpret,
-            name=_kernel_name(subtract_mean, residual is not None),
-        )(*operands)
-    y, *rest = outs
-    h = rest.pop(0) if residual is not None else None
-    mean, rstd = rest if subtract_mean else (None, rest[0])
-    return _finish(y, h, mean, rstd)
+def norm_tpu(x: Array, scale: Array | None = None, bias: Array | None = None,
+             residual: Array | None = None, **kwargs: Any) -> tuple[Array, ...]:
+    """The norm as one Mosaic (TPU) kernel: :func:`norm` with ``backend="tpu"``."""
+    return norm(x, scale, bias, residual, backend="tpu", **kwargs)
+
+
+def norm_triton(x: Array, scale: Array | None = None, bias: Array | None = None,
+                residual: Array | None = None, **kwargs: Any) -> tuple[Array, ...]:
+    """The norm as one Triton (GPU) kernel: :func:`norm` with ``backend="triton"``."""
+    return norm(x, scale, bias, residual, backend="triton", **kwargs)

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 from jfuse._jax import jaxpr as jx
 from jfuse.config import FuseOptions
 from jfuse.graph import Graph
-from jfuse.report import FusedSite, MissedFusion, MissReason
+from jfuse.report import KERNEL_PLATFORMS, FusedSite, MissedFusion, MissReason
 
 
 # The hint for a block whose intermediates are read by autodiff-generated equations.
@@ -52,20 +52,35 @@ class Site:
     # output before its epilogue); each pass estimates it from the avals.
     bytes_saved: int = 0
     graph: Graph | None = None
+    # Per lowering platform ("tpu", "cuda"), why its kernel will not serve this block (the op then
+    # runs XLA there); see :func:`kernel_refusals`.
+    kernel_refusals: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def replay(self) -> Callable[..., tuple]:
         """The block as the user wrote it: what runs if the fused op fails."""
         return replay_block(self.absorbed, self.inputs, self.outputs, self.graph)
 
-    def to_report(self) -> FusedSite:
-        return FusedSite(self.pattern, self.where, self.detail, self.bytes_saved)
+    def to_report(self, implementation: str | None = None) -> FusedSite:
+        """The report's entry, with what each platform runs under ``implementation``."""
+        platforms, reasons = {}, {}
+        for platform in KERNEL_PLATFORMS:
+            reason = self.kernel_refusals.get(platform)
+            if implementation == "xla":
+                platforms[platform], reasons[platform] = "xla", "implementation='xla'"
+            elif implementation == "interpret":
+                platforms[platform] = "interpret"
+            elif reason:  # (under "pallas", only on a platform other than the one it runs on)
+                platforms[platform], reasons[platform] = "xla", reason
+            else:
+                platforms[platform] = "kernel"
+        return FusedSite(self.pattern, self.where, self.detail, self.bytes_saved, platforms,
+                         reasons)
 
 
-def kernel_notes(tpu_reason: str | None, gpu_reason: str | None) -> str:
-    """The suffix of a site's detail naming the platforms that run XLA instead of the kernel."""
-    notes = [f"{label}: XLA ({reason})"
-             for label, reason in (("TPU", tpu_reason), ("GPU", gpu_reason)) if reason]
-    return "" if not notes else " [" + "; ".join(notes) + "]"
+def kernel_refusals(tpu_reason: str | None, gpu_reason: str | None) -> dict[str, str]:
+    """Per lowering platform, why its kernel will not run this site (platforms that will: absent)."""
+    return {platform: reason
+            for platform, reason in (("tpu", tpu_reason), ("cuda", gpu_reason)) if reason}
 
 
 @dataclasses.dataclass

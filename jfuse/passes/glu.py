@@ -32,7 +32,7 @@ from jfuse.passes._matmul import bias_source, is_float, is_miss, look_through_we
 from jfuse.passes._matmul import matmul_orientation, other_operand
 from jfuse.pallas import glu as kernels
 from jfuse.passes.base import AUTODIFF_HINT, MatchResult, Pattern, Site
-from jfuse.passes.base import kernel_notes, replay_block
+from jfuse.passes.base import kernel_refusals, replay_block
 from jfuse.report import MissedFusion, MissReason
 
 NAME = "glu"
@@ -384,16 +384,19 @@ def _site(graph, mul, eqns, gate: _Branch, up: _Branch, activation, out, options
     if gate.w_is_nk:
         detail += ", W as (N, K)"
     dtype = gate.x.aval.dtype
-    detail += kernel_notes(
+    # The profitability rule applies where the op picks (implementation=None); "pallas" asks
+    # for the kernel wherever it can run.
+    preferred = options.implementation is None
+    refusals = kernel_refusals(
         kernels.tpu_unsupported_reason(m, k, n, dtype)
-        or kernels.profitability_reason("tpu", m, k, n, dtype),
+        or (preferred and kernels.profitability_reason("tpu", m, k, n, dtype)) or None,
         kernels.triton_unsupported_reason(m, k, n, dtype)
-        or kernels.profitability_reason("gpu", m, k, n, dtype),
+        or (preferred and kernels.profitability_reason("gpu", m, k, n, dtype)) or None,
     )
     # Unfused, both (M, N) products go to memory and come back for the gate.
     saved = 2 * 2 * m * n * np.dtype(gate.dot.outvars[0].aval.dtype).itemsize
     return Site(NAME, eqns, inputs, [out], emit, user_source_line(mul), detail, saved,
-                graph)
+                graph, refusals)
 
 
 PATTERN = Pattern(NAME, frozenset({"mul"}), match_glu)

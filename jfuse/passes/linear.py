@@ -31,7 +31,7 @@ from jfuse.passes._matmul import bias_source, is_miss, look_through_weight_trans
 from jfuse.passes._matmul import matmul_orientation, moves_first_axis_last, other_operand
 from jfuse.pallas import linear as kernels
 from jfuse.passes.base import AUTODIFF_HINT, MatchResult, Pattern, Site
-from jfuse.passes.base import kernel_notes, replay_block
+from jfuse.passes.base import kernel_refusals, replay_block
 from jfuse.report import MissedFusion, MissReason
 
 NAME = "linear"
@@ -217,12 +217,13 @@ def _make_site(graph, block, x, w, w_is_nk, bias, preactivation, activation, wei
     detail = f"{'+'.join(parts)} ({m}x{k})@({k}x{n}) {np.dtype(out.aval.dtype).name}"
     if w_is_nk:
         detail += ", W as (N, K)"
-    detail += kernel_notes(kernels.tpu_unsupported_reason(m, k, n, x.aval.dtype),
-                           kernels.triton_unsupported_reason(m, k, n, x.aval.dtype))
+    refusals = kernel_refusals(kernels.tpu_unsupported_reason(m, k, n, x.aval.dtype),
+                               kernels.triton_unsupported_reason(m, k, n, x.aval.dtype))
     # Unfused, the matmul result goes to memory and comes back for the bias/activation.
     matmul_out = dot.outvars[0].aval
     saved = 2 * m * n * np.dtype(matmul_out.dtype).itemsize
-    return Site(NAME, eqns, inputs, [out], emit, _where(dot), detail, saved, graph)
+    return Site(NAME, eqns, inputs, [out], emit, _where(dot), detail, saved, graph,
+                refusals)
 
 
 def _moveaxis(a, source: int, destination: int):

@@ -33,11 +33,10 @@ from jfuse.debug import reject
 from jfuse.config import FuseOptions
 from jfuse.core import probe
 from jfuse.graph import Graph, literal_value
-from jfuse.ops.norm import fused_norm
+from jfuse.ops.norm import fused_norm, norm_refusals
 from jfuse.passes._matmul import is_float
-from jfuse.pallas import norm as kernels
 from jfuse.passes.base import AUTODIFF_HINT, MatchResult, Pattern, Site
-from jfuse.passes.base import kernel_notes, replay_block
+from jfuse.passes.base import replay_block
 from jfuse.report import MissedFusion, MissReason
 
 # The pass's name, which stands for all four patterns in patterns=, JFUSE_DISABLE and JFUSE_DEBUG.
@@ -486,15 +485,16 @@ def _site(graph, anchor, root, eqns, out, found, options) -> Site:
         parts.append("sum also returned" if len(outputs) == 2 else "sum not needed")
     dtype = root.aval.dtype
     detail = (f"{rows}x{hidden} {np.dtype(dtype).name}->{np.dtype(out_dtype).name}, "
-              + ", ".join(parts)
-              + kernel_notes(kernels.tpu_unsupported_reason(rows, hidden, dtype),
-                             kernels.triton_unsupported_reason(rows, hidden, dtype)))
+              + ", ".join(parts))
+    refusals = norm_refusals(root.aval, subtract_mean=subtract_mean, has_residual=has_residual,
+                             eps=eps, scale_offset=offset, out_dtype=out_dtype,
+                             implementation=options.implementation)
     # Unfused in training XLA writes the f32 statistics and re-reads the rows for them (one extra
     # read of the (rows, hidden) input); with the residual add, the sum is written and read back.
     itemsize = np.dtype(root.aval.dtype).itemsize
     saved = rows * hidden * itemsize * (3 if has_residual else 1)
     return Site(name, all_eqns, inputs, outputs, emit, user_source_line(anchor), detail, saved,
-                graph)
+                graph, refusals)
 
 
 PATTERN = Pattern(NAME, frozenset({"rsqrt", "sqrt", "pow"}), match_norm, NAMES)

@@ -6,7 +6,9 @@ for exact GELU, the Triton kernel all call it); ``derivative`` is ``d act / dz``
 primitives, used by the fused ops' JVP rules so that autodiff never has to differentiate a kernel.
 
 Names are stable: they are what ``jfuse.ops.linear(..., activation=...)`` accepts and what the
-fusion report prints.
+fusion report prints. The table lives in :mod:`jfuse.core` because the ops, their Pallas kernels
+and the passes all name activations; it imports nothing from jfuse, so none of them has to
+import another layer for it. ``jfuse.ops.ACTIVATIONS`` is the public name of the same table.
 """
 
 from __future__ import annotations

@@ -1,0 +1,88 @@
+"""The report says what really runs on each platform: kernel or XLA, and why.
+
+A fused site records, per lowering platform, whether its op runs the Pallas kernel or XLA (a
+kernel that cannot serve the shape, or is expected to lose to XLA there). These tests check the
+record against the programs jfuse really lowers for "tpu" and "cuda": the number of kernel calls
+in each equals the number of sites the report says run a kernel on that platform.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from lowering import count_kernel_calls, lower_for
+
+import jfuse
+
+
+def _swiglu_block(x, w_gate, w_up, w_down, w_out):
+    h = jax.nn.silu(x @ w_gate) * (x @ w_up)      # K = 64: the GPU kernel runs
+    h = jax.nn.silu(h @ w_down) * (h @ w_out)     # K = 1024 in bf16: past the GPU threshold
+    return h
+
+
+def _arguments(dtype=jnp.bfloat16):
+    rng = np.random.default_rng(0)
+    shapes = [(32, 64), (64, 1024), (64, 1024), (1024, 128), (1024, 128)]
+    return [jnp.asarray(rng.standard_normal(s) / np.sqrt(s[0]), dtype) for s in shapes]
+
+
+def test_each_site_records_kernel_or_xla_per_platform():
+    report = jfuse.explain(_swiglu_block)(*_arguments())
+    assert report.fused == {"glu": 2}, str(report)
+    first, second = report.sites
+    assert first.platforms == {"tpu": "kernel", "cuda": "kernel"}
+    assert second.platforms == {"tpu": "kernel", "cuda": "xla"}
+    assert "K=1024" in second.platform_reasons["cuda"], second.platform_reasons
+    assert "GPU: XLA (" in str(report) and "TPU: XLA" not in str(report)
+    as_json = json.loads(json.dumps(report.to_dict()))
+    assert as_json["sites"][1]["platforms"]["cuda"] == "xla"
+    assert as_json["sites"][1]["platform_reasons"]["cuda"] == second.platform_reasons["cuda"]
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_kernel_calls_lowered_match_the_report(platform):
+    args = _arguments()
+    fused = jfuse.fuse(_swiglu_block)
+    text = lower_for(fused, *args, platform=platform)
+    report = fused.last_report
+    expected = sum(site.runs_kernel_on(platform) for site in report.sites)
+    assert expected == (2 if platform == "tpu" else 1)
+    assert count_kernel_calls(text, platform) == expected
+
+
+@pytest.mark.parametrize("implementation, runs", [("xla", "xla"), ("interpret", "interpret"),
+                                                  ("pallas", "kernel")])
+def test_implementation_option_is_what_the_report_says_runs(implementation, runs):
+    args = _arguments(jnp.float32)[:3]
+    report = jfuse.explain(lambda x, wg, wu: jax.nn.silu(x @ wg) * (x @ wu),
+                           implementation=implementation)(*args)
+    assert report.fused == {"glu": 1}, str(report)
+    assert report.sites[0].platforms == {"tpu": runs, "cuda": runs}
+    if implementation == "xla":
+        assert "XLA (implementation='xla')" in str(report)
+
+
+def test_pallas_reports_the_glu_kernel_past_its_profitability_rule():
+    args = _arguments()
+    report = jfuse.explain(_swiglu_block, implementation="pallas")(*args)
+    assert [site.platforms["cuda"] for site in report.sites] == ["kernel", "kernel"]
+    text = lower_for(jfuse.fuse(_swiglu_block, implementation="pallas"), *args, platform="cuda")
+    assert count_kernel_calls(text, "cuda") == 2
+
+
+def test_pallas_on_one_platform_ignores_another_platforms_refusal(rng):
+    # The TPU kernel refuses f16; lowered for the GPU, "pallas" still runs the Triton kernel.
+    x = jnp.asarray(rng.standard_normal((16, 64)), jnp.float16)
+    w = jnp.asarray(rng.standard_normal((64, 128)) / 8, jnp.float16)
+    block = lambda x, w: jax.nn.relu(x @ w)
+    report = jfuse.explain(block, implementation="pallas")(x, w)
+    assert report.fused == {"linear": 1} and not report.fallbacks
+    site = report.sites[0]
+    assert site.platforms == {"tpu": "xla", "cuda": "kernel"} and "float16" in site.platform_reasons["tpu"]
+    fused = jfuse.fuse(block, implementation="pallas")
+    assert count_kernel_calls(lower_for(fused, x, w, platform="cuda"), "cuda") == 1
