@@ -30,7 +30,7 @@ from jfuse.core import probe
 from jfuse.core.probe import erf, sigmoid
 from jfuse.graph import Graph, literal_value
 
-# float64 references of the smooth activations (see jfuse.ops.activations for the kernels').
+# float64 references of the smooth activations (see jfuse.core.activations for the kernels').
 SMOOTH_REFERENCES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "silu": lambda x: x * sigmoid(x),
     "sigmoid": sigmoid,
