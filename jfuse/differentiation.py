@@ -13,8 +13,9 @@ Semantics, exactly:
   ``jax`` module, are replaced; a reference taken before the trace (``from jax import grad``)
   and every other transformation (``jvp``, ``jacrev``, ``vmap``) are left alone.
 - A function that is already fused (``is_fused(fun)``) is differentiated as it is.
-- The replacement lasts while the context is active, in every thread (the attributes are
-  module-global); nested contexts (a jfuse trace inside a jfuse trace) keep the outermost
+- The replacement lasts while the context is active and is seen by every thread (the
+  attributes are module-global); the context holds a re-entrant lock, so another thread's jfuse
+  trace waits for it. Nested contexts (a jfuse trace inside a jfuse trace) keep the outermost
   replacement and restore the originals once, when the outermost context exits, also on error.
 - Arguments and results are those of the JAX function: the wrapper only changes ``fun``.
 
