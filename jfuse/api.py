@@ -1,7 +1,7 @@
 """``jfuse.jit``, ``jfuse.fuse`` and ``jfuse.explain``: the public entry points.
 
 ``fuse(fn)`` is the rewrite alone. Each call flattens the arguments, traces ``fn`` to a jaxpr,
-rewrites it (see :mod:`jfuse.rewrite`) and evaluates the result with ``jax.core.eval_jaxpr`` under
+rewrites it (see :mod:`jfuse.rewrite`) and evaluates the result with JAX's ``eval_jaxpr`` under
 whatever transformation is active, so ``jax.grad(fuse(f))``, ``jax.vmap``, ``jax.jvp``,
 ``jax.checkpoint`` and ``jax.jit`` compose with it. Rewrites are cached per abstract signature
 (treedef, shapes, dtypes, weak types, shardings and the values of non-array arguments).
@@ -17,11 +17,9 @@ in the report.
 from __future__ import annotations
 
 import collections
-import contextlib
 import contextvars
 import dataclasses
 import functools
-import threading
 import inspect
 import itertools
 import logging
@@ -31,12 +29,14 @@ from typing import Any, Callable, Iterable
 import jax
 import numpy as np
 
-from jfuse import _jax_compat as jc
+from jfuse._jax import jaxpr as jx
+from jfuse._jax.source import short_path
 from jfuse.config import FuseOptions, raise_internal_errors
 from jfuse.core.kernel_calls import kernel_calls
-from jfuse.ops._partitionable import partition_context
+from jfuse.core.markers import partition_context
+from jfuse.differentiation import fusing_differentiated_functions
 from jfuse.report import FusionReport
-from jfuse.rewrite import Rewriter
+from jfuse.rewrite import PATTERN_GROUPS, Rewriter
 from jfuse.shared_calls import inline_fused_calls
 from jfuse.sharding.inputs import InputLayouts, dynamic_specs, input_layouts
 from jfuse.sharding.partition import Partitioner
@@ -51,59 +51,17 @@ _TRACE_SERIALS = itertools.count(1)
 # traces can read their layouts: inside the trace only the mesh is visible, not the splits.
 _jit_call: contextvars.ContextVar = contextvars.ContextVar("jfuse_jit_call", default=None)
 
-# jax.grad(loss) inside a jfuse-traced function differentiates `loss` before jfuse sees it, and
-# the joint forward+backward graph hides the forward blocks behind their backward readers. So
-# while jfuse traces a function, these JAX entry points fuse the function they differentiate
-# first: jax.grad(loss) becomes jax.grad(jfuse.fuse(loss)), whose fused ops carry their own JVPs.
-_DIFFERENTIATING = ("grad", "value_and_grad", "vjp")
-_patch_lock = threading.RLock()
-_patch_depth = 0
-
-
-@contextlib.contextmanager
-def _fusing_differentiated_functions(options: FuseOptions, inner_reports: list):
-    global _patch_depth
-    with _patch_lock:
-        if _patch_depth:  # already inside a jfuse trace: the outer patch is in place
-            _patch_depth += 1
-            try:
-                yield
-            finally:
-                _patch_depth -= 1
-            return
-        originals = {name: getattr(jax, name) for name in _DIFFERENTIATING}
-
-        def patched(name):
-            original = originals[name]
-
-            @functools.wraps(original)
-            def differentiate(fun, *args, **kwargs):
-                if not isinstance(fun, FusedFunction):
-                    # Reports and strictness belong to the outer function, which merges these.
-                    inner = dataclasses.replace(options, report=False, strict=False)
-                    fun = FusedFunction(fun, inner, inner_reports=inner_reports)
-                return original(fun, *args, **kwargs)
-
-            return differentiate
-
-        _patch_depth = 1
-        try:
-            for name in _DIFFERENTIATING:
-                setattr(jax, name, patched(name))
-            yield
-        finally:
-            for name, original in originals.items():
-                setattr(jax, name, original)
-            _patch_depth = 0
+def _is_fused(fun: Any) -> bool:
+    return isinstance(fun, FusedFunction)
 
 
 def _is_array_leaf(leaf: Any) -> bool:
-    return isinstance(leaf, (jax.Array, np.ndarray, np.generic, jc.Tracer))
+    return isinstance(leaf, (jax.Array, np.ndarray, np.generic, jx.Tracer))
 
 
 def _aval_key(leaf: Any) -> Any:
     aval = jax.typeof(leaf)
-    sharding = getattr(leaf, "sharding", None) if not isinstance(leaf, jc.Tracer) else None
+    sharding = getattr(leaf, "sharding", None) if not isinstance(leaf, jx.Tracer) else None
     return (aval.shape, str(aval.dtype), getattr(aval, "weak_type", False), str(sharding))
 
 
@@ -111,7 +69,7 @@ def _describe_function(fn: Callable) -> str:
     name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
     try:
         target = inspect.unwrap(fn)
-        file = jc.short_path(inspect.getsourcefile(target) or "?")
+        file = short_path(inspect.getsourcefile(target) or "?")
         line = target.__code__.co_firstlineno
         return f"{name} ({file}:{line})"
     except (TypeError, AttributeError, OSError):
@@ -149,7 +107,7 @@ class FusionError(RuntimeError):
 class _Compiled:
     """The rewrite of one signature, ready to evaluate."""
 
-    def __init__(self, jaxpr: jc.ClosedJaxpr, consts, out_tree, report: FusionReport,
+    def __init__(self, jaxpr: jx.ClosedJaxpr, consts, out_tree, report: FusionReport,
                  consts_as_inputs: bool, cacheable: bool):
         self.jaxpr = jaxpr
         self.consts = list(consts)
@@ -160,9 +118,9 @@ class _Compiled:
 
     def __call__(self, dynamic: list) -> Any:
         if self.consts_as_inputs:
-            outs = jax.core.eval_jaxpr(self.jaxpr.jaxpr, self.jaxpr.consts, *self.consts, *dynamic)
+            outs = jx.eval_jaxpr(self.jaxpr.jaxpr, self.jaxpr.consts, *self.consts, *dynamic)
         else:
-            outs = jax.core.eval_jaxpr(self.jaxpr.jaxpr, self.consts, *dynamic)
+            outs = jx.eval_jaxpr(self.jaxpr.jaxpr, self.consts, *dynamic)
         return jax.tree_util.tree_unflatten(self.out_tree, outs)
 
 
@@ -253,49 +211,60 @@ class FusedFunction:
         inner_reports: list[FusionReport] = []
         with partition_context():
             try:
-                with _fusing_differentiated_functions(self._options, inner_reports):
+                with fusing_differentiated_functions(self._fuse_inner(inner_reports),
+                                                     is_fused=_is_fused):
                     closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*dynamic)
             except Exception:
                 return None
             return self._rewrite(closed, out_shape, leaves, treedef, inner_reports, layouts)
 
+    def _fuse_inner(self, inner_reports: list) -> Callable[[Callable], "FusedFunction"]:
+        """How a function differentiated inside this trace is fused (see
+        :mod:`jfuse.differentiation`): with these options, its report folded into this one's."""
+        # Reports and strictness belong to the outer function, which merges these.
+        inner = dataclasses.replace(self._options, report=False, strict=False)
+        return lambda fun: FusedFunction(fun, inner, inner_reports=inner_reports)
+
     def _rewrite(self, closed, out_shape, leaves, treedef, inner_reports, layouts):
+        """The traced program as it will run: rewritten, or unfused if the rewrite failed."""
         out_tree = jax.tree_util.tree_structure(out_shape)
-        cacheable = not any(isinstance(c, jc.Tracer) for c in closed.consts)
-        a, k = jax.tree_util.tree_unflatten(treedef, leaves)
-        report = FusionReport(_describe_function(self._fn), _describe_signature(a, k))
+        cacheable = not any(isinstance(c, jx.Tracer) for c in closed.consts)
+        report = self._new_report(leaves, treedef)
         try:
             rewriter = Rewriter(self._options)
             rewritten = rewriter.rewrite(closed.jaxpr, closed.consts, consts_as_inputs=True)
-            rewriter.report.function, rewriter.report.signature = report.function, report.signature
-            report = rewriter.report
-            for inner in inner_reports:
-                report.merge(inner)
+            report = _merged_report(rewriter.report, report, inner_reports)
             if self._inner_reports is None:  # the outermost function sees the whole program
-                rewritten = self._partition(rewritten, closed.consts, layouts, report)
-                rewritten = inline_fused_calls(rewritten)
+                rewritten = self._finish(rewritten, closed.consts, layouts, report)
             entry = _Compiled(rewritten, closed.consts, out_tree, report, True, cacheable)
         except Exception as error:
-            if raise_internal_errors():
-                raise
-            message = (
-                f"the rewrite failed ({type(error).__name__}: {error}); the function runs unfused"
-            )
-            warnings.warn("jfuse: " + message, RuntimeWarning, stacklevel=3)
-            report.fallbacks.append(message)
+            _record_fallback(report, error)
             entry = _Compiled(closed, closed.consts, out_tree, report, False, cacheable)
         self.last_report = report
         if self._inner_reports is not None:
             self._inner_reports.append(report)
-            return entry
+        else:
+            self._announce(report)
+        return entry
+
+    def _new_report(self, leaves, treedef) -> FusionReport:
+        a, k = jax.tree_util.tree_unflatten(treedef, leaves)
+        return FusionReport(_describe_function(self._fn), _describe_signature(a, k))
+
+    def _finish(self, rewritten: jx.ClosedJaxpr, consts, layouts, report: FusionReport):
+        """The whole rewritten program as XLA should see it: kernels laid out per shard, shared
+        fused calls inlined."""
+        return inline_fused_calls(self._partition(rewritten, consts, layouts, report))
+
+    def _announce(self, report: FusionReport) -> None:
+        """Log the report, print it if asked, and raise under strict mode if anything missed."""
         logger.info("%s", report)
         if self._options.should_print_report():
             print(report)
         if self._options.is_strict() and (report.missed or report.fallbacks):
             raise FusionError(report)
-        return entry
 
-    def _partition(self, rewritten: jc.ClosedJaxpr, consts, layouts, report: FusionReport):
+    def _partition(self, rewritten: jx.ClosedJaxpr, consts, layouts, report: FusionReport):
         """Lay out the fused ops' kernels per shard (see :mod:`jfuse.sharding.partition`)."""
         if layouts is None:
             mesh, problem = None, (
@@ -324,8 +293,26 @@ class FusedFunction:
         return partitioned
 
 
+def _merged_report(rewritten: FusionReport, named: FusionReport, inner_reports) -> FusionReport:
+    """The rewriter's report under ``named``'s function and signature, with the reports of the
+    functions differentiated inside the trace folded in."""
+    rewritten.function, rewritten.signature = named.function, named.signature
+    for inner in inner_reports:
+        rewritten.merge(inner)
+    return rewritten
+
+
+def _record_fallback(report: FusionReport, error: Exception) -> None:
+    """A failed rewrite: warn, and say in the report that the function runs unfused."""
+    if raise_internal_errors():
+        raise error
+    message = f"the rewrite failed ({type(error).__name__}: {error}); the function runs unfused"
+    warnings.warn("jfuse: " + message, RuntimeWarning, stacklevel=4)
+    report.fallbacks.append(message)
+
+
 def _const_spec(value) -> Any:
-    if isinstance(value, jc.Tracer):
+    if isinstance(value, jx.Tracer):
         return None
     ndim = len(np.shape(value))
     sharding = getattr(value, "sharding", None)
@@ -358,7 +345,8 @@ def fuse(
 
         grads = jax.jit(jax.grad(jfuse.fuse(loss)))(params, batch)
     """
-    options = FuseOptions.create(patterns, implementation, report, strict)
+    options = FuseOptions.create(patterns, implementation, report, strict,
+                                 known_patterns=PATTERN_GROUPS)
     if fn is None:
         return lambda f: FusedFunction(f, options)
     return FusedFunction(fn, options)

@@ -9,26 +9,29 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Iterable
 
-from jfuse import _jax_compat as jc
+from jfuse._jax import jaxpr as jx
+from jfuse._jax.source import user_source_line
 
 
-def _wanted(pattern: str) -> bool:
+def _wanted(pattern: str, serves: Iterable[str]) -> bool:
     value = os.environ.get("JFUSE_DEBUG", "")
     if not value:
         return False
     names = {v.strip() for v in value.split(",")}
-    # The norm pass serves rms_norm, layer_norm and their add_ variants: any of them asks for it.
-    return "all" in names or any(name and name.endswith(pattern) for name in names)
+    # A pass that serves several patterns (norm: rms_norm, layer_norm, ...) answers to each.
+    return "all" in names or pattern in names or bool(names & set(serves))
 
 
-def enabled(pattern: str) -> bool:
-    """True when ``JFUSE_DEBUG`` asks about ``pattern``."""
-    return _wanted(pattern)
+def enabled(pattern: str, serves: Iterable[str] = ()) -> bool:
+    """True when ``JFUSE_DEBUG`` asks about the pass ``pattern`` (or a pattern it ``serves``)."""
+    return _wanted(pattern, serves)
 
 
-def reject(pattern: str, anchor: jc.JaxprEqn, why: str) -> None:
-    """Print why the candidate of ``pattern`` anchored at ``anchor`` is not a site."""
-    if _wanted(pattern):
-        print(f"jfuse debug [{pattern}] {anchor.primitive.name} at {jc.user_source_line(anchor)}: "
+def reject(pattern: str, anchor: jx.JaxprEqn, why: str, serves: Iterable[str] = ()) -> None:
+    """Print why the candidate of the pass ``pattern`` (serving the patterns ``serves``)
+    anchored at ``anchor`` is not a site."""
+    if _wanted(pattern, serves):
+        print(f"jfuse debug [{pattern}] {anchor.primitive.name} at {user_source_line(anchor)}: "
               f"{why}", file=sys.stderr)

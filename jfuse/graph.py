@@ -7,8 +7,12 @@ linear in the number of equations.
 :func:`canonicalize` rewrites a jaxpr into the form the passes expect: nested ``jit`` calls
 inlined (``jax.nn.silu`` is one), identical pure equations merged (LayerNorm computes ``x - mean``
 twice), every equation keeping the user's source line. It edits the jaxpr (through the few
-constructors in :mod:`jfuse._jax_compat`), which costs a fraction of re-tracing it; the rare
-form editing cannot handle (a ``closed_call``, a call with constants) is re-traced instead.
+helpers in :mod:`jfuse._jax.jaxpr`), which costs a fraction of re-tracing it; the rare form
+editing cannot handle (a ``closed_call``, a call with constants) is re-traced instead, with the
+same rules run by the shared evaluator.
+
+It knows jfuse's own markers (:mod:`jfuse.core.markers`) only to leave them whole; it knows
+nothing of the patterns, the ops or the kernels.
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from jfuse import _jax_compat as jc
-from jfuse.ops._partitionable import marker_id
-from jfuse.shared_calls import is_fused_call
+from jfuse._jax import compat
+from jfuse._jax import jaxpr as jx
+from jfuse._jax.jaxpr import literal_value  # noqa: F401  (passes read literals from here)
+from jfuse._jax.source import equation_context, generated_by_autodiff, is_backward
+from jfuse.core.markers import is_fused_call, marker_id
 
 Atom = Any  # a Var or a Literal
 
@@ -28,49 +34,49 @@ Atom = Any  # a Var or a Literal
 class Graph:
     """Producers, users and positions of the variables of one (canonical) jaxpr."""
 
-    def __init__(self, jaxpr: jc.Jaxpr):
+    def __init__(self, jaxpr: jx.Jaxpr):
         self.jaxpr = jaxpr
-        self.eqns: list[jc.JaxprEqn] = list(jaxpr.eqns)
+        self.eqns: list[jx.JaxprEqn] = list(jaxpr.eqns)
         self._position: dict[int, int] = {}
-        self._producer: dict[jc.Var, jc.JaxprEqn] = {}
-        self._users: dict[jc.Var, list[jc.JaxprEqn]] = {}
+        self._producer: dict[jx.Var, jx.JaxprEqn] = {}
+        self._users: dict[jx.Var, list[jx.JaxprEqn]] = {}
         for pos, eqn in enumerate(self.eqns):
             self._position[id(eqn)] = pos
             for var in eqn.invars:
-                if isinstance(var, jc.Var):
+                if isinstance(var, jx.Var):
                     self._users.setdefault(var, []).append(eqn)
             for var in eqn.outvars:
                 self._producer[var] = eqn
-        self._outvars = {v for v in jaxpr.outvars if isinstance(v, jc.Var)}
+        self._outvars = {v for v in jaxpr.outvars if isinstance(v, jx.Var)}
 
     @functools.cached_property
     def has_backward(self) -> bool:
         """Whether this jaxpr holds a backward pass: it was differentiated before jfuse saw it."""
-        return any(jc.is_backward(e) for e in self.eqns)
+        return any(is_backward(e) for e in self.eqns)
 
-    def hidden_by_autodiff(self, reader: jc.JaxprEqn) -> bool:
+    def hidden_by_autodiff(self, reader: jx.JaxprEqn) -> bool:
         """``reader`` is autodiff's work in a differentiated function (a forward value kept for
         the backward, or the backward itself)."""
-        return self.has_backward and jc.generated_by_autodiff(reader)
+        return self.has_backward and generated_by_autodiff(reader)
 
-    def position(self, eqn: jc.JaxprEqn) -> int:
+    def position(self, eqn: jx.JaxprEqn) -> int:
         return self._position[id(eqn)]
 
-    def producer(self, atom: Atom) -> jc.JaxprEqn | None:
+    def producer(self, atom: Atom) -> jx.JaxprEqn | None:
         """The equation defining ``atom``; None for literals and jaxpr inputs."""
-        if not isinstance(atom, jc.Var):
+        if not isinstance(atom, jx.Var):
             return None
         return self._producer.get(atom)
 
-    def users(self, atom: Atom) -> list[jc.JaxprEqn]:
-        if not isinstance(atom, jc.Var):
+    def users(self, atom: Atom) -> list[jx.JaxprEqn]:
+        if not isinstance(atom, jx.Var):
             return []
         return self._users.get(atom, [])
 
     def is_output(self, atom: Atom) -> bool:
-        return isinstance(atom, jc.Var) and atom in self._outvars
+        return isinstance(atom, jx.Var) and atom in self._outvars
 
-    def sole_user(self, atom: Atom) -> jc.JaxprEqn | None:
+    def sole_user(self, atom: Atom) -> jx.JaxprEqn | None:
         """The only reader of ``atom``, if exactly one equation reads it once and it is no output."""
         users = self.users(atom)
         if len(users) != 1 or self.is_output(atom):
@@ -79,36 +85,27 @@ class Graph:
             return None
         return users[0]
 
-    def read_only_within(self, atom: Atom, block: Iterable[jc.JaxprEqn]) -> bool:
+    def read_only_within(self, atom: Atom, block: Iterable[jx.JaxprEqn]) -> bool:
         """True when every reader of ``atom`` is in ``block`` and it is not a jaxpr output."""
         ids = {id(e) for e in block}
         return not self.is_output(atom) and all(id(u) in ids for u in self.users(atom))
 
-    def ancestors_within(self, out: jc.Var, eqns: Iterable[jc.JaxprEqn]) -> list[jc.JaxprEqn]:
+    def ancestors_within(self, out: jx.Var, eqns: Iterable[jx.JaxprEqn]) -> list[jx.JaxprEqn]:
         """The equations among ``eqns`` that ``out`` depends on, in program order."""
         by_out = {v: e for e in eqns for v in e.outvars}
-        needed: dict[int, jc.JaxprEqn] = {}
+        needed: dict[int, jx.JaxprEqn] = {}
         stack = [out]
         while stack:
             eqn = by_out.get(stack.pop())
             if eqn is None or id(eqn) in needed:
                 continue
             needed[id(eqn)] = eqn
-            stack.extend(a for a in eqn.invars if isinstance(a, jc.Var))
+            stack.extend(a for a in eqn.invars if isinstance(a, jx.Var))
         return sorted(needed.values(), key=self.position)
 
-    def readers_outside(self, atom: Atom, block: Iterable[jc.JaxprEqn]) -> list[jc.JaxprEqn]:
+    def readers_outside(self, atom: Atom, block: Iterable[jx.JaxprEqn]) -> list[jx.JaxprEqn]:
         ids = {id(e) for e in block}
         return [u for u in self.users(atom) if id(u) not in ids]
-
-
-def literal_value(atom: Atom) -> float | None:
-    """The Python value of a scalar literal, else None."""
-    if isinstance(atom, jc.Literal):
-        value = np.asarray(atom.val)
-        if value.size == 1:
-            return float(value.reshape(()))
-    return None
 
 
 # --- canonicalization ------------------------------------------------------------------------
@@ -117,19 +114,18 @@ def _shardings_unspecified(params: dict) -> bool:
     # A nested jit that pins shardings carries meaning of its own; only plain ones are inlined.
     for key in ("in_shardings", "out_shardings"):
         for sharding in params.get(key, ()):
-            if type(sharding).__name__ not in ("UnspecifiedValue",):
+            if not compat.is_unspecified_sharding(sharding):
                 return False
     return not params.get("donated_invars") or not any(params["donated_invars"])
 
 
-def _is_inlinable_call(eqn: jc.JaxprEqn) -> bool:
-    name = eqn.primitive.name
-    if name in ("jit", "pjit"):
+def _is_inlinable_call(eqn: jx.JaxprEqn) -> bool:
+    if compat.is_call(eqn):
         # A fused op's sharding marker must stay whole for the partition pass to find it, and
         # a shared fused call is fused already.
         return (_shardings_unspecified(eqn.params) and not eqn.effects
                 and marker_id(eqn) is None and not is_fused_call(eqn))
-    return name in ("closed_call", "core_call")
+    return eqn.primitive.name in compat.PLAIN_CALL_PRIMITIVES
 
 
 def _freeze(value: Any) -> Any:
@@ -149,8 +145,8 @@ class _CommonSubexpressions:
         self._seen: dict[Any, Any] = {}
 
     @staticmethod
-    def key(eqn: jc.JaxprEqn, invals: Sequence[Any], in_atoms: Sequence[Atom]) -> Any:
-        if eqn.effects or jc.jaxpr_params(eqn) or "rng" in eqn.primitive.name:
+    def key(eqn: jx.JaxprEqn, invals: Sequence[Any], in_atoms: Sequence[Atom]) -> Any:
+        if eqn.effects or jx.jaxpr_params(eqn) or "rng" in eqn.primitive.name:
             return None
         try:
             params = tuple(sorted((k, _freeze(v)) for k, v in eqn.params.items()))
@@ -158,7 +154,7 @@ class _CommonSubexpressions:
             return None
         operands = []
         for atom, val in zip(in_atoms, invals):
-            if isinstance(atom, jc.Literal):
+            if isinstance(atom, jx.Literal):
                 # bytes, not repr: printing a numpy scalar costs more than binding the equation
                 value = np.asarray(atom.val)
                 operands.append(("lit", str(atom.aval), value.dtype.str, value.tobytes()))
@@ -175,81 +171,56 @@ class _CommonSubexpressions:
             self._seen[key] = (outs, tuple(invals))
 
 
-def _eval_canonical(jaxpr: jc.Jaxpr, consts: Sequence[Any], args: Sequence[Any], cse) -> list:
-    env: dict[jc.Var, Any] = {}
+def _eval_canonical(jaxpr: jx.Jaxpr, consts: Sequence[Any], args: Sequence[Any], cse) -> list:
+    """Re-trace ``jaxpr`` in canonical form: the evaluator with a rule that inlines plain calls
+    (recursively, sharing ``cse``) and binds each pure equation once."""
 
-    def read(atom: Atom) -> Any:
-        return atom.val if isinstance(atom, jc.Literal) else env[atom]
-
-    for var, val in zip(jaxpr.constvars, consts):
-        env[var] = val
-    for var, val in zip(jaxpr.invars, args):
-        env[var] = val
-    for eqn in jaxpr.eqns:
-        invals = [read(v) for v in eqn.invars]
+    def canonical(_, eqn: jx.JaxprEqn, env: jx.Env) -> list:
+        invals = env.read_all(eqn.invars)
         if _is_inlinable_call(eqn):
-            inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-            inner_jaxpr, inner_consts = jc.open_and_consts(inner)
-            with jc.equation_context(eqn):  # inner equations keep the call's name stack
-                outs = _eval_canonical(inner_jaxpr, inner_consts, invals, cse)
-        else:
-            key = cse.key(eqn, invals, eqn.invars)
-            hit = cse.lookup(key)
-            if hit is not None:
-                outs = hit[0]
-            else:
-                with jc.equation_context(eqn):
-                    outs = eqn.primitive.bind(*invals, **jc.bind_params(eqn))
-                if not eqn.primitive.multiple_results:
-                    outs = [outs]
-                cse.store(key, outs, invals)
-        for var, val in zip(eqn.outvars, outs):
-            if not isinstance(var, jc.DropVar):
-                env[var] = val
-    return [read(v) for v in jaxpr.outvars]
+            inner_jaxpr, inner_consts = jx.open_and_consts(jx.call_body(eqn))
+            with equation_context(eqn):  # inner equations keep the call's name stack
+                return _eval_canonical(inner_jaxpr, inner_consts, invals, cse)
+        key = cse.key(eqn, invals, eqn.invars)
+        hit = cse.lookup(key)
+        if hit is not None:
+            return hit[0]
+        outs = jx.bind(eqn, invals)
+        cse.store(key, outs, invals)
+        return outs
+
+    return jx.evaluate(jaxpr, consts, args, canonical)
 
 
-def _equation_key(eqn: jc.JaxprEqn) -> Any:
+def _equation_key(eqn: jx.JaxprEqn) -> Any:
     """What makes two pure equations interchangeable (see :class:`_CommonSubexpressions`)."""
     return _CommonSubexpressions.key(eqn, eqn.invars, eqn.invars)
 
 
-def _canonical_by_editing(jaxpr: jc.Jaxpr) -> jc.Jaxpr | None:
+def _canonical_by_editing(jaxpr: jx.Jaxpr) -> jx.Jaxpr | None:
     """The canonical form, built by editing the jaxpr; None where only a re-trace can build it
     (a ``closed_call``, or a call whose body has constants)."""
-    inlined = jc.inline_call_equations(jaxpr, _is_inlinable_call, into_bodies=False)
+    inlined = jx.inline_call_equations(jaxpr, _is_inlinable_call, into_bodies=False)
     if any(_is_inlinable_call(eqn) for eqn in inlined.eqns):
         return None
-    return jc.merge_equations(_fold_scalar_conversions(inlined), _equation_key)
+    return jx.merge_equations(jx.replace_literals(inlined, _folded_scalar_conversion),
+                              _equation_key)
 
 
-def _fold_scalar_conversions(jaxpr: jc.Jaxpr) -> jc.Jaxpr:
+def _folded_scalar_conversion(eqn: jx.JaxprEqn) -> jx.Literal | None:
     """``convert_element_type`` of a scalar literal becomes a literal, as it does when JAX traces
     it (``jnp.where(c, x, 0.0)`` inside ``jit`` converts its ``0.0``): the passes read constants
     as literals."""
-    folded: dict[jc.Var, jc.Literal] = {}
-    eqns = []
-    for eqn in jaxpr.eqns:
-        if any(not isinstance(a, jc.Literal) and a in folded for a in eqn.invars):
-            eqn = eqn.replace(invars=[folded.get(a, a) if not isinstance(a, jc.Literal) else a
-                                      for a in eqn.invars])
-        if (eqn.primitive.name == "convert_element_type" and len(eqn.invars) == 1
-                and isinstance(eqn.invars[0], jc.Literal) and np.ndim(eqn.invars[0].val) == 0
-                and not isinstance(eqn.outvars[0], jc.DropVar)):
-            out = eqn.outvars[0]
-            value = np.asarray(eqn.invars[0].val).astype(eqn.params["new_dtype"])
-            folded[out] = jc.Literal(value, out.aval)
-            continue
-        eqns.append(eqn)
-    if not folded:
-        return jaxpr
-    return jaxpr.replace(eqns=eqns, outvars=[folded.get(a, a) if not isinstance(a, jc.Literal)
-                                             else a for a in jaxpr.outvars])
+    if (eqn.primitive.name == "convert_element_type" and len(eqn.invars) == 1
+            and isinstance(eqn.invars[0], jx.Literal) and np.ndim(eqn.invars[0].val) == 0):
+        out = eqn.outvars[0]
+        return jx.Literal(np.asarray(eqn.invars[0].val).astype(eqn.params["new_dtype"]), out.aval)
+    return None
 
 
 def canonicalize(
-    jaxpr: jc.Jaxpr, consts: Sequence[Any], *, consts_as_inputs: bool = False
-) -> jc.ClosedJaxpr:
+    jaxpr: jx.Jaxpr, consts: Sequence[Any], *, consts_as_inputs: bool = False
+) -> jx.ClosedJaxpr:
     """Inline plain nested jits and merge duplicate pure equations; same inputs and outputs.
 
     By default ``consts`` stay constants of the result, so the canonical jaxpr has exactly the
@@ -260,8 +231,8 @@ def canonicalize(
     edited = _canonical_by_editing(jaxpr)
     if edited is not None:
         if consts_as_inputs:
-            return jc.ClosedJaxpr(jc.consts_as_invars(edited), [])
-        return jc.ClosedJaxpr(edited, list(consts))
+            return jx.ClosedJaxpr(jx.consts_as_invars(edited), [])
+        return jx.ClosedJaxpr(edited, list(consts))
     avals = [v.aval for v in jaxpr.invars]
     if consts_as_inputs:
         n_consts = len(consts)
@@ -270,9 +241,9 @@ def canonicalize(
             cse = _CommonSubexpressions()
             return _eval_canonical(jaxpr, args[:n_consts], args[n_consts:], cse)
 
-        return jc.make_closed_jaxpr(run_open, [v.aval for v in jaxpr.constvars] + avals)
+        return jx.make_closed_jaxpr(run_open, [v.aval for v in jaxpr.constvars] + avals)
 
     def run(*args):
         return _eval_canonical(jaxpr, consts, args, _CommonSubexpressions())
 
-    return jc.make_closed_jaxpr(run, avals)
+    return jx.make_closed_jaxpr(run, avals)

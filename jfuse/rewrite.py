@@ -10,6 +10,11 @@ each site's fused op is called where its inputs first exist. ``custom_vjp`` regi
 (their Python fwd/bwd must see the body they were written for); the report lists what would have
 fused inside them. A site whose fused op fails while being traced is evaluated unfused instead,
 with the reason in the report.
+
+The re-trace is the shared evaluator (:func:`jfuse._jax.jaxpr.evaluate`) with one rule: skip what
+a site absorbed, bind rewritten bodies, and emit each site's call where its inputs first exist.
+The rewriter knows jfuse's own markers (:mod:`jfuse.core.markers`) only to leave them whole; it
+knows the ops only through the sites the passes hand it.
 """
 
 from __future__ import annotations
@@ -17,29 +22,30 @@ from __future__ import annotations
 import warnings
 from typing import Any, Sequence
 
-from jfuse import _jax_compat as jc
+from jfuse._jax import compat
+from jfuse._jax import jaxpr as jx
+from jfuse._jax.source import equation_context, user_source_line
 from jfuse.config import FuseOptions, raise_internal_errors
+from jfuse.core.markers import is_jfuse_region
 from jfuse.graph import Graph, canonicalize
-from jfuse.ops._autodiff import is_derivative_region
-from jfuse.ops._partitionable import marker_id
-from jfuse.passes import PIPELINE
+from jfuse.passes import PATTERN_GROUPS, PIPELINE  # noqa: F401  (PATTERN_GROUPS: for the api)
 from jfuse.passes.base import Plan, Site, plan_rewrites
 from jfuse.report import FusionReport, MissedFusion, MissReason
-from jfuse.shared_calls import SharedCalls, is_fused_call
+from jfuse.shared_calls import SharedCalls
 
 # Primitives whose jaxpr params are rewritten recursively. Their bodies keep the same inputs and
 # outputs, so swapping the body leaves every other param valid.
-_NESTED = {"scan", "while", "cond", "checkpoint", "remat", "remat2", "jit", "pjit", "closed_call"}
-_OPAQUE_CUSTOM_VJP = {"custom_vjp_call", "custom_vjp_call_jaxpr"}
+_NESTED = (compat.CONTROL_FLOW_PRIMITIVES | compat.REMAT_PRIMITIVES | compat.CALL_PRIMITIVES
+           | {"closed_call"})
 
 
-def _is_platform_switch(eqn: jc.JaxprEqn, graph: Graph) -> bool:
-    """A ``cond`` on ``platform_index``: a fused op's per-platform implementations (or a user's
+def _is_platform_switch(eqn: jx.JaxprEqn, graph: Graph) -> bool:
+    """A ``cond`` on the platform index: a fused op's per-platform implementations (or a user's
     ``lax.platform_dependent``), whose branches are kernels and references, not model code."""
     if eqn.primitive.name != "cond":
         return False
     producer = graph.producer(eqn.invars[0])
-    return producer is not None and producer.primitive.name == "platform_index"
+    return producer is not None and compat.is_platform_index(producer)
 
 
 class Rewriter:
@@ -51,13 +57,13 @@ class Rewriter:
         self._shared = SharedCalls()
 
     def rewrite(
-        self, jaxpr: jc.Jaxpr, consts: Sequence[Any], *, consts_as_inputs: bool = False
-    ) -> jc.ClosedJaxpr:
+        self, jaxpr: jx.Jaxpr, consts: Sequence[Any], *, consts_as_inputs: bool = False
+    ) -> jx.ClosedJaxpr:
         """The rewritten jaxpr: same inputs (consts first if ``consts_as_inputs``) and outputs."""
         return self._rewrite(jaxpr, consts, consts_as_inputs)[0]
 
-    def _rewrite(self, jaxpr: jc.Jaxpr, consts: Sequence[Any], consts_as_inputs: bool = False
-                 ) -> tuple[jc.ClosedJaxpr, bool]:
+    def _rewrite(self, jaxpr: jx.Jaxpr, consts: Sequence[Any], consts_as_inputs: bool = False
+                 ) -> tuple[jx.ClosedJaxpr, bool]:
         """(the rewritten jaxpr, whether anything in it or below it was fused)."""
         canonical = canonicalize(jaxpr, consts, consts_as_inputs=consts_as_inputs)
         graph = Graph(canonical.jaxpr)
@@ -73,7 +79,7 @@ class Rewriter:
         if not plan.sites and not nested_params:
             return canonical, False
         avals = [v.aval for v in canonical.jaxpr.invars]
-        rewritten = jc.make_closed_jaxpr(
+        rewritten = jx.make_closed_jaxpr(
             lambda *args: self._evaluate(
                 canonical.jaxpr, canonical.consts, args, plan, nested_params),
             avals,
@@ -82,66 +88,57 @@ class Rewriter:
 
     # --- evaluation ---------------------------------------------------------------------------
 
-    def _evaluate(self, jaxpr: jc.Jaxpr, consts, args, plan: Plan, nested_params: dict) -> list:
-        env: dict[jc.Var, Any] = {}
+    def _evaluate(self, jaxpr: jx.Jaxpr, consts, args, plan: Plan, nested_params: dict) -> list:
+        def rewritten(position: int, eqn: jx.JaxprEqn, env: jx.Env):
+            if position in plan.absorbed:
+                return ()  # the site's fused call computes what this equation's block did
+            params = nested_params.get(position)
+            return None if params is None else jx.bind(eqn, env.read_all(eqn.invars), params)
 
-        def read(atom):
-            return atom.val if isinstance(atom, jc.Literal) else env[atom]
+        def emit_sites(position: int, env: jx.Env) -> None:
+            for site in plan.emit_before.get(position, ()):
+                self._emit(site, env)
 
-        env.update(zip(jaxpr.constvars, consts))
-        env.update(zip(jaxpr.invars, args))
-        for pos, eqn in enumerate(jaxpr.eqns):
-            for site in plan.emit_before.get(pos, ()):
-                self._emit(site, read, env)
-            if pos in plan.absorbed:
-                continue
-            params = nested_params.get(pos) or jc.bind_params(eqn)
-            with jc.equation_context(eqn):
-                outs = eqn.primitive.bind(*[read(a) for a in eqn.invars], **params)
-            if not eqn.primitive.multiple_results:
-                outs = [outs]
-            env.update(zip(eqn.outvars, outs))
-        for site in plan.emit_before.get(len(jaxpr.eqns), ()):
-            self._emit(site, read, env)
-        return [read(v) for v in jaxpr.outvars]
+        return jx.evaluate(jaxpr, consts, args, rewritten, emit_sites)
 
-    def _emit(self, site: Site, read, env) -> None:
-        values = [read(a) for a in site.inputs]
+    def _emit(self, site: Site, env: jx.Env) -> None:
+        values = env.read_all(site.inputs)
         try:
-            with jc.equation_context(site.absorbed[0]):
+            with equation_context(site.absorbed[0]):
                 shared = self._shared.function_for(site, values)
                 outs = list(site.emit(*values) if shared is None else shared(*values))
             self.report.sites.append(site.to_report(self.options.implementation))
         except Exception as error:  # a kernel or op that cannot serve: run the block unfused
-            if raise_internal_errors():
-                raise
-            message = (
-                f"{site.pattern} at {site.where}: the fused op failed while tracing "
-                f"({type(error).__name__}: {error}); this block runs unfused"
-            )
-            warnings.warn("jfuse: " + message, RuntimeWarning, stacklevel=2)
-            self.report.fallbacks.append(message)
+            self._fall_back(error, f"{site.pattern} at {site.where}: the fused op failed while "
+                                   f"tracing ({type(error).__name__}: {error}); this block runs "
+                                   "unfused")
             outs = list(site.replay()(*values))
-        env.update(zip(site.outputs, outs))
+        env.write(site.outputs, outs)
+
+    def _fall_back(self, error: Exception, message: str) -> None:
+        """Something failed while rewriting: warn, and note in the report what runs unfused."""
+        if raise_internal_errors():
+            raise error
+        warnings.warn("jfuse: " + message, RuntimeWarning, stacklevel=3)
+        self.report.fallbacks.append(message)
 
     # --- nested jaxprs ------------------------------------------------------------------------
 
     @staticmethod
-    def _has_nested(eqn: jc.JaxprEqn) -> bool:
-        return eqn.primitive.name in _NESTED or eqn.primitive.name in _OPAQUE_CUSTOM_VJP
+    def _has_nested(eqn: jx.JaxprEqn) -> bool:
+        return eqn.primitive.name in _NESTED or compat.is_custom_vjp(eqn)
 
-    def _nested_params(self, eqn: jc.JaxprEqn, graph: Graph) -> dict | None:
+    def _nested_params(self, eqn: jx.JaxprEqn, graph: Graph) -> dict | None:
         """``eqn``'s bind params with its bodies rewritten, or None if no body changed."""
         name = eqn.primitive.name
-        if name in _OPAQUE_CUSTOM_VJP:
+        if compat.is_custom_vjp(eqn):
             self._report_opaque(eqn)
             return None
-        if (name not in _NESTED or _is_platform_switch(eqn, graph) or is_derivative_region(eqn)
-                or marker_id(eqn) is not None or is_fused_call(eqn)):
+        if name not in _NESTED or _is_platform_switch(eqn, graph) or is_jfuse_region(eqn):
             return None
-        params = jc.bind_params(eqn)
+        params = compat.bind_params(eqn)
         changed = False
-        for key, value in jc.jaxpr_params(eqn):
+        for key, value in jx.jaxpr_params(eqn):
             if key not in params or key == "cond_jaxpr":
                 continue
             try:
@@ -155,36 +152,30 @@ class Rewriter:
                     params[key] = body
                     changed = True
             except Exception as error:
-                if raise_internal_errors():
-                    raise
-                message = (
-                    f"{name} body at {jc.user_source_line(eqn)} was left unfused "
-                    f"({type(error).__name__}: {error})"
-                )
-                warnings.warn("jfuse: " + message, RuntimeWarning, stacklevel=2)
-                self.report.fallbacks.append(message)
+                self._fall_back(error, f"{name} body at {user_source_line(eqn)} was left unfused "
+                                       f"({type(error).__name__}: {error})")
                 params[key] = value
         return params if changed else None
 
     def _rewrite_body(self, body):
         """The rewritten body, or None when nothing in it fused (or it gained constants)."""
-        open_jaxpr, consts = jc.open_and_consts(body)
+        open_jaxpr, consts = jx.open_and_consts(body)
         new, changed = self._rewrite(open_jaxpr, consts)
         if not changed:
             return None
-        if isinstance(body, jc.ClosedJaxpr):
+        if isinstance(body, jx.ClosedJaxpr):
             return new
         if new.consts:
             return None  # an open body cannot take constants: keep the original
         return new.jaxpr
 
-    def _report_opaque(self, eqn: jc.JaxprEqn) -> None:
+    def _report_opaque(self, eqn: jx.JaxprEqn) -> None:
         """List what would fuse inside a custom_vjp region, as misses: the region stays as is."""
-        body = eqn.params.get("call_jaxpr") or eqn.params.get("fun_jaxpr")
+        body = jx.call_body(eqn)
         if body is None:
             return
         try:
-            open_jaxpr, consts = jc.open_and_consts(body)
+            open_jaxpr, consts = jx.open_and_consts(body)
             graph = Graph(canonicalize(open_jaxpr, consts).jaxpr)
             plan = plan_rewrites(graph, PIPELINE, self.options)
         except Exception:  # reporting must never break the program

@@ -13,6 +13,10 @@ Two sites share a function only when their blocks are the same equations (primit
 literals) wired the same way to the same input types, which fixes everything the pass derived
 from them. Sites whose operands lie on a multi-device mesh are not shared: each of those leaves a
 marker for the partition pass (:mod:`jfuse.sharding.partition`).
+
+The calls' name, and how to recognise one, are shared vocabulary (:mod:`jfuse.core.markers`):
+the canonicalization and the rewriter leave them whole. This module knows sites (what a pass
+hands the rewriter), not the passes or the ops.
 """
 
 from __future__ import annotations
@@ -22,23 +26,13 @@ from typing import Any, Callable, Hashable
 import jax
 import numpy as np
 
-from jfuse import _jax_compat as jc
-from jfuse.ops._partitionable import mesh_of
-
-# The name of the shared functions' ``jit`` equations; the rewriter and the canonicalization
-# leave them whole (they are already fused).
-FUSED_CALL_PREFIX = "jfuse_fused_"
+from jfuse._jax import jaxpr as jx
+from jfuse._jax.compat import inlined_at_lowering, jit_inlined_at_lowering
+from jfuse.core.markers import fused_call_name, is_fused_call, mesh_of
 
 # How far back a block's read of a value it neither computes nor receives is followed (the
 # replay recomputes such values, e.g. a broadcast constant shared with other code).
 _MAX_DEPTH = 8
-
-
-def is_fused_call(eqn: Any) -> bool:
-    """True for a shared fused call (a ``jit`` named ``jfuse_fused_<pattern>``), also after
-    autodiff has renamed it (``jvp(...)``, ``transpose(...)``)."""
-    return (eqn.primitive.name in ("jit", "pjit")
-            and FUSED_CALL_PREFIX in str(eqn.params.get("name", "")))
 
 
 class _Unshareable(Exception):
@@ -68,12 +62,12 @@ def block_signature(site: Any) -> Hashable | None:
     on its own)."""
     tokens: dict[Any, Hashable] = {}
     for index, atom in enumerate(site.inputs):
-        if isinstance(atom, jc.Var):
+        if isinstance(atom, jx.Var):
             tokens.setdefault(atom, ("input", index))
     graph = site.graph
 
     def token(atom: Any, depth: int) -> Hashable:
-        if isinstance(atom, jc.Literal):
+        if isinstance(atom, jx.Literal):
             return _literal_token(atom)
         if atom in tokens:
             return tokens[atom]
@@ -98,7 +92,7 @@ def block_signature(site: Any) -> Hashable | None:
     except (_Unshareable, KeyError):
         return None
     # A literal operand (a bias of 1.0) is part of the block: it is baked into the function.
-    inputs = tuple(_literal_token(atom) if isinstance(atom, jc.Literal) else atom.aval
+    inputs = tuple(_literal_token(atom) if isinstance(atom, jx.Literal) else atom.aval
                    for atom in site.inputs)
     return (site.pattern, tuple(body), outputs, inputs)
 
@@ -129,7 +123,7 @@ def _shared_function(site: Any) -> Callable[..., Any]:
     """``site.emit`` as a jitted function of the site's variable operands; its literal operands
     (equal for every site with the same signature) are constants inside."""
     emit = site.emit
-    literals = {i: atom.val for i, atom in enumerate(site.inputs) if isinstance(atom, jc.Literal)}
+    literals = {i: atom.val for i, atom in enumerate(site.inputs) if isinstance(atom, jx.Literal)}
     n_operands = len(site.inputs)
 
     def fused_call(*variables):
@@ -137,8 +131,8 @@ def _shared_function(site: Any) -> Callable[..., Any]:
         operands = [literals[i] if i in literals else next(remaining) for i in range(n_operands)]
         return tuple(emit(*operands))
 
-    fused_call.__name__ = fused_call.__qualname__ = f"{FUSED_CALL_PREFIX}{site.pattern}"
-    jitted = jc.jit_inlined_at_lowering(fused_call) or jax.jit(fused_call)
+    fused_call.__name__ = fused_call.__qualname__ = fused_call_name(site.pattern)
+    jitted = jit_inlined_at_lowering(fused_call) or jax.jit(fused_call)
 
     def call(*operands):
         return jitted(*[value for i, value in enumerate(operands) if i not in literals])
@@ -146,7 +140,7 @@ def _shared_function(site: Any) -> Callable[..., Any]:
     return call
 
 
-def inline_fused_calls(closed: jc.ClosedJaxpr) -> jc.ClosedJaxpr:
+def inline_fused_calls(closed: jx.ClosedJaxpr) -> jx.ClosedJaxpr:
     """The finished program as XLA should see it: every shared call replaced by its body.
 
     The shared functions have done their job once the program is traced (JAX traced,
@@ -157,6 +151,6 @@ def inline_fused_calls(closed: jc.ClosedJaxpr) -> jc.ClosedJaxpr:
     are created and stay here (each body is then lowered once); on older JAX they are inlined
     into the jaxpr here.
     """
-    inlined = jc.inline_call_equations(
-        closed.jaxpr, lambda eqn: is_fused_call(eqn) and not jc.inlined_at_lowering(eqn))
-    return closed if inlined is closed.jaxpr else jc.ClosedJaxpr(inlined, closed.consts)
+    inlined = jx.inline_call_equations(
+        closed.jaxpr, lambda eqn: is_fused_call(eqn) and not inlined_at_lowering(eqn))
+    return closed if inlined is closed.jaxpr else jx.ClosedJaxpr(inlined, closed.consts)

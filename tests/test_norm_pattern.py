@@ -154,6 +154,19 @@ def test_a_look_alike_that_is_not_a_norm_stays_unfused(rng):
     assert jfuse.explain(g)(_x(rng)).fused == {}
 
 
+def test_the_norm_pass_name_selects_every_norm_pattern(rng, monkeypatch):
+    """``norm`` (the pass's name) stands for its four patterns in patterns= and JFUSE_DISABLE."""
+    params = [(_vec(rng), jnp.asarray(rng.standard_normal((64, 64)) / 8, jnp.float32))
+              for _ in range(2)]
+    x = _x(rng)
+    everything = jfuse.explain(_prenorm_stack)(x, params).fused
+    assert {"rms_norm", "add_rms_norm"} <= set(everything)
+    norms = {k: v for k, v in everything.items() if k.endswith("norm")}
+    assert jfuse.explain(_prenorm_stack, patterns=("norm",))(x, params).fused == norms
+    monkeypatch.setenv("JFUSE_DISABLE", "norm")
+    assert not set(jfuse.explain(_prenorm_stack)(x, params).fused) & set(norms)
+
+
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
 def test_each_fused_norm_lowers_to_one_kernel(platform, rng):
     params = [(_vec(rng, 128, jnp.bfloat16), jnp.asarray(rng.standard_normal((128, 128)) / 12, jnp.bfloat16))

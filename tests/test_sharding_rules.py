@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from jfuse.ops import _partitionable as roles
-from jfuse.ops._partitionable import PartitionableCall
+from jfuse.core.markers import PartitionableCall
 from jfuse.sharding import propagate
 from jfuse.sharding.rules import Layout, plan
 

@@ -11,7 +11,8 @@ from jax import lax
 import pytest
 
 import jfuse
-from jfuse import _jax_compat as jc
+from jfuse._jax import jaxpr as jx
+from jfuse._jax.compat import inlined_at_lowering
 from jfuse.config import FuseOptions
 from jfuse.rewrite import Rewriter
 from jfuse.shared_calls import inline_fused_calls, is_fused_call
@@ -107,7 +108,7 @@ def test_a_shared_function_per_distinct_block():
     assert calls[2].params["jaxpr"] is not calls[0].params["jaxpr"]
     inlined = inline_fused_calls(rewritten)
     # Inlined into the jaxpr, or (jax >= 0.12) marked to be inlined when lowered.
-    assert all(jc.inlined_at_lowering(e) for e in inlined.jaxpr.eqns if is_fused_call(e))
+    assert all(inlined_at_lowering(e) for e in inlined.jaxpr.eqns if is_fused_call(e))
     chex.assert_trees_all_equal(jax.core.eval_jaxpr(inlined.jaxpr, inlined.consts, x, w),
                                 [f(x, w)])
 
@@ -158,17 +159,17 @@ def test_inlining_calls_edits_the_jaxpr_at_every_level():
 
     x, w = jnp.ones((4, 8)) / 8, jnp.ones((8, 8)) / 8
     closed = jax.make_jaxpr(f)(x, w)
-    inlined = jc.inline_call_equations(closed.jaxpr, lambda eqn: True)
+    inlined = jx.inline_call_equations(closed.jaxpr, lambda eqn: True)
 
     def calls(jaxpr):
         found = sum(e.primitive.name in ("jit", "pjit") for e in jaxpr.eqns)
         for e in jaxpr.eqns:
-            for _, body in jc.jaxpr_params(e):
+            for _, body in jx.jaxpr_params(e):
                 for b in body if isinstance(body, tuple) else (body,):
-                    found += calls(jc.open_and_consts(b)[0])
+                    found += calls(jx.open_and_consts(b)[0])
         return found
 
     assert calls(closed.jaxpr) >= 3 and calls(inlined) == 0
     got = jax.core.eval_jaxpr(inlined, closed.consts, x, w)
     chex.assert_trees_all_equal(got, [f(x, w)])
-    assert jc.inline_call_equations(inlined, lambda eqn: True) is inlined  # nothing left to do
+    assert jx.inline_call_equations(inlined, lambda eqn: True) is inlined  # nothing left to do

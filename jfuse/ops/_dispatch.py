@@ -17,6 +17,7 @@ import jax
 from jax import lax
 
 from jfuse.config import IMPLEMENTATIONS
+from jfuse._jax import jaxpr as jx
 from jfuse.ops import _partitionable
 
 Impl = Callable[[], object]
@@ -48,7 +49,7 @@ class OpCall:
     ``reference`` is the XLA implementation at these shapes (inside a rewrite it replays the
     user's equations); ``local_reference`` is the XLA implementation for any shapes (what one
     shard runs when its kernel refuses); ``kernel(backend, interpret)`` returns the Pallas one.
-    ``roles`` name each operand for the sharding rules (see :mod:`jfuse.ops._partitionable`).
+    ``roles`` name each operand for the sharding rules (see :mod:`jfuse.core.markers`).
     """
 
     pattern: str
@@ -134,7 +135,7 @@ def _marker(implementation: str | None, call: OpCall):
 # Kernel traces by (op config, operand types). Tracing a Pallas kernel is the dominant cost of a
 # rewrite (every site traces its TPU and GPU kernels, even on CPU, so the program can be lowered
 # for either); the layers of a model repeat the same few configurations. A cached trace is
-# re-emitted with eval_jaxpr, inline, so each site still lowers to its own kernel call.
+# re-emitted by evaluating its jaxpr, inline, so each site still lowers to its own kernel call.
 _TRACES: collections.OrderedDict[Any, Any] = collections.OrderedDict()
 _MAX_TRACES = 512
 
@@ -155,5 +156,5 @@ def cached_trace(key: Hashable, fn: Callable, *operands):
     else:
         _TRACES.move_to_end(full_key)
     closed, out_tree = entry
-    outs = jax.core.eval_jaxpr(closed.jaxpr, closed.consts, *leaves)
+    outs = jx.eval_jaxpr(closed.jaxpr, closed.consts, *leaves)
     return jax.tree_util.tree_unflatten(out_tree, outs)

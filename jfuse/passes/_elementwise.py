@@ -5,7 +5,7 @@ sigmoid(x)``, ``x / (1 + exp(-x))``; GELU as JAX writes it, as PyTorch users wri
 constants; upcasts to f32 around any of them. Instead of a template per spelling, this module
 collects the region of elementwise equations that depends on one value ``v`` and nothing else
 (literals aside), and evaluates candidate exits of that region in float64 on probe points spread
-over [-12, 12]. A candidate is the activation whose float64 reference it matches within the
+over [-12, 12] (with :mod:`jfuse.core.probe`, the evaluator the norm pass shares). A candidate is the activation whose float64 reference it matches within the
 rounding of the narrowest dtype the region computes in.
 
 ReLU is the one activation whose derivative convention at 0 differs between spellings, so it is
@@ -23,23 +23,19 @@ from typing import Any, Callable
 import jax.numpy as jnp
 import numpy as np
 
-from jfuse import _jax_compat as jc
+from jfuse._jax import jaxpr as jx
+from jfuse._jax import compat
+from jfuse._jax.source import is_jax_nn_function
+from jfuse.core import probe
+from jfuse.core.probe import erf, sigmoid
 from jfuse.graph import Graph, literal_value
 
-_erf = np.vectorize(math.erf, otypes=[np.float64])
-_erfc = np.vectorize(math.erfc, otypes=[np.float64])
-
-
-def _sigmoid(x):
-    return 0.5 * (1.0 + np.tanh(0.5 * x))
-
-
-# float64 references of the smooth activations (see jfuse.ops.activations for the kernels').
+# float64 references of the smooth activations (see jfuse.core.activations for the kernels').
 SMOOTH_REFERENCES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "silu": lambda x: x * _sigmoid(x),
-    "sigmoid": _sigmoid,
+    "silu": lambda x: x * sigmoid(x),
+    "sigmoid": sigmoid,
     "tanh": np.tanh,
-    "gelu": lambda x: 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0))),
+    "gelu": lambda x: 0.5 * x * (1.0 + erf(x / math.sqrt(2.0))),
     "gelu_tanh": lambda x: 0.5
     * x
     * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3))),
@@ -47,70 +43,15 @@ SMOOTH_REFERENCES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 
 _PROBE = np.concatenate([np.linspace(-12.0, 12.0, 193), [-0.3, 0.7, 1.9, -2.6]])
 
-_UNARY_NUMPY: dict[str, Callable[..., np.ndarray]] = {
-    "neg": np.negative,
-    "exp": np.exp,
-    "exp2": np.exp2,
-    "log": np.log,
-    "log1p": np.log1p,
-    "expm1": np.expm1,
-    "tanh": np.tanh,
-    "logistic": _sigmoid,
-    "erf": _erf,
-    "erfc": _erfc,
-    "sqrt": np.sqrt,
-    "rsqrt": lambda x: 1.0 / np.sqrt(x),
-    "abs": np.abs,
-    "square": np.square,
-    "sign": np.sign,
-    "copy": lambda x: x,
-    "copy_p": lambda x: x,
-    "reduce_precision": lambda x: x,
-}
-_BINARY_NUMPY: dict[str, Callable[..., np.ndarray]] = {
-    "add": np.add,
-    "sub": np.subtract,
-    "mul": np.multiply,
-    "div": np.divide,
-    "max": np.maximum,
-    "min": np.minimum,
-    "pow": np.power,
-    "gt": np.greater,
-    "ge": np.greater_equal,
-    "lt": np.less,
-    "le": np.less_equal,
-    "eq": np.equal,
-    "ne": np.not_equal,
-}
-
-
-def evaluate_elementwise(eqn: jc.JaxprEqn, args: list) -> np.ndarray | None:
-    """One elementwise equation in float64 numpy (converts are the identity), or None if it is
-    not one this module knows."""
-    name = eqn.primitive.name
-    if name in _UNARY_NUMPY:
-        return _UNARY_NUMPY[name](args[0])
-    if name in _BINARY_NUMPY:
-        return _BINARY_NUMPY[name](args[0], args[1])
-    if name == "integer_pow":
-        return np.power(args[0], eqn.params["y"])
-    if name == "select_n":
-        return np.choose(np.asarray(args[0], np.int64), np.broadcast_arrays(*args[1:]))
-    if name == "convert_element_type":
-        return args[0]
-    return None
-
-
-def _is_relu_custom_jvp(eqn: jc.JaxprEqn) -> bool:
+def _is_relu_custom_jvp(eqn: jx.JaxprEqn) -> bool:
     """``jax.nn.relu`` itself: its custom_jvp (derivative 0 at 0) around max(x, 0)."""
-    if eqn.primitive.name != "custom_jvp_call":
+    if eqn.primitive.name != compat.CUSTOM_JVP_PRIMITIVE:
         return False
-    origin = jc.custom_jvp_origin(eqn).replace("\\", "/")
-    if not (origin.startswith("relu at ") and "jax/_src/nn/functions.py" in origin):
+    if not is_jax_nn_function(eqn, "relu"):
         return False
-    body, _ = jc.open_and_consts(eqn.params["call_jaxpr"])
-    while len(body.eqns) == 1 and body.eqns[0].primitive.name in ("jit", "pjit"):
-        body, _ = jc.open_and_consts(body.eqns[0].params["jaxpr"])
+    body, _ = jx.open_and_consts(eqn.params["call_jaxpr"])
+    while len(body.eqns) == 1 and compat.is_call(body.eqns[0]):
+        body, _ = jx.open_and_consts(body.eqns[0].params["jaxpr"])
     return (
         len(body.eqns) == 1
         and body.eqns[0].primitive.name == "max"
@@ -122,14 +63,14 @@ def _is_float(aval) -> bool:
     return jnp.issubdtype(aval.dtype, jnp.floating)
 
 
-def _region_member(eqn: jc.JaxprEqn, shape: tuple) -> bool:
+def _region_member(eqn: jx.JaxprEqn, shape: tuple) -> bool:
     name = eqn.primitive.name
     if eqn.effects or len(eqn.outvars) != 1 or tuple(eqn.outvars[0].aval.shape) != shape:
         return False
-    if name in _UNARY_NUMPY or name in _BINARY_NUMPY or name in ("integer_pow", "select_n"):
-        return True
     if name == "convert_element_type":
         return _is_float(eqn.invars[0].aval) and _is_float(eqn.outvars[0].aval)
+    if name in probe.ELEMENTWISE:
+        return True
     return _is_relu_custom_jvp(eqn)
 
 
@@ -138,20 +79,20 @@ class UnaryFunction:
     """A recognized activation: ``output = activation(v)`` computed by ``eqns``."""
 
     activation: str
-    output: jc.Var
-    eqns: list[jc.JaxprEqn]
+    output: jx.Var
+    eqns: list[jx.JaxprEqn]
 
 
 class _Region:
     """Equations reachable from ``v`` that read only ``v``, each other and constants."""
 
-    def __init__(self, graph: Graph, v: jc.Var, max_eqns: int):
+    def __init__(self, graph: Graph, v: jx.Var, max_eqns: int):
         self.graph = graph
         self.v = v
-        self.eqns: list[jc.JaxprEqn] = []
-        self.constants: dict[jc.Var, float] = {}  # scalar broadcasts feeding the region
-        self.constant_eqns: dict[jc.Var, jc.JaxprEqn] = {}
-        members: set[jc.Var] = {v}
+        self.eqns: list[jx.JaxprEqn] = []
+        self.constants: dict[jx.Var, float] = {}  # scalar broadcasts feeding the region
+        self.constant_eqns: dict[jx.Var, jx.JaxprEqn] = {}
+        members: set[jx.Var] = {v}
         frontier = [v]
         seen: set[int] = set()
         while frontier and len(self.eqns) < max_eqns:
@@ -167,7 +108,7 @@ class _Region:
         self.eqns.sort(key=graph.position)
 
     def _operand_ok(self, atom: Any, members: set) -> bool:
-        if isinstance(atom, jc.Literal):
+        if isinstance(atom, jx.Literal):
             return literal_value(atom) is not None
         if atom in members:
             return True
@@ -184,37 +125,23 @@ class _Region:
 
     def scalar(self, atom: Any) -> float | None:
         """The value of a scalar literal or of a broadcast scalar constant, else None."""
-        if isinstance(atom, jc.Literal):
+        if isinstance(atom, jx.Literal):
             return literal_value(atom)
         return self.constants.get(atom)
 
-    def ancestors(self, out: jc.Var) -> list[jc.JaxprEqn]:
+    def ancestors(self, out: jx.Var) -> list[jx.JaxprEqn]:
         return self.graph.ancestors_within(out, self.eqns)
 
-    def evaluate(self, eqns: list[jc.JaxprEqn], x: np.ndarray) -> np.ndarray | None:
-        env: dict[jc.Var, np.ndarray] = {self.v: x}
-
-        def read(atom):
-            if isinstance(atom, jc.Literal):
-                return np.float64(literal_value(atom))
-            if atom in self.constants:
-                return np.float64(self.constants[atom])
-            return env[atom]
-
-        with np.errstate(all="ignore"):
-            for eqn in eqns:
-                args = [read(a) for a in eqn.invars]
-                if _is_relu_custom_jvp(eqn):
-                    out = np.maximum(args[0], 0.0)
-                else:
-                    out = evaluate_elementwise(eqn, args)
-                if out is None:
-                    return None
-                env[eqn.outvars[0]] = np.asarray(out, dtype=np.float64)
-        return env[eqns[-1].outvars[0]]
+    def evaluate(self, eqns: list[jx.JaxprEqn], x: np.ndarray) -> np.ndarray | None:
+        return probe.probe(eqns, {self.v: x}, self.constants, _relu_value)
 
 
-def _rounding_tolerance(eqns: list[jc.JaxprEqn], v: jc.Var) -> float:
+def _relu_value(eqn: jx.JaxprEqn, args: list) -> np.ndarray | None:
+    """``jax.nn.relu``'s custom_jvp, which the probe's table does not know, in float64."""
+    return np.maximum(args[0], 0.0) if _is_relu_custom_jvp(eqn) else None
+
+
+def _rounding_tolerance(eqns: list[jx.JaxprEqn], v: jx.Var) -> float:
     """Relative tolerance: a few ulps of the narrowest float dtype the region computes in."""
     eps = np.finfo(np.float64).eps
     for aval in [v.aval] + [e.outvars[0].aval for e in eqns]:
@@ -226,7 +153,7 @@ def _rounding_tolerance(eqns: list[jc.JaxprEqn], v: jc.Var) -> float:
     return max(1e-9, 8.0 * eps) if eps < 1e-6 else 6.0 * eps
 
 
-def _relu_by_structure(region: "_Region", eqns: list[jc.JaxprEqn], v: jc.Var) -> str | None:
+def _relu_by_structure(region: "_Region", eqns: list[jx.JaxprEqn], v: jx.Var) -> str | None:
     """Which ReLU (by derivative convention) a block is, if it is exactly one known spelling."""
     names = [e.primitive.name for e in eqns]
     if names == ["custom_jvp_call"] and _is_relu_custom_jvp(eqns[0]):
@@ -248,7 +175,7 @@ def _relu_by_structure(region: "_Region", eqns: list[jc.JaxprEqn], v: jc.Var) ->
 _AFFINE = {"add", "sub", "mul", "div", "neg", "convert_element_type", "copy", "copy_p"}
 
 
-def unrecognized_activation(graph: Graph, v: jc.Var, max_eqns: int = 48) -> str | None:
+def unrecognized_activation(graph: Graph, v: jx.Var, max_eqns: int = 48) -> str | None:
     """When ``v`` feeds a nonlinear elementwise block that is no known activation, its primitives.
 
     Affine steps alone (scaling, shifting, casting) are not an activation and return None.
@@ -258,13 +185,13 @@ def unrecognized_activation(graph: Graph, v: jc.Var, max_eqns: int = 48) -> str 
     names = {e.primitive.name for e in _Region(graph, v, max_eqns).eqns}
     for user in graph.users(v):  # primitives the probe cannot evaluate (sin, softplus's log1p...)
         if (len(user.outvars) == 1 and user.outvars[0].aval.shape == v.aval.shape
-                and not jc.jaxpr_params(user)
-                and all(a is v or isinstance(a, jc.Literal) for a in user.invars)):
+                and not jx.jaxpr_params(user)
+                and all(a is v or isinstance(a, jx.Literal) for a in user.invars)):
             names.add(user.primitive.name)
     return ", ".join(sorted(names - _AFFINE)) or None
 
 
-def activation_hidden_by_shared_intermediates(graph: Graph, v: jc.Var, max_eqns: int = 48):
+def activation_hidden_by_shared_intermediates(graph: Graph, v: jx.Var, max_eqns: int = 48):
     """(activation, readers) when a known activation follows ``v`` but some of its intermediates
     are read elsewhere (typically by the backward of a gradient taken before jfuse saw it)."""
     if not _is_float(v.aval):
@@ -279,7 +206,7 @@ def activation_hidden_by_shared_intermediates(graph: Graph, v: jc.Var, max_eqns:
     return None
 
 
-def match_activation(graph: Graph, v: jc.Var, max_eqns: int = 48) -> UnaryFunction | None:
+def match_activation(graph: Graph, v: jx.Var, max_eqns: int = 48) -> UnaryFunction | None:
     """The largest block downstream of ``v`` that computes a known activation of ``v``.
 
     The block's intermediates must be read only inside the block; its output may be read
@@ -302,7 +229,7 @@ def match_activation(graph: Graph, v: jc.Var, max_eqns: int = 48) -> UnaryFuncti
                 region.constant_eqns[a]
                 for e in eqns
                 for a in e.invars
-                if isinstance(a, jc.Var)
+                if isinstance(a, jx.Var)
                 and a in region.constant_eqns
                 and graph.read_only_within(a, eqns)
             ]
@@ -311,7 +238,7 @@ def match_activation(graph: Graph, v: jc.Var, max_eqns: int = 48) -> UnaryFuncti
     return None
 
 
-def _identify(region: _Region, eqns: list[jc.JaxprEqn], v: jc.Var) -> str | None:
+def _identify(region: _Region, eqns: list[jx.JaxprEqn], v: jx.Var) -> str | None:
     relu = _relu_by_structure(region, eqns, v)
     if relu is not None:
         return relu

@@ -12,7 +12,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from jfuse import _jax_compat as jc
+from jfuse._jax import jaxpr as jx
 from jfuse.graph import Graph, literal_value
 from jfuse.report import MissReason
 
@@ -21,12 +21,12 @@ def is_float(aval) -> bool:
     return jnp.issubdtype(aval.dtype, jnp.floating)
 
 
-def moves_first_axis_last(eqn: jc.JaxprEqn) -> bool:
+def moves_first_axis_last(eqn: jx.JaxprEqn) -> bool:
     perm = tuple(eqn.params["permutation"])
     return eqn.primitive.name == "transpose" and perm == tuple(range(1, len(perm))) + (0,)
 
 
-def matmul_orientation(graph: Graph, dot: jc.JaxprEqn):
+def matmul_orientation(graph: Graph, dot: jx.JaxprEqn):
     """(x, w, w_is_nk, features_first) for a linear-layer matmul, else None."""
     (lc, rc), (lb, rb) = dot.params["dimension_numbers"]
     if lb or rb or len(lc) != 1:
@@ -50,7 +50,7 @@ def matmul_orientation(graph: Graph, dot: jc.JaxprEqn):
     return None
 
 
-def other_operand(eqn: jc.JaxprEqn, value: Any) -> Any:
+def other_operand(eqn: jx.JaxprEqn, value: Any) -> Any:
     a, b = eqn.invars
     return b if a is value else a
 
@@ -59,7 +59,7 @@ def is_miss(found) -> bool:
     return isinstance(found, tuple) and isinstance(found[0], MissReason)
 
 
-def bias_source(graph: Graph, operand: Any, add: jc.JaxprEqn, value: Any, feature_axis: int):
+def bias_source(graph: Graph, operand: Any, add: jx.JaxprEqn, value: Any, feature_axis: int):
     """Trace an addend back to a vector over the output features.
 
     ``add`` broadcasts size-1 dims itself, so the addend may be (1, N), (M, 1), (M, N) or a
@@ -86,10 +86,10 @@ def bias_source(graph: Graph, operand: Any, add: jc.JaxprEqn, value: Any, featur
             )
     elif shape:
         return None
-    chain: list[jc.JaxprEqn] = []
+    chain: list[jx.JaxprEqn] = []
     current = operand
     # Walk back through steps that keep a vector a vector; stop where a value is shared.
-    while isinstance(current, jc.Var):
+    while isinstance(current, jx.Var):
         producer = graph.producer(current)
         reader = chain[-1] if chain else add
         readers = graph.users(current)
@@ -111,7 +111,7 @@ def bias_source(graph: Graph, operand: Any, add: jc.JaxprEqn, value: Any, featur
     return current, chain
 
 
-def look_through_weight_transpose(graph: Graph, dot: jc.JaxprEqn, w: Any, w_is_nk: bool):
+def look_through_weight_transpose(graph: Graph, dot: jx.JaxprEqn, w: Any, w_is_nk: bool):
     """(w, w_is_nk, eqns): read ``W`` itself when the dot reads ``W.T`` and nothing else does."""
     producer = graph.producer(w)
     if (

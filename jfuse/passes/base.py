@@ -5,7 +5,11 @@ function that inspects the graph around one anchor equation. It answers with a :
 (a block to replace and how to compute it) and/or :class:`MissedFusion` entries, or ``None`` when
 the anchor is not the start of anything it knows. The driver resolves overlaps (earlier patterns in
 the pipeline win), places each fused call where its inputs exist, and never absorbs an equation
-with side effects.
+with side effects. :func:`replay_block` is a site's block as the user wrote it, re-bound by the
+shared evaluator (:func:`jfuse._jax.jaxpr.run_equations`).
+
+Passes know the graph, the report's vocabulary and the ops they call; this module knows neither
+a particular pattern nor how the rewriter re-traces the program.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import dataclasses
 from typing import Any, Callable, Sequence
 
 
-from jfuse import _jax_compat as jc
+from jfuse._jax import jaxpr as jx
 from jfuse.config import FuseOptions
 from jfuse.graph import Graph
 from jfuse.report import KERNEL_PLATFORMS, FusedSite, MissedFusion, MissReason
@@ -37,9 +41,9 @@ class Site:
     """
 
     pattern: str
-    absorbed: list[jc.JaxprEqn]
+    absorbed: list[jx.JaxprEqn]
     inputs: list[Any]
-    outputs: list[jc.Var]
+    outputs: list[jx.Var]
     emit: Callable[..., Sequence[Any]]
     where: str
     detail: str
@@ -79,7 +83,7 @@ class MatchResult:
     misses: list[MissedFusion] = dataclasses.field(default_factory=list)
 
 
-MatchFn = Callable[[Graph, jc.JaxprEqn, FuseOptions], "MatchResult | None"]
+MatchFn = Callable[[Graph, jx.JaxprEqn, FuseOptions], "MatchResult | None"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +91,9 @@ class Pattern:
     """A pattern pass: ``match`` is tried on every equation whose primitive is in ``anchors``.
 
     ``names`` are the pattern names its sites may carry (one pass can produce several, like
-    ``rms_norm`` and ``add_rms_norm``); by default just ``name``.
+    ``rms_norm`` and ``add_rms_norm``); by default just ``name``. ``name`` is the pass's own
+    name; where it differs from its sites' (``norm``) it is a group name a user can rely on:
+    ``patterns=``, ``JFUSE_DISABLE`` and ``JFUSE_DEBUG`` take it for all of ``names``.
     """
 
     name: str
@@ -150,7 +156,7 @@ def plan_rewrites(graph: Graph, patterns: Sequence[Pattern], options: FuseOption
             at = _emission_position(graph, site)
             if at is None:
                 continue
-            if not options.enabled(site.pattern):
+            if not options.enabled(site.pattern, group=pattern.name):
                 misses.append(
                     MissedFusion(
                         site.pattern,
@@ -170,9 +176,9 @@ def plan_rewrites(graph: Graph, patterns: Sequence[Pattern], options: FuseOption
 
 
 def replay_block(
-    eqns: Sequence[jc.JaxprEqn],
+    eqns: Sequence[jx.JaxprEqn],
     inputs: Sequence[Any],
-    outputs: Sequence[jc.Var],
+    outputs: Sequence[jx.Var],
     graph: Graph | None = None,
 ) -> Callable[..., tuple]:
     """A function evaluating ``eqns`` exactly as the user's program did, inputs to outputs.
@@ -185,34 +191,28 @@ def replay_block(
     eqns = list(eqns)
     inputs = list(inputs)
 
+    def recompute(atom, env: jx.Env, depth: int) -> None:
+        # A value the block reads but left in the graph (a constant, or a convert of an input
+        # that other code reads too): recompute it here from its own equation.
+        if atom in env:
+            return
+        producer = graph.producer(atom) if graph is not None else None
+        if producer is None or producer.effects or jx.jaxpr_params(producer) or depth > 8:
+            raise KeyError(f"{atom} is read by the block but is not one of its inputs")
+        for operand in producer.invars:
+            recompute(operand, env, depth + 1)
+        env.write(producer.outvars, jx.bind(producer, env.read_all(producer.invars)))
+
+    def with_recomputed_operands(_, eqn: jx.JaxprEqn, env: jx.Env) -> None:
+        for atom in eqn.invars:
+            recompute(atom, env, 0)
+        return None  # then bound as it is
+
     def replay(*values):
-        env: dict[jc.Var, Any] = {}
-        for atom, value in zip(inputs, values):
-            if isinstance(atom, jc.Var):
-                env[atom] = value
-
-        def bind(eqn):
-            args = [read(a) for a in eqn.invars]
-            with jc.equation_context(eqn):
-                outs = eqn.primitive.bind(*args, **jc.bind_params(eqn))
-            env.update(zip(eqn.outvars, outs if eqn.primitive.multiple_results else [outs]))
-
-        def read(atom, depth=0):
-            if isinstance(atom, jc.Literal):
-                return atom.val
-            if atom not in env:
-                # A value the block reads but left in the graph (a constant, or a convert of an
-                # input that other code reads too): recompute it here from its own equation.
-                producer = graph.producer(atom) if graph is not None else None
-                if producer is None or producer.effects or jc.jaxpr_params(producer) or depth > 8:
-                    raise KeyError(f"{atom} is read by the block but is not one of its inputs")
-                for a in producer.invars:
-                    read(a, depth + 1)
-                bind(producer)
-            return env[atom]
-
-        for eqn in eqns:
-            bind(eqn)
-        return tuple(env[v] for v in outputs)
+        env = jx.Env()
+        env.write([a for a in inputs if isinstance(a, jx.Var)],
+                  [v for a, v in zip(inputs, values) if isinstance(a, jx.Var)])
+        jx.run_equations(eqns, env, with_recomputed_operands)
+        return tuple(env.read(v) for v in outputs)
 
     return replay

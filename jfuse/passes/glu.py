@@ -20,28 +20,17 @@ from typing import Any, Callable
 import jax.numpy as jnp
 import numpy as np
 
-from jfuse import _jax_compat as jc
+from jfuse._jax import jaxpr as jx
+from jfuse._jax.source import user_source_line
 from jfuse.debug import enabled as debug_enabled
 from jfuse.debug import reject
 from jfuse.config import FuseOptions
 from jfuse.graph import Graph
 from jfuse.ops.glu import fused_glu, glu_refusals
 from jfuse.passes._elementwise import match_activation
-from jfuse.passes._matmul import (
-    bias_source,
-    is_float,
-    is_miss,
-    look_through_weight_transpose,
-    matmul_orientation,
-    other_operand,
-)
-from jfuse.passes.base import (
-    AUTODIFF_HINT,
-    MatchResult,
-    Pattern,
-    Site,
-    replay_block,
-)
+from jfuse.passes._matmul import bias_source, is_float, is_miss, look_through_weight_transpose
+from jfuse.passes._matmul import matmul_orientation, other_operand
+from jfuse.passes.base import AUTODIFF_HINT, MatchResult, Pattern, Site, replay_block
 from jfuse.report import MissedFusion, MissReason
 
 NAME = "glu"
@@ -52,22 +41,22 @@ _MAX_GATE_DEPTH = 48
 class _Branch:
     """One side of the product: ``value = select(x · w) (+ bias)``."""
 
-    dot: jc.JaxprEqn
+    dot: jx.JaxprEqn
     x: Any
     w: Any
     w_is_nk: bool
-    value: jc.Var  # the branch's output (pre-activation for the gate)
-    eqns: list[jc.JaxprEqn]
+    value: jx.Var  # the branch's output (pre-activation for the gate)
+    eqns: list[jx.JaxprEqn]
     weight_select: Callable[[Any], Any] | None = None  # picks this branch's half of a fused weight
     bias: Any = None
     bias_select: Callable[[Any], Any] | None = None
     layout: str = "separate"
 
 
-def _strip_converts(graph: Graph, var: Any) -> tuple[Any, list[jc.JaxprEqn]]:
+def _strip_converts(graph: Graph, var: Any) -> tuple[Any, list[jx.JaxprEqn]]:
     """Walk back through float-to-float converts read only by the next step."""
     eqns = []
-    while isinstance(var, jc.Var):
+    while isinstance(var, jx.Var):
         producer = graph.producer(var)
         if (
             producer is None
@@ -87,7 +76,7 @@ class _Half:
     weight, or plane ``plane`` of a (K, 2, N) weight."""
 
     source: Any
-    eqns: list[jc.JaxprEqn]
+    eqns: list[jx.JaxprEqn]
     lo: int = 0
     hi: int = 0
     plane: int | None = None
@@ -154,14 +143,14 @@ def _slice_of_fused_product(graph: Graph, var: Any) -> _Half | None:
 
 def _linear_branch(graph: Graph, var: Any) -> _Branch | None:
     """Describe ``var`` as a linear branch, or None."""
-    eqns: list[jc.JaxprEqn] = []
+    eqns: list[jx.JaxprEqn] = []
     value = var
     bias = bias_select = None
     producer = graph.producer(var)
     if producer is not None and producer.primitive.name == "add":
         for operand in producer.invars:
             found = bias_source(graph, other_operand(producer, operand), producer, operand,
-                                operand.aval.ndim - 1) if isinstance(operand, jc.Var) else None
+                                operand.aval.ndim - 1) if isinstance(operand, jx.Var) else None
             if found is not None and not is_miss(found) and _reaches_dot(graph, operand):
                 bias, bias_eqns = found
                 eqns += [producer] + bias_eqns
@@ -176,7 +165,7 @@ def _linear_branch(graph: Graph, var: Any) -> _Branch | None:
         producer = graph.producer(var)
         if bias is None and producer is not None and producer.primitive.name == "add":
             for operand in producer.invars:
-                if not isinstance(operand, jc.Var):
+                if not isinstance(operand, jx.Var):
                     continue
                 found = bias_source(graph, other_operand(producer, operand), producer, operand,
                                     operand.aval.ndim - 1)
@@ -221,7 +210,7 @@ def _reaches_dot(graph: Graph, var: Any) -> bool:
     return _is_dot(graph, source)
 
 
-def _tokamax_orientation(dot: jc.JaxprEqn):
+def _tokamax_orientation(dot: jx.JaxprEqn):
     (lc, rc), (lb, rb) = dot.params["dimension_numbers"]
     x, w = dot.invars
     if lb or rb or len(lc) != 1 or w.aval.ndim != 3 or tuple(rc) != (0,):
@@ -238,7 +227,7 @@ def _gate(graph: Graph, operand: Any):
     visited: set = set()
     while stack and seen < _MAX_GATE_DEPTH:
         var = stack.pop()
-        if not isinstance(var, jc.Var) or var in visited:
+        if not isinstance(var, jx.Var) or var in visited:
             continue
         visited.add(var)
         seen += 1
@@ -250,7 +239,7 @@ def _gate(graph: Graph, operand: Any):
         producer = graph.producer(var)
         if producer is None or len(producer.outvars) != 1:
             continue
-        stack.extend(a for a in producer.invars if isinstance(a, jc.Var))
+        stack.extend(a for a in producer.invars if isinstance(a, jx.Var))
     return None
 
 
@@ -259,17 +248,17 @@ def _reaches_biased_dot(graph: Graph, var: Any) -> bool:
     return (
         producer is not None
         and producer.primitive.name == "add"
-        and any(isinstance(v, jc.Var) and _reaches_dot(graph, v) for v in producer.invars)
+        and any(isinstance(v, jx.Var) and _reaches_dot(graph, v) for v in producer.invars)
     )
 
 
-def _miss(reason: MissReason, mul: jc.JaxprEqn, hint: str, detail: str) -> MissedFusion:
-    return MissedFusion(NAME, reason, jc.user_source_line(mul), hint, detail)
+def _miss(reason: MissReason, mul: jx.JaxprEqn, hint: str, detail: str) -> MissedFusion:
+    return MissedFusion(NAME, reason, user_source_line(mul), hint, detail)
 
 
-def match_glu(graph: Graph, mul: jc.JaxprEqn, options: FuseOptions) -> MatchResult | None:
+def match_glu(graph: Graph, mul: jx.JaxprEqn, options: FuseOptions) -> MatchResult | None:
     a, b = mul.invars
-    if not all(isinstance(v, jc.Var) and is_float(v.aval) for v in (a, b)):
+    if not all(isinstance(v, jx.Var) and is_float(v.aval) for v in (a, b)):
         return None
     if tuple(a.aval.shape) != tuple(b.aval.shape):
         return None
@@ -324,7 +313,7 @@ def _check_and_build(graph, mul, gate: _Branch, up: _Branch, activation, up_conv
     eqns = sorted(block.values(), key=graph.position)
     for eqn in eqns:
         for var in eqn.outvars:
-            if var is out or isinstance(var, jc.DropVar):
+            if var is out or isinstance(var, jx.DropVar):
                 continue
             if not graph.read_only_within(var, eqns):
                 readers = graph.readers_outside(var, eqns)
@@ -333,7 +322,7 @@ def _check_and_build(graph, mul, gate: _Branch, up: _Branch, activation, up_conv
                 if readers and graph.hidden_by_autodiff(readers[0]):
                     where, hint = "the backward pass", AUTODIFF_HINT
                 else:
-                    where = (f"{readers[0].primitive.name} at {jc.user_source_line(readers[0])}"
+                    where = (f"{readers[0].primitive.name} at {user_source_line(readers[0])}"
                              if readers else "the function's outputs")
                     hint = ("a GLU fuses only when its gate and up products are used by the "
                             "gating product alone; compute what else reads them from the GLU "
@@ -399,7 +388,7 @@ def _site(graph, mul, eqns, gate: _Branch, up: _Branch, activation, out, options
         implementation=options.implementation)
     # Unfused, both (M, N) products go to memory and come back for the gate.
     saved = 2 * 2 * m * n * np.dtype(gate.dot.outvars[0].aval.dtype).itemsize
-    return Site(NAME, eqns, inputs, [out], emit, jc.user_source_line(mul), detail, saved,
+    return Site(NAME, eqns, inputs, [out], emit, user_source_line(mul), detail, saved,
                 graph, refusals)
 
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from jfuse import _jax_compat as jc
+from jfuse._jax import jaxpr as jx
+from jfuse._jax.source import user_source_line
 from jfuse.debug import reject
 from jfuse.config import FuseOptions
 from jfuse.graph import Graph
@@ -26,21 +27,9 @@ from jfuse.passes._elementwise import (
     match_activation,
     unrecognized_activation,
 )
-from jfuse.passes._matmul import (
-    bias_source,
-    is_miss,
-    look_through_weight_transpose,
-    matmul_orientation,
-    moves_first_axis_last,
-    other_operand,
-)
-from jfuse.passes.base import (
-    AUTODIFF_HINT,
-    MatchResult,
-    Pattern,
-    Site,
-    replay_block,
-)
+from jfuse.passes._matmul import bias_source, is_miss, look_through_weight_transpose
+from jfuse.passes._matmul import matmul_orientation, moves_first_axis_last, other_operand
+from jfuse.passes.base import AUTODIFF_HINT, MatchResult, Pattern, Site, replay_block
 from jfuse.report import MissedFusion, MissReason
 
 NAME = "linear"
@@ -49,14 +38,14 @@ NAME = "linear"
 class _Block:
     """The equations matched so far, and where the output features sit in the current value."""
 
-    def __init__(self, graph: Graph, dot: jc.JaxprEqn):
+    def __init__(self, graph: Graph, dot: jx.JaxprEqn):
         self.graph = graph
         self.dot = dot
-        self.eqns: list[jc.JaxprEqn] = [dot]
-        self.value: jc.Var = dot.outvars[0]
+        self.eqns: list[jx.JaxprEqn] = [dot]
+        self.value: jx.Var = dot.outvars[0]
         self.features_first = False
 
-    def absorb(self, eqn: jc.JaxprEqn) -> None:
+    def absorb(self, eqn: jx.JaxprEqn) -> None:
         self.eqns.append(eqn)
         self.value = eqn.outvars[0]
 
@@ -74,8 +63,8 @@ class _Block:
             self.features_first = False
 
 
-def _where(eqn: jc.JaxprEqn) -> str:
-    return jc.user_source_line(eqn)
+def _where(eqn: jx.JaxprEqn) -> str:
+    return user_source_line(eqn)
 
 
 def _escape_miss(graph: Graph, block: _Block, what: str, readers) -> MissedFusion:
@@ -88,7 +77,7 @@ def _escape_miss(graph: Graph, block: _Block, what: str, readers) -> MissedFusio
         hint = (f"the {what} is returned as well; return only the activated value (or recompute "
                 f"the {what} where it is needed) to let the epilogue fuse")
     else:
-        by = f"{reader.primitive.name} at {jc.user_source_line(reader)}"
+        by = f"{reader.primitive.name} at {user_source_line(reader)}"
         hint = (f"the {what} is also read by {by}; compute what reads it from the fused output, "
                 "or accept the unfused epilogue")
     return MissedFusion(
@@ -121,7 +110,7 @@ def _activation_misses(graph: Graph, block: _Block, preactivation) -> list[Misse
     )]
 
 
-def match_linear(graph: Graph, dot: jc.JaxprEqn, options: FuseOptions) -> MatchResult | None:
+def match_linear(graph: Graph, dot: jx.JaxprEqn, options: FuseOptions) -> MatchResult | None:
     oriented = matmul_orientation(graph, dot)
     if oriented is None:
         reject(NAME, dot, "not an activation times a 2-D weight contracting the activation's "

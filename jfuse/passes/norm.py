@@ -27,28 +27,25 @@ from typing import Any
 
 import numpy as np
 
-from jfuse import _jax_compat as jc
+from jfuse._jax import jaxpr as jx
+from jfuse._jax.source import user_source_line
 from jfuse.debug import reject
 from jfuse.config import FuseOptions
+from jfuse.core import probe
 from jfuse.graph import Graph, literal_value
 from jfuse.ops.norm import fused_norm, norm_refusals
-from jfuse.passes._elementwise import _BINARY_NUMPY, _UNARY_NUMPY, evaluate_elementwise
 from jfuse.passes._matmul import is_float
-from jfuse.passes.base import (
-    AUTODIFF_HINT,
-    MatchResult,
-    Pattern,
-    Site,
-    replay_block,
-)
+from jfuse.passes.base import AUTODIFF_HINT, MatchResult, Pattern, Site
+from jfuse.passes.base import replay_block
 from jfuse.report import MissedFusion, MissReason
 
+# The pass's name, which stands for all four patterns in patterns=, JFUSE_DISABLE and JFUSE_DEBUG.
+NAME = "norm"
 NAMES = ("rms_norm", "layer_norm", "add_rms_norm", "add_layer_norm")
 _MAX_REGION = 64
-_SHAPE_OPS = {"broadcast_in_dim", "reshape", "squeeze", "expand_dims"}
-_ELEMENTWISE = set(_UNARY_NUMPY) | set(_BINARY_NUMPY) | {"integer_pow", "select_n",
-                                                          "convert_element_type"}
-_REGION_OPS = _ELEMENTWISE | _SHAPE_OPS | {"reduce_sum"}
+_SHAPE_OPS = probe.SHAPE
+# What a norm block is made of: exactly what the float64 probe can evaluate.
+_REGION_OPS = probe.ELEMENTWISE | probe.SHAPE | {"reduce_sum"}
 
 
 def _scalar_constant(graph: Graph, atom: Any, depth: int = 8) -> float | None:
@@ -58,7 +55,7 @@ def _scalar_constant(graph: Graph, atom: Any, depth: int = 8) -> float | None:
     its ``where(n > 0, ..., nan)``, and broadcasts of a scalar to any shape.
     """
     value = literal_value(atom)
-    if value is not None or depth == 0 or not isinstance(atom, jc.Var):
+    if value is not None or depth == 0 or not isinstance(atom, jx.Var):
         return value
     producer = graph.producer(atom)
     if producer is None or producer.effects or len(producer.outvars) != 1:
@@ -68,20 +65,19 @@ def _scalar_constant(graph: Graph, atom: Any, depth: int = 8) -> float | None:
     if any(a is None for a in args):
         return None
     with np.errstate(all="ignore"):
-        if name in ("broadcast_in_dim", "convert_element_type", "reshape", "squeeze",
-                    "expand_dims") and len(args) == 1:
+        if (name in _SHAPE_OPS or name == "convert_element_type") and len(args) == 1:
             return float(args[0])
-        if name in _UNARY_NUMPY and len(args) == 1:
-            return float(_UNARY_NUMPY[name](np.float64(args[0])))
-        if name in _BINARY_NUMPY and len(args) == 2:
-            return float(_BINARY_NUMPY[name](np.float64(args[0]), np.float64(args[1])))
+        if name in probe.UNARY and len(args) == 1:
+            return float(probe.UNARY[name](np.float64(args[0])))
+        if name in probe.BINARY and len(args) == 2:
+            return float(probe.BINARY[name](np.float64(args[0]), np.float64(args[1])))
         if name == "select_n":
             return float(args[1 + int(args[0])])
     return None
 
 
 def _strip_converts(graph: Graph, var: Any) -> Any:
-    while isinstance(var, jc.Var):
+    while isinstance(var, jx.Var):
         producer = graph.producer(var)
         if producer is None or producer.primitive.name != "convert_element_type" or not is_float(
                 producer.invars[0].aval):
@@ -109,19 +105,19 @@ def _reduced_base(graph: Graph, t: Any) -> Any:
     producer = graph.producer(t)
     if producer is not None and producer.primitive.name == "sub":
         a, b = producer.invars
-        if isinstance(b, jc.Var) and tuple(b.aval.shape)[-1:] == (1,) or _scalar_constant(graph, b) is not None:
+        if isinstance(b, jx.Var) and tuple(b.aval.shape)[-1:] == (1,) or _scalar_constant(graph, b) is not None:
             t = a
-        elif isinstance(b, jc.Var) and graph.producer(b) is not None and graph.producer(b).primitive.name == "broadcast_in_dim":
+        elif isinstance(b, jx.Var) and graph.producer(b) is not None and graph.producer(b).primitive.name == "broadcast_in_dim":
             t = a
     return _strip_converts(graph, t)
 
 
-def _reductions_behind(graph: Graph, var: Any) -> list[jc.JaxprEqn]:
+def _reductions_behind(graph: Graph, var: Any) -> list[jx.JaxprEqn]:
     """The reduce_sum equations among ``var``'s ancestors, through region ops (bounded)."""
     found, stack, seen = [], [var], set()
     while stack and len(seen) < _MAX_REGION:
         v = stack.pop()
-        if not isinstance(v, jc.Var) or v in seen:
+        if not isinstance(v, jx.Var) or v in seen:
             continue
         seen.add(v)
         producer = graph.producer(v)
@@ -137,11 +133,11 @@ def _reductions_behind(graph: Graph, var: Any) -> list[jc.JaxprEqn]:
 class _Region:
     """Equations computed from the root ``h``, statistics, hidden-dim vectors and constants."""
 
-    def __init__(self, graph: Graph, root: jc.Var):
+    def __init__(self, graph: Graph, root: jx.Var):
         self.graph = graph
         self.root = root
         self.hidden = root.aval.shape[-1]
-        self.eqns: list[jc.JaxprEqn] = []
+        self.eqns: list[jx.JaxprEqn] = []
         self.params: list[Any] = []  # vectors over the hidden dim entering the block
         self.constants: dict[Any, float] = {}
         members = {root}
@@ -168,7 +164,7 @@ class _Region:
         return bool(shape) and shape[-1] == self.hidden and all(d == 1 for d in shape[:-1])
 
     def _operand(self, atom: Any, members: set) -> bool:
-        if isinstance(atom, jc.Literal):
+        if isinstance(atom, jx.Literal):
             return literal_value(atom) is not None
         if atom in members:
             return True
@@ -183,7 +179,7 @@ class _Region:
             return True
         return False
 
-    def ancestors(self, out: jc.Var) -> list[jc.JaxprEqn]:
+    def ancestors(self, out: jx.Var) -> list[jx.JaxprEqn]:
         return self.graph.ancestors_within(out, self.eqns)
 
 
@@ -199,63 +195,6 @@ def _probe_rows(hidden: int, rng: np.random.Generator) -> np.ndarray:
         noise[4],
         0.2 + 0.1 * noise[5],
     ])
-
-
-def _reshape_keeping_non_unit(value: np.ndarray, in_shape, out_shape) -> np.ndarray:
-    """Reshape that only inserts/removes unit dims, applied to a lazily broadcast probe value."""
-    sizes = [value.shape[i] for i, d in enumerate(in_shape) if d != 1]
-    target, it = [], iter(sizes)
-    for d in out_shape:
-        target.append(next(it) if d != 1 else 1)
-    return np.reshape(value, target)
-
-
-def _evaluate(region: _Region, eqns, root_value, param_values) -> np.ndarray | None:
-    """Evaluate ``eqns`` in float64; broadcasts stay lazy (numpy broadcasting does the rest)."""
-    env: dict[Any, np.ndarray] = {region.root: root_value}
-    env.update(param_values)
-
-    def read(atom):
-        if isinstance(atom, jc.Literal):
-            return np.float64(literal_value(atom))
-        if atom in region.constants:
-            return np.float64(region.constants[atom])
-        return env[atom]
-
-    with np.errstate(all="ignore"):
-        for eqn in eqns:
-            name = eqn.primitive.name
-            args = [read(a) for a in eqn.invars]
-            out_aval = eqn.outvars[0].aval
-            if name in _ELEMENTWISE:
-                out = evaluate_elementwise(eqn, args)
-            elif name == "reduce_sum":
-                axes = tuple(eqn.params["axes"])
-                in_shape = tuple(eqn.invars[0].aval.shape)
-                value = np.asarray(args[0], np.float64)
-                if value.ndim != len(in_shape):
-                    return None
-                # A dim kept at size 1 by lazy broadcasting holds one value repeated: scale it.
-                factor = np.prod([in_shape[a] for a in axes if value.shape[a] == 1 and in_shape[a] != 1])
-                out = np.sum(value, axis=axes) * factor
-            elif name == "broadcast_in_dim":
-                value = np.asarray(args[0], np.float64)
-                shape = [1] * len(out_aval.shape)
-                for j, axis in enumerate(eqn.params["broadcast_dimensions"]):
-                    shape[axis] = value.shape[j] if value.ndim else 1
-                out = np.reshape(value, shape)
-            elif name in ("reshape", "squeeze", "expand_dims"):
-                value = np.asarray(args[0], np.float64)
-                if value.ndim != len(eqn.invars[0].aval.shape):
-                    return None
-                in_shape = tuple(eqn.invars[0].aval.shape)
-                if [d for d in in_shape if d != 1] != [d for d in out_aval.shape if d != 1]:
-                    return None
-                out = _reshape_keeping_non_unit(value, in_shape, tuple(out_aval.shape))
-            else:
-                return None
-            env[eqn.outvars[0]] = np.asarray(out, np.float64)
-    return env[eqns[-1].outvars[0]]
 
 
 def _reference_norm(h, subtract_mean, eps, scale, offset, bias):
@@ -283,7 +222,7 @@ def _identify(region: _Region, eqns, eps_candidates, rng):
     param_values = {p: rng.standard_normal(tuple(p.aval.shape)) + 1.5 for p in params}
     got = []
     for value in root_values:
-        out = _evaluate(region, eqns, value, param_values)
+        out = probe.probe(eqns, {region.root: value, **param_values}, region.constants)
         if out is None or np.shape(out)[-1:] not in ((hidden,), (1,)):
             return None
         got.append(np.broadcast_to(out, value.shape))
@@ -313,7 +252,7 @@ def _identify(region: _Region, eqns, eps_candidates, rng):
 
 # --- the pass --------------------------------------------------------------------------------
 
-def _anchor_input(eqn: jc.JaxprEqn) -> Any:
+def _anchor_input(eqn: jx.JaxprEqn) -> Any:
     name = eqn.primitive.name
     if name in ("rsqrt", "sqrt"):
         return eqn.invars[0]
@@ -325,14 +264,14 @@ def _anchor_input(eqn: jc.JaxprEqn) -> Any:
 def _param_chain(graph: Graph, atom: Any, block_ids: set[int]):
     """(source, eqns): walk a parameter back through private reshape/broadcast/convert steps."""
     eqns = []
-    while isinstance(atom, jc.Var):
+    while isinstance(atom, jx.Var):
         producer = graph.producer(atom)
         readers = graph.users(atom)
         if producer is None or graph.is_output(atom) or any(id(r) not in block_ids for r in readers):
             break
         name = producer.primitive.name
         source = producer.invars[0] if producer.invars else None
-        if source is None or not isinstance(source, jc.Var):
+        if source is None or not isinstance(source, jx.Var):
             break
         if name == "convert_element_type":
             if not is_float(source.aval):
@@ -380,19 +319,23 @@ def _split_scale_offset(graph: Graph, scale: Any, offset: float, block_ids: set[
         return scale, offset, []
     a, b = producer.invars
     constant, other = (a, b) if literal_value(a) is not None else (b, a)
-    if literal_value(constant) is None or not isinstance(other, jc.Var):
+    if literal_value(constant) is None or not isinstance(other, jx.Var):
         return scale, offset, []
     block_ids.add(id(producer))
     return other, offset + literal_value(constant), chain + [producer]
 
 
-def match_norm(graph: Graph, anchor: jc.JaxprEqn, options: FuseOptions) -> MatchResult | None:
+def _reject(anchor: jx.JaxprEqn, why: str) -> None:
+    reject(NAME, anchor, why, serves=NAMES)
+
+
+def match_norm(graph: Graph, anchor: jx.JaxprEqn, options: FuseOptions) -> MatchResult | None:
     v = _anchor_input(anchor)
-    if v is None or not isinstance(v, jc.Var):
+    if v is None or not isinstance(v, jx.Var):
         return None
     reductions = _reductions_behind(graph, v)
     if not reductions:
-        reject("norm", anchor, "no row reduction (reduce_sum) feeds this root")
+        _reject(anchor, "no row reduction (reduce_sum) feeds this root")
         return None
     for red in reductions:
         in_rank = len(red.invars[0].aval.shape)
@@ -400,7 +343,7 @@ def match_norm(graph: Graph, anchor: jc.JaxprEqn, options: FuseOptions) -> Match
             return MatchResult(misses=[MissedFusion(
                 "layer_norm" if len(reductions) > 1 else "rms_norm",
                 MissReason.NORMALIZED_AXIS,
-                jc.user_source_line(anchor),
+                user_source_line(anchor),
                 "jfuse's norms normalize the last (hidden) axis; move the normalized axis last "
                 "(jnp.moveaxis) or leave this norm to XLA",
                 f"normalizes over axes {tuple(red.params['axes'])} of a rank-{in_rank} array",
@@ -408,18 +351,18 @@ def match_norm(graph: Graph, anchor: jc.JaxprEqn, options: FuseOptions) -> Match
     roots = {id(_reduced_base(graph, red.invars[0])): _reduced_base(graph, red.invars[0])
              for red in reductions}
     if len(roots) != 1:
-        reject("norm", anchor, f"the reductions behind it reduce {len(roots)} different arrays")
+        _reject(anchor, f"the reductions behind it reduce {len(roots)} different arrays")
         return None
     (root,) = roots.values()
-    if not isinstance(root, jc.Var) or not is_float(root.aval) or not root.aval.shape:
+    if not isinstance(root, jx.Var) or not is_float(root.aval) or not root.aval.shape:
         return None
     region = _Region(graph, root)
     if id(anchor) not in {id(e) for e in region.eqns}:
-        reject("norm", anchor, f"the statistic is not computed from {root.aval.str_short()} and "
+        _reject(anchor, f"the statistic is not computed from {root.aval.str_short()} and "
                "per-row reductions alone")
         return None
     eps_candidates = sorted({c for c in itertools.chain(
-        (literal_value(a) for e in region.eqns for a in e.invars if isinstance(a, jc.Literal)),
+        (literal_value(a) for e in region.eqns for a in e.invars if isinstance(a, jx.Literal)),
         region.constants.values()) if c is not None and 0.0 < c < 0.1} | {0.0})
     rng = np.random.default_rng(0)
     full = tuple(root.aval.shape)
@@ -437,14 +380,14 @@ def match_norm(graph: Graph, anchor: jc.JaxprEqn, options: FuseOptions) -> Match
         private = all(graph.read_only_within(e.outvars[0], eqns)
                       for e in eqns if e.outvars[0] is not out and e.outvars[0] not in aliases)
         if not private:
-            reject("norm", anchor, f"an intermediate before {out.aval.str_short()} is read "
+            _reject(anchor, f"an intermediate before {out.aval.str_short()} is read "
                    "outside the block")
             hidden_by_autodiff = hidden_by_autodiff or _read_by_autodiff(graph, eqns, out, aliases)
             continue
         found = _identify(region, eqns, eps_candidates, rng)
         if found is None:
-            reject("norm", anchor, f"candidate output {out.aval.str_short()} at "
-                   f"{jc.user_source_line(candidate)} does not compute an RMS/Layer norm of "
+            _reject(anchor, f"candidate output {out.aval.str_short()} at "
+                   f"{user_source_line(candidate)} does not compute an RMS/Layer norm of "
                    f"{root.aval.str_short()} for any scale/bias/offset and eps in "
                    f"{eps_candidates}")
         if found is not None:
@@ -456,9 +399,9 @@ def match_norm(graph: Graph, anchor: jc.JaxprEqn, options: FuseOptions) -> Match
     if hidden_by_autodiff:
         return MatchResult(misses=[MissedFusion(
             "rms_norm" if len(reductions) == 1 else "layer_norm", MissReason.INTERMEDIATE_ESCAPES,
-            jc.user_source_line(anchor), AUTODIFF_HINT,
+            user_source_line(anchor), AUTODIFF_HINT,
             f"the norm of {root.aval.str_short()} has intermediates read by the backward pass")])
-    reject("norm", anchor, f"no output computed from {root.aval.str_short()}, its row statistics "
+    _reject(anchor, f"no output computed from {root.aval.str_short()}, its row statistics "
            "and hidden-dim parameters alone matches a norm (is a different array normalized "
            "than the one reduced?)")
     return None
@@ -477,10 +420,10 @@ def _site(graph, anchor, root, eqns, out, found, options) -> Site:
     producer = graph.producer(root)
     if producer is not None and producer.primitive.name == "add":
         a, b = producer.invars
-        if all(isinstance(o, jc.Var) and tuple(o.aval.shape) == tuple(root.aval.shape)
+        if all(isinstance(o, jx.Var) and tuple(o.aval.shape) == tuple(root.aval.shape)
                and o.aval.dtype == root.aval.dtype for o in (a, b)):
             residual_add = producer
-    param_eqns: list[jc.JaxprEqn] = []
+    param_eqns: list[jx.JaxprEqn] = []
     sources = {}
     for name, atom in (("scale", scale), ("bias", bias)):
         if atom is not None:
@@ -550,8 +493,8 @@ def _site(graph, anchor, root, eqns, out, found, options) -> Site:
     # read of the (rows, hidden) input); with the residual add, the sum is written and read back.
     itemsize = np.dtype(root.aval.dtype).itemsize
     saved = rows * hidden * itemsize * (3 if has_residual else 1)
-    return Site(name, all_eqns, inputs, outputs, emit, jc.user_source_line(anchor), detail, saved,
+    return Site(name, all_eqns, inputs, outputs, emit, user_source_line(anchor), detail, saved,
                 graph, refusals)
 
 
-PATTERN = Pattern("norm", frozenset({"rsqrt", "sqrt", "pow"}), match_norm, NAMES)
+PATTERN = Pattern(NAME, frozenset({"rsqrt", "sqrt", "pow"}), match_norm, NAMES)

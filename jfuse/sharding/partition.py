@@ -1,9 +1,10 @@
 """The partition pass: each fused op's marker becomes its kernels inside a ``shard_map``.
 
 Runs on the rewritten program of a function whose inputs' shardings jfuse knows (``jfuse.jit``
-reads them from the arguments and ``in_shardings``). It walks the program with
+reads them from the arguments and ``in_shardings``). It re-traces the program with the shared
+evaluator (:func:`jfuse._jax.jaxpr.evaluate`), following each value's layout with
 :mod:`~jfuse.sharding.propagate`, and at each marker left by a fused op
-(:mod:`jfuse.ops._partitionable`) asks :mod:`~jfuse.sharding.rules` for a layout. With one, the
+(:mod:`jfuse.core.markers`) asks :mod:`~jfuse.sharding.rules` for a layout. With one, the
 marker is replaced by::
 
     platform_dependent(tpu=shard_map(TPU kernel), cuda=shard_map(Triton kernel), default=XLA)
@@ -22,8 +23,10 @@ from typing import Any, Sequence
 import jax
 from jax import lax
 
-from jfuse import _jax_compat as jc
-from jfuse.ops._partitionable import PartitionableCall, marker_id, registered_call
+from jfuse._jax import compat
+from jfuse._jax import jaxpr as jx
+from jfuse._jax.source import equation_context, user_source_line
+from jfuse.core.markers import PartitionableCall, marker_id, registered_call
 from jfuse.sharding import propagate as prop
 from jfuse.sharding.rules import Layout, plan
 from jfuse.sharding.specs import MaybeSpec, to_partition_spec
@@ -48,7 +51,6 @@ class ShardedCall:
 
 # Left as they are even when they hold a marker: a custom_vjp's fwd/bwd are written for its body,
 # and a while's cond computes no fused op's output.
-_KEPT_PRIMITIVES = {"custom_vjp_call", "custom_vjp_call_jaxpr"}
 _KEPT_PARAMS = {"cond_jaxpr"}
 
 
@@ -62,57 +64,51 @@ class Partitioner:
         self.notes: list[ShardedCall] = []
         self._holds_marker: dict[int, bool] = {}
 
-    def run(self, closed: jc.ClosedJaxpr, in_specs: Sequence[MaybeSpec]) -> jc.ClosedJaxpr:
+    def run(self, closed: jx.ClosedJaxpr, in_specs: Sequence[MaybeSpec]) -> jx.ClosedJaxpr:
         if not self.holds_marker(closed.jaxpr):
             return closed
         avals = [v.aval for v in closed.jaxpr.invars]
-        return jc.make_closed_jaxpr(
+        return jx.make_closed_jaxpr(
             lambda *args: self._evaluate(closed.jaxpr, closed.consts, args, in_specs), avals)
 
-    def holds_marker(self, jaxpr: jc.Jaxpr) -> bool:
+    def holds_marker(self, jaxpr: jx.Jaxpr) -> bool:
         key = id(jaxpr)
         if key not in self._holds_marker:
             self._holds_marker[key] = any(
                 marker_id(eqn) is not None
-                or any(self._value_holds_marker(value) for _, value in jc.jaxpr_params(eqn))
+                or any(self._value_holds_marker(value) for _, value in jx.jaxpr_params(eqn))
                 for eqn in jaxpr.eqns)
         return self._holds_marker[key]
 
     def _value_holds_marker(self, value) -> bool:
         """Whether a jaxpr param (a body, or a tuple of branches) holds a marker."""
         bodies = value if isinstance(value, tuple) else (value,)
-        return any(self.holds_marker(jc.open_and_consts(b)[0]) for b in bodies)
+        return any(self.holds_marker(jx.open_and_consts(b)[0]) for b in bodies)
 
     # --- evaluation ---------------------------------------------------------------------------
 
-    def _evaluate(self, jaxpr: jc.Jaxpr, consts, args, in_specs) -> list:
-        env: dict = {}
+    def _evaluate(self, jaxpr: jx.Jaxpr, consts, args, in_specs) -> list:
         specs: dict = {v: prop.replicated(len(v.aval.shape)) for v in jaxpr.constvars}
-        env.update(zip(jaxpr.constvars, consts))
-        env.update(zip(jaxpr.invars, args))
         specs.update(zip(jaxpr.invars, in_specs))
 
-        def read(atom):
-            return atom.val if isinstance(atom, jc.Literal) else env[atom]
-
-        for eqn in jaxpr.eqns:
-            values = [read(a) for a in eqn.invars]
+        def partitioned(_, eqn: jx.JaxprEqn, env: jx.Env) -> list:
+            values = env.read_all(eqn.invars)
             operand_specs = [prop.atom_spec(a, specs) for a in eqn.invars]
-            with jc.equation_context(eqn):
+            with equation_context(eqn):
                 if marker_id(eqn) is not None:
                     outs, out_specs = self._marker(eqn, values, operand_specs)
                 else:
-                    outs = self._bind(eqn, values, operand_specs)
+                    outs = jx.bind_here(eqn, values, self._params(eqn, operand_specs))
                     out_specs = prop.output_specs(eqn, operand_specs)
-            if not eqn.primitive.multiple_results and marker_id(eqn) is None:
-                outs = [outs]
-            env.update(zip(eqn.outvars, outs))
             specs.update(zip(eqn.outvars, out_specs))
-        return [read(v) for v in jaxpr.outvars]
+            return outs
 
-    def _bind(self, eqn: jc.JaxprEqn, values, operand_specs):
+        return jx.evaluate(jaxpr, consts, args, partitioned)
+
+    def _params(self, eqn: jx.JaxprEqn, operand_specs) -> dict:
+        """``eqn``'s bind params, with the bodies that hold markers partitioned."""
         name = eqn.primitive.name
-        inputs = {} if name in _KEPT_PRIMITIVES else prop.body_input_specs(eqn, operand_specs)
+        inputs = {} if compat.is_custom_vjp(eqn) else prop.body_input_specs(eqn, operand_specs)
         replaced = {}
         for key, body_specs in inputs.items():
             value = eqn.params[key]
@@ -122,18 +118,15 @@ class Partitioner:
                 replaced[key] = tuple(self._body(b, body_specs) for b in value)
             else:
                 replaced[key] = self._body(value, body_specs)
-        if not replaced:
-            return eqn.primitive.bind(*values, **jc.bind_params(eqn))
-        if name == "custom_jvp_call":  # its bind params are functions built from call_jaxpr
-            params = eqn.primitive.get_bind_params({**eqn.params, **replaced})
-        else:
-            params = {**jc.bind_params(eqn), **replaced}
-        return eqn.primitive.bind(*values, **params)
+        if replaced and name == compat.CUSTOM_JVP_PRIMITIVE:
+            # its bind params are functions built from call_jaxpr
+            return eqn.primitive.get_bind_params({**eqn.params, **replaced})
+        return {**compat.bind_params(eqn), **replaced}
 
     def _body(self, body, in_specs):
-        new = self.run(body if isinstance(body, jc.ClosedJaxpr) else
-                       jc.ClosedJaxpr(body, ()), in_specs)
-        if isinstance(body, jc.ClosedJaxpr):
+        new = self.run(body if isinstance(body, jx.ClosedJaxpr) else
+                       jx.ClosedJaxpr(body, ()), in_specs)
+        if isinstance(body, jx.ClosedJaxpr):
             return new
         if new.consts:  # an open-jaxpr param cannot take constants: keep the markers (XLA)
             return body
@@ -141,12 +134,12 @@ class Partitioner:
 
     # --- one marker ---------------------------------------------------------------------------
 
-    def _marker(self, eqn: jc.JaxprEqn, values, operand_specs) -> tuple[list, list]:
+    def _marker(self, eqn: jx.JaxprEqn, values, operand_specs) -> tuple[list, list]:
         call = registered_call(marker_id(eqn))
         out_avals = [v.aval for v in eqn.outvars]
         if not eqn.outvars:  # a copy JAX pruned to nothing (scan's partial eval leaves these)
-            return list(eqn.primitive.bind(*values, **jc.bind_params(eqn))), []
-        where = jc.user_source_line(eqn)
+            return jx.bind_here(eqn, values), []
+        where = user_source_line(eqn)
         if call is None:
             layout: Layout | str = "its per-shard plan is no longer cached"
         elif self.unknown_inputs_reason:
@@ -161,8 +154,7 @@ class Partitioner:
         if isinstance(layout, str):
             self.notes.append(ShardedCall(call.pattern if call else "fused op", where, False,
                                           layout))
-            outs = eqn.primitive.bind(*values, **jc.bind_params(eqn))
-            return list(outs), prop.output_specs(eqn, operand_specs)
+            return jx.bind_here(eqn, values), prop.output_specs(eqn, operand_specs)
         self.notes.append(ShardedCall(call.pattern, where, True, layout.description))
         return list(self._partitioned(call, layout, values)), list(layout.out_specs)
 

@@ -17,24 +17,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from jfuse import _jax_compat as jc
+from jfuse._jax import compat
+from jfuse._jax import jaxpr as jx
 from jfuse.sharding.specs import MaybeSpec, from_partition_spec, replicated, without_repeats
 
-ELEMENTWISE = frozenset("""
-    abs acos acosh add add_any and asin asinh atan atan2 atanh cbrt ceil clamp conj convert_element_type
-    copy copy_p cos cosh digamma div eq erf erf_inv erfc exp exp2 expm1 floor ge gt igamma imag
-    integer_pow is_finite le lgamma log log1p logistic lt max min mul ne neg nextafter not or pow
-    real reduce_precision rem round rsqrt select_n shift_left shift_right_arithmetic
-    shift_right_logical sign sin sinh sqrt square stop_gradient sub tan tanh xor
-""".split())
-
-_REDUCTIONS = frozenset(
-    "reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or reduce_xor argmax argmin"
-    .split()
-)
-_CUMULATIVE = frozenset("cumsum cumprod cummax cummin cumlogsumexp".split())
-
-Rule = Callable[[jc.JaxprEqn, Sequence[MaybeSpec]], "list[MaybeSpec] | MaybeSpec"]
+Rule = Callable[[jx.JaxprEqn, Sequence[MaybeSpec]], "list[MaybeSpec] | MaybeSpec"]
 
 
 def _shape(atom) -> tuple[int, ...]:
@@ -209,24 +196,17 @@ _RULES: dict[str, Rule] = {
     "device_put": _device_put,
     "iota": _replicated_output,
     "optimization_barrier": _identity,
-    **{name: _reduce for name in _REDUCTIONS},
-    **{name: _cumulative for name in _CUMULATIVE},
+    **{name: _reduce for name in compat.REDUCTION_PRIMITIVES},
+    **{name: _cumulative for name in compat.CUMULATIVE_PRIMITIVES},
 }
 
-# Primitives with bodies: param names of the bodies the operands flow into.
-_CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
-          "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
-          "custom_vjp_call_jaxpr": "fun_jaxpr", "checkpoint": "jaxpr", "remat": "jaxpr",
-          "remat2": "jaxpr"}
-
-
-def body_input_specs(eqn: jc.JaxprEqn, specs: Sequence[MaybeSpec]) -> dict[str, Any]:
+def body_input_specs(eqn: jx.JaxprEqn, specs: Sequence[MaybeSpec]) -> dict[str, Any]:
     """For each body param of a nested equation, the layouts of that body's inputs."""
     name = eqn.primitive.name
-    if name in _CALLS:
-        return {_CALLS[name]: list(specs)}
+    if name in compat.CALL_BODY_PARAMS:  # calls, remat and custom_jvp/vjp regions
+        return {compat.CALL_BODY_PARAMS[name]: list(specs)}
     if name == "scan":
-        consts, carry, xs = jc.scan_operand_groups(eqn, list(specs))
+        consts, carry, xs = compat.scan_operand_groups(eqn, list(specs))
         return {"jaxpr": consts + carry + [None if s is None else s[1:] for s in xs]}
     if name == "while":
         cond_n, body_n = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
@@ -254,10 +234,10 @@ def _nested_output_specs(eqn, specs) -> list[MaybeSpec]:
     key = "body_jaxpr" if name == "while" else next(iter(inputs))
     body_outs = propagate(eqn.params[key], inputs[key])[1]
     if name == "scan":
-        carry = jc.scan_num_carry(eqn)
+        carry = compat.scan_num_carry(eqn)
         ys = [None if s is None else ((),) + tuple(s) for s in body_outs[carry:]]
         return list(body_outs[:carry]) + ys
-    if name in ("jit", "pjit"):
+    if compat.is_call(eqn):
         declared = eqn.params.get("out_shardings", ())
         for i, (sharding, var) in enumerate(zip(declared, eqn.outvars)):
             pspec = getattr(sharding, "spec", None)
@@ -266,11 +246,11 @@ def _nested_output_specs(eqn, specs) -> list[MaybeSpec]:
     return list(body_outs)
 
 
-def output_specs(eqn: jc.JaxprEqn, specs: Sequence[MaybeSpec]) -> list[MaybeSpec]:
+def output_specs(eqn: jx.JaxprEqn, specs: Sequence[MaybeSpec]) -> list[MaybeSpec]:
     """The layouts of ``eqn``'s outputs from its operands' layouts (None where unknown)."""
     name = eqn.primitive.name
     n_out = len(eqn.outvars)
-    if name in ELEMENTWISE:
+    if name in compat.ELEMENTWISE_PRIMITIVES:
         rule = _elementwise
     else:
         rule = _RULES.get(name)
@@ -286,14 +266,14 @@ def output_specs(eqn: jc.JaxprEqn, specs: Sequence[MaybeSpec]) -> list[MaybeSpec
 
 
 def atom_spec(atom, env: dict) -> MaybeSpec:
-    if isinstance(atom, jc.Literal):
+    if isinstance(atom, jx.Literal):
         return replicated(len(_shape(atom)))
     return env.get(atom)
 
 
 def propagate(body, in_specs: Sequence[MaybeSpec]) -> tuple[dict, list[MaybeSpec]]:
     """(layout of every var, layouts of the outputs) of a Jaxpr or ClosedJaxpr."""
-    jaxpr, consts = jc.open_and_consts(body)
+    jaxpr, consts = jx.open_and_consts(body)
     env: dict = {v: replicated(len(_shape(v))) for v in jaxpr.constvars}
     env.update(zip(jaxpr.invars, in_specs))
     for eqn in jaxpr.eqns:

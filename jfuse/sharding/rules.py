@@ -1,7 +1,7 @@
 """The per-shard layout of one fused-op call, from its operands' layouts.
 
 One rule serves the three ops, because their operands play a few roles
-(:mod:`jfuse.ops._partitionable`): rows (the leading dims of ``x``) and output features (``N`` of a
+(:mod:`jfuse.core.markers`): rows (the leading dims of ``x``) and output features (``N`` of a
 weight) can be split, and the split carries to the outputs unchanged; the contracted or
 normalized dim (``K``, ``H``) cannot, because the kernel needs the whole row.
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
-from jfuse.ops import _partitionable as roles
+from jfuse.core import markers as roles
 from jfuse.sharding.specs import MaybeSpec, Spec, describe, shard_count
 
 
