@@ -1,7 +1,8 @@
 """Each fused op, its default implementation against its XLA reference, forward and backward.
 
-A case is one public op of :mod:`jfuse.ops` (``linear`` with an activation, ``glu``, ``rms_norm``,
-``layer_norm``, each norm also with a residual) at one shape and dtype, in one of two passes:
+A case is one public op of :mod:`jfuse.ops` at one shape and dtype, as the op declares them beside
+itself (``jfuse.ops.BENCHMARKS``: ``linear`` with an activation, ``glu``, ``rms_norm``,
+``layer_norm``, each norm also with a residual; a new op brings its own), in one of two passes:
 
 * ``fwd``: the op alone under ``jax.jit``;
 * ``fwd+bwd``: ``jax.vjp`` of the op with a fixed random cotangent, returning the output and the
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jfuse import ops
+from jfuse.ops._op import Benchmark
 from jfuse.benchmarking import (
     ChipPeak,
     implementation_label,
@@ -40,21 +42,40 @@ from jfuse.benchmarking import (
 )
 
 MODES = ("fwd", "fwd+bwd")
-MATMUL_OPS = ("linear", "glu")
-NORM_OPS = ("rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm")
 _SHORT_DTYPE = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+# The dtypes of each preset (the shapes are declared beside each op: jfuse.ops.BENCHMARKS).
+PRESET_DTYPES = {
+    "quick": ("float32",),
+    "cpu": ("float32",),
+    # Large enough that a call takes ~0.1-2 ms on an H100/v5e.
+    "accelerator": ("float32", "bfloat16"),
+    # The device check (benchmarks/device_check.py): bf16 first, what models run.
+    "device": ("bfloat16", "float32"),
+}
+
+
+def _declaration(op: str) -> Benchmark:
+    for benchmark in ops.BENCHMARKS:
+        if benchmark.name == op:
+            return benchmark
+    raise ValueError(f"unknown op {op!r}; expected one of {[b.name for b in ops.BENCHMARKS]}")
 
 
 @dataclasses.dataclass(frozen=True)
 class OpCase:
-    """One op at one shape, dtype and pass. ``shape`` is ``(M, K, N)`` for ``linear``/``glu``
-    (x is ``(M, K)``, each weight ``(K, N)``), ``(M, H)`` for the norms."""
+    """One op at one shape, dtype and pass. ``shape`` is what the op's declaration says it is
+    (``(M, K, N)`` for ``linear``/``glu``, x ``(M, K)`` and each weight ``(K, N)``; ``(M, H)``
+    for the norms); ``activation`` is its variant (linear's epilogue, glu's gate)."""
 
     op: str
     shape: tuple[int, ...]
     dtype: str
     mode: str
-    activation: str | None = None  # linear's epilogue (with a bias) or glu's gate
+    activation: str | None = None
+
+    @property
+    def declaration(self) -> Benchmark:
+        return _declaration(self.op)
 
     @property
     def name(self) -> str:
@@ -65,45 +86,22 @@ class OpCase:
     @property
     def bound(self) -> str:
         """What limits the op on a chip: ``compute`` for the matmuls, ``memory`` for norms."""
-        return "compute" if self.op in MATMUL_OPS else "memory"
+        return self.declaration.bound
 
     def inputs(self, seed: int = 0) -> tuple[jax.Array, ...]:
-        """The op's arguments: unit-scale activations, fan-in-scaled weights, O(1) scales."""
-        keys = iter(jax.random.split(jax.random.key(seed), 4))
+        """The op's arguments, as its declaration builds them (unit-scale activations,
+        fan-in-scaled weights, O(1) scales)."""
+        keys = iter(jax.random.split(jax.random.key(seed), 8))
         dtype = jnp.dtype(self.dtype)
 
         def normal(shape, scale=1.0):
             return (jax.random.normal(next(keys), shape) * scale).astype(dtype)
 
-        if self.op in MATMUL_OPS:
-            m, k, n = self.shape
-            x, w1, w2 = normal((m, k)), normal((k, n), 1 / np.sqrt(k)), normal((k, n), 1 / np.sqrt(k))
-            return (x, w1, jnp.zeros(n, dtype) + 0.01) if self.op == "linear" else (x, w1, w2)
-        m, h = self.shape
-        args = [normal((m, h))]
-        if self.op.startswith("add_"):
-            args.append(normal((m, h)))
-        args.append(1 + normal((h,), 0.1))  # scale
-        if self.op.endswith("layer_norm"):
-            args.append(normal((h,), 0.1))  # bias
-        return tuple(args)
+        return tuple(self.declaration.inputs(self.shape, dtype, normal))
 
     def op_fn(self, implementation: str | None) -> Callable[..., Any]:
         """The public op with ``implementation``, as a function of :meth:`inputs`."""
-        act, impl = self.activation, implementation
-        if self.op == "linear":
-            return lambda x, w, b: ops.linear(x, w, b, activation=act, implementation=impl)
-        if self.op == "glu":
-            return lambda x, wg, wu: ops.glu(x, wg, wu, activation=act, implementation=impl)
-        if self.op == "rms_norm":
-            return lambda x, s: ops.rms_norm(x, s, implementation=impl)
-        if self.op == "add_rms_norm":
-            return lambda x, r, s: ops.rms_norm(x, s, residual=r, implementation=impl)
-        if self.op == "layer_norm":
-            return lambda x, s, b: ops.layer_norm(x, s, b, implementation=impl)
-        if self.op == "add_layer_norm":
-            return lambda x, r, s, b: ops.layer_norm(x, s, b, residual=r, implementation=impl)
-        raise ValueError(f"unknown op {self.op!r}; expected one of {MATMUL_OPS + NORM_OPS}")
+        return self.declaration.call(implementation, self.activation)
 
     def arguments(self) -> tuple:
         """What :meth:`program` takes: the op's inputs, and for ``fwd+bwd`` a random cotangent."""
@@ -130,12 +128,10 @@ class OpCase:
         return forward_backward
 
     def flops(self) -> float:
-        """Matmul flops: 2MKN per product forward, three times that with the backward (dx, dw)."""
-        if self.op not in MATMUL_OPS:
-            return 0.0
-        m, k, n = self.shape
-        products = 1 if self.op == "linear" else 2
-        return 2.0 * m * k * n * products * (1 if self.mode == "fwd" else 3)
+        """Matmul flops as declared for the forward; three times that with the backward
+        (dx and dw besides the forward)."""
+        forward = self.declaration.flops(self.shape, self.activation)
+        return forward * (1 if self.mode == "fwd" else 3)
 
     def bytes_moved(self) -> float:
         """Inputs read and outputs written once; with the backward, also the cotangents read
@@ -148,45 +144,15 @@ class OpCase:
 
 
 def cases(preset: str) -> list[OpCase]:
-    """The op cases of a preset: ``quick`` (tiny, for tests), ``cpu``, ``accelerator`` or
-    ``device`` (what the device check times)."""
-    if preset == "quick":
-        matmul, glu_shapes, norm, dtypes = (64, 32, 64), [(64, 32, 96)], (64, 128), ("float32",)
-    elif preset == "cpu":
-        matmul, glu_shapes, norm, dtypes = (1024, 512, 2048), [(1024, 512, 1376)], (4096, 1024), ("float32",)
-    elif preset == "device":
-        # The device check (benchmarks/device_check.py): bf16 first, the shapes users run (tokens
-        # 8k-16k, hidden 4k), the GLU at K = 384, 1024 and 4096 to place its GPU threshold
-        # (the check forces the kernel past it), the linear at an MLP's up-projection.
-        matmul = (8192, 4096, 4096)
-        glu_shapes = [(8192, 384, 1536), (8192, 1024, 4096), (8192, 4096, 11008)]
-        norm, dtypes = (16384, 4096), ("bfloat16", "float32")
-        return [OpCase(op, shape, dtype, mode, activation)
-                for dtype in dtypes
-                for op, shape, activation in [("linear", matmul, "gelu_tanh"),
-                                              *[("glu", s, "silu") for s in glu_shapes],
-                                              *[(op, norm, None) for op in NORM_OPS]]
-                for mode in MODES]
-    elif preset == "accelerator":
-        # Large enough that a call takes ~0.1-2 ms on an H100/v5e; the GLU also at K=384, under
-        # the GPU profitability threshold (jfuse.pallas.glu.GPU_MAX_PROFITABLE_K), where the
-        # Triton kernel runs; at K=4096 the GPU runs XLA and the ``ran`` column says so.
-        matmul, glu_shapes, norm = (8192, 4096, 4096), [(8192, 4096, 11008), (16384, 384, 1536)], (16384, 8192)
-        dtypes = ("float32", "bfloat16")
-    else:
-        raise ValueError(f"unknown preset {preset!r}; expected quick, cpu, accelerator or device")
-    out = []
-    for dtype in dtypes:
-        shapes: list[tuple[str, tuple[int, ...], str | None]] = [
-            ("linear", matmul, "gelu_tanh"),
-            ("linear", matmul, "silu"),
-            *[("glu", s, "silu") for s in glu_shapes],
-            *[(op, norm, None) for op in NORM_OPS],
-        ]
-        for op, shape, activation in shapes:
-            for mode in MODES:
-                out.append(OpCase(op, shape, dtype, mode, activation))
-    return out
+    """The op cases of a preset (``quick``: tiny, for tests; ``cpu``; ``accelerator``;
+    ``device``: what the device check times): every op's declared sizes, per dtype and pass."""
+    if preset not in PRESET_DTYPES:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESET_DTYPES)}")
+    return [OpCase(benchmark.name, shape, dtype, mode, variant)
+            for dtype in PRESET_DTYPES[preset]
+            for benchmark in ops.BENCHMARKS
+            for shape, variant in benchmark.sizes[preset]
+            for mode in MODES]
 
 
 def _program_text(compiled) -> str:

@@ -23,7 +23,6 @@ import functools
 import inspect
 import itertools
 import logging
-import warnings
 from typing import Any, Callable, Iterable
 
 import jax
@@ -34,6 +33,7 @@ from jfuse._jax.source import short_path
 from jfuse.config import FuseOptions, raise_internal_errors
 from jfuse.core.kernel_calls import kernel_calls
 from jfuse.core.markers import partition_context
+from jfuse.core.user_warning import warn_user
 from jfuse.differentiation import fusing_differentiated_functions
 from jfuse.report import FusionReport
 from jfuse.rewrite import PATTERN_GROUPS, Rewriter
@@ -284,7 +284,7 @@ class FusedFunction:
                 raise
             message = (f"laying the fused ops out per shard failed ({type(error).__name__}: "
                        f"{error}); they run XLA's partitioned ops")
-            warnings.warn("jfuse: " + message, RuntimeWarning, stacklevel=4)
+            warn_user("jfuse: " + message)
             report.fallbacks.append(message)
             return rewritten
         report.sharding.extend(partitioner.notes)
@@ -307,7 +307,7 @@ def _record_fallback(report: FusionReport, error: Exception) -> None:
     if raise_internal_errors():
         raise error
     message = f"the rewrite failed ({type(error).__name__}: {error}); the function runs unfused"
-    warnings.warn("jfuse: " + message, RuntimeWarning, stacklevel=4)
+    warn_user("jfuse: " + message)
     report.fallbacks.append(message)
 
 
@@ -443,7 +443,7 @@ class JittedFusedFunction:
             f"({type(error).__name__}: {_first_line(error)}); this signature runs the fused ops' "
             "XLA implementation"
         )
-        warnings.warn("jfuse: " + message, RuntimeWarning, stacklevel=3)
+        warn_user("jfuse: " + message)
         logger.warning("jfuse: %s", message)
         if self._xla is None:
             options = dataclasses.replace(self._fused._options, implementation="xla",

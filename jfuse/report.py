@@ -22,14 +22,11 @@ class MissReason(str, enum.Enum):
     UNSUPPORTED_ACTIVATION = "unsupported activation"
     BIAS_SHAPE = "bias shape"
     NORMALIZED_AXIS = "normalized axis"
-    DTYPE = "dtype"
-    SHAPE = "shape not tileable or too small"
     OPAQUE_CUSTOM_VJP = "inside an opaque custom_vjp"
     PATTERN_DISABLED = "pattern disabled"
-    NO_KERNEL = "no kernel for this backend"
-    SHARDING = "sharding layout not supported"
+    NO_KERNEL = "no kernel for this backend"  # under implementation="pallas"
     DIFFERENT_INPUTS = "operands read different inputs"
-    INTERNAL_ERROR = "internal error"
+    INTERNAL_ERROR = "internal error"  # the fused op failed while tracing; the block runs unfused
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,6 @@ knows the ops only through the sites the passes hand it.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Sequence
 
 from jfuse._jax import compat
@@ -27,6 +26,7 @@ from jfuse._jax import jaxpr as jx
 from jfuse._jax.source import equation_context, user_source_line
 from jfuse.config import FuseOptions, raise_internal_errors
 from jfuse.core.markers import is_jfuse_region
+from jfuse.core.user_warning import warn_user
 from jfuse.graph import Graph, canonicalize
 from jfuse.passes import PATTERN_GROUPS, PIPELINE  # noqa: F401  (PATTERN_GROUPS: for the api)
 from jfuse.passes.base import Plan, Site, plan_rewrites
@@ -112,6 +112,7 @@ class Rewriter:
             self._fall_back(error, f"{site.pattern} at {site.where}: the fused op failed while "
                                    f"tracing ({type(error).__name__}: {error}); this block runs "
                                    "unfused")
+            self.report.missed.append(_unfused_site(site, error))
             outs = list(site.replay()(*values))
         env.write(site.outputs, outs)
 
@@ -119,7 +120,7 @@ class Rewriter:
         """Something failed while rewriting: warn, and note in the report what runs unfused."""
         if raise_internal_errors():
             raise error
-        warnings.warn("jfuse: " + message, RuntimeWarning, stacklevel=3)
+        warn_user("jfuse: " + message)
         self.report.fallbacks.append(message)
 
     # --- nested jaxprs ------------------------------------------------------------------------
@@ -192,3 +193,17 @@ class Rewriter:
                     site.detail,
                 )
             )
+
+
+def _unfused_site(site: Site, error: Exception) -> MissedFusion:
+    """The miss a site becomes when its fused op failed while tracing: a kernel that refused the
+    block (``implementation="pallas"`` asks to see refusals) or an internal error."""
+    if isinstance(error, NotImplementedError):
+        return MissedFusion(site.pattern, MissReason.NO_KERNEL, site.where,
+                            "the kernel of the platform this runs on cannot serve this block; "
+                            "implementation=None runs XLA there and keeps the block fused",
+                            detail=str(error))
+    return MissedFusion(site.pattern, MissReason.INTERNAL_ERROR, site.where,
+                        "a jfuse bug: the block runs unfused with the same answer; please report "
+                        "it with this report (JFUSE_RAISE=1 shows the traceback)",
+                        detail=f"{type(error).__name__}: {error}")

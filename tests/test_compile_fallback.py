@@ -115,3 +115,10 @@ def test_a_working_program_keeps_jax_jits_fast_path(arguments):
     step = jfuse.jit(_mlp)
     np.testing.assert_array_equal(step(*arguments), jax.jit(_mlp)(*arguments))
     assert step._xla is None and not step._xla_signatures
+
+
+def test_the_warning_points_at_the_users_line(uncompilable_kernels, arguments):
+    step = jfuse.jit(_mlp)
+    with pytest.warns(RuntimeWarning, match="failed to compile") as record:
+        step(*arguments)
+    assert record[0].filename == __file__, record[0].filename

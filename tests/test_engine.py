@@ -346,6 +346,23 @@ def test_a_failing_fused_op_runs_that_block_unfused(model, monkeypatch):
     assert len(f.report.fallbacks) == 2
 
 
+def test_a_block_whose_fused_op_failed_is_a_miss_with_the_reason(model, monkeypatch):
+    params, x = model
+    monkeypatch.setenv("JFUSE_RAISE", "0")
+    outcomes = iter([NotImplementedError("kernel says no"), RuntimeError("a jfuse bug")])
+
+    def fail(*args, **kwargs):
+        raise next(outcomes)
+
+    monkeypatch.setattr("jfuse.passes.linear.fused_linear", fail)
+    f = jfuse.jit(mlp)
+    with pytest.warns(RuntimeWarning) as record:
+        f(params, x)
+    assert [m.reason for m in f.report.missed] == [MissReason.NO_KERNEL, MissReason.INTERNAL_ERROR]
+    assert "kernel says no" in f.report.missed[0].detail and "a jfuse bug" in f.report.missed[1].detail
+    assert all(w.filename == __file__ for w in record), [w.filename for w in record]
+
+
 def test_kernel_refusal_in_interpret_mode_falls_back_per_site(rng, monkeypatch):
     monkeypatch.setenv("JFUSE_RAISE", "0")
     w = jnp.asarray(rng.standard_normal((16, 16)), jnp.float16)  # no f16 kernel guarantee

@@ -41,6 +41,11 @@ RULES = [
                  "jfuse.pallas", "jfuse.sharding", "jfuse.shared_calls", "jfuse.config")),
     (("graph.py", "rewrite.py", "shared_calls.py", "sharding"), ("jfuse.ops", "jfuse.pallas")),
     (("config.py",), ("jfuse.passes", "jfuse.rewrite", "jfuse.api")),
+    # api -> rewrite -> passes -> ops -> pallas: kernels know no op, ops no pattern, and a pass
+    # asks its op (not pallas/) what each platform refuses.
+    (("pallas",), ("jfuse.ops", "jfuse.passes", "jfuse.rewrite", "jfuse.api", "jfuse.graph")),
+    (("ops",), ("jfuse.passes", "jfuse.rewrite", "jfuse.api", "jfuse.graph")),
+    (("passes",), ("jfuse.pallas", "jfuse.rewrite", "jfuse.api")),
 ]
 
 

@@ -77,6 +77,10 @@ FUSED_WEIGHT_NK = "fused_weight_nk"  # the same with K last (torch-style (2N, K)
 BIAS = "bias"  # an output-features vector (N,), maybe as (1, N) or a scalar
 FUSED_BIAS = "fused_bias"  # a bias the op slices
 FEATURE_VECTOR = "feature_vector"  # a norm's scale or bias over H: replicated
+# The roles the shared rows x features layout rule (jfuse.sharding.rules.plan) understands.
+ROWS_AND_FEATURES_ROLES = frozenset(
+    {X, RESIDUAL, WEIGHT_KN, WEIGHT_NK, FUSED_WEIGHT, FUSED_WEIGHT_NK, BIAS, FUSED_BIAS,
+     FEATURE_VECTOR})
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -92,6 +96,10 @@ class PartitionableCall:
     kernel: Callable[[str, bool], Callable[..., list]]  # (backend, interpret) -> flat function
     implementation: str | None
     output_avals: list = dataclasses.field(default_factory=list)  # filled once traced
+    # The op's own layout rule, ``(call, operand specs, output avals, mesh) -> Layout | reason``;
+    # None: the rows x features rule (jfuse.sharding.rules.plan) that linear, glu and the norms
+    # share. An op whose operands play other roles (per-head Q/K/V, labels) declares its own.
+    layout_rule: Callable[..., Any] | None = None
 
 
 class _Depth(threading.local):

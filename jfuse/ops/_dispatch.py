@@ -59,6 +59,7 @@ class OpCall:
     reference: Callable[..., Any]
     local_reference: Callable[..., Any]
     kernel: Callable[[str, bool], Callable[..., Any]]
+    layout_rule: Callable[..., Any] | None = None  # see jfuse.core.markers.PartitionableCall
 
 
 def dispatch(implementation: str | None, call: OpCall):
@@ -126,6 +127,7 @@ def _marker(implementation: str | None, call: OpCall):
         local_reference=flat(call.local_reference),
         kernel=lambda backend, interpret: flat(call.kernel(backend, interpret)),
         implementation=implementation,
+        layout_rule=call.layout_rule,
     )
     outs = _partitionable.emit_marker(entry, body, leaves)
     entry.output_avals.extend(jax.typeof(out) for out in outs)

@@ -82,6 +82,32 @@ def as_vector(v: Any, n: int) -> Any:
     return jnp.broadcast_to(jnp.reshape(v, (-1,)), (n,)) if v.size == 1 else jnp.reshape(v, (n,))
 
 
+@dataclasses.dataclass(frozen=True)
+class Benchmark:
+    """How to measure one public op, declared beside it: ``benchmarks/ops.py`` times every
+    declaration against the op's XLA implementation and the tests enumerate them.
+
+    ``inputs(shape, dtype, normal)`` builds the arguments (``normal(shape, scale)`` draws a
+    random array in ``dtype``); ``call(implementation, variant)`` is the op as a function of them;
+    ``flops(shape, variant)`` is the forward's matmul work (0 for a memory-bound op: bytes moved
+    are counted from the shapes); ``sizes`` maps a preset (``quick``, ``cpu``, ``accelerator``,
+    ``device``) to ``(shape, variant)`` pairs, the variant being e.g. an activation.
+    """
+
+    name: str  # the report's pattern name: "linear", "add_rms_norm", ...
+    dims: str  # what ``shape`` means, e.g. "(M, K, N)"
+    inputs: Callable[[tuple, Any, Callable], tuple]
+    call: Callable[[str | None, str | None], Callable[..., Any]]
+    sizes: dict[str, tuple[tuple[tuple, str | None], ...]]
+    flops: Callable[[tuple, str | None], float] = lambda shape, variant: 0.0
+
+    @property
+    def bound(self) -> str:
+        """What limits the op on a chip: ``compute`` (matmul work declared) or ``memory``."""
+        shape, variant = next(iter(self.sizes.values()))[0]
+        return "compute" if self.flops(shape, variant) else "memory"
+
+
 class FusedOp:
     """One fused op. Subclasses set ``name``, ``contracts_features`` and implement the methods
     below; :func:`apply` runs it. ``operands`` is always a tuple (entries may be None)."""
@@ -90,6 +116,11 @@ class FusedOp:
     # True for matmuls (their last operand dim is contracted), False for norms (normalized):
     # either way a kernel needs whole rows, which the sharding rules respect.
     contracts_features: bool = True
+    # How a call is laid out per shard on a mesh: None for the rows x features rule
+    # (jfuse.sharding.rules.plan), which serves operands whose roles it knows (rows, weights,
+    # biases, feature vectors: see :meth:`roles`); an op whose operands play other roles gives its
+    # own ``(call, operand specs, output avals, mesh) -> Layout | reason``.
+    layout_rule: Callable[..., Any] | None = None
 
     def pattern(self, spec: OpSpec) -> str:
         """The report's name for a call (a norm with a residual is ``add_rms_norm``)."""
@@ -189,6 +220,7 @@ def _forward(op: FusedOp, spec: OpSpec, operands: tuple, full: bool) -> tuple:
         # The replay is written for the global shapes; one shard runs the generic reference.
         local_reference=reference_with(spec.generic()),
         kernel=lambda backend, interpret: _traced_kernel(op, spec, backend, interpret, full),
+        layout_rule=op.layout_rule,
     ))
 
 

@@ -27,8 +27,10 @@ from jax import lax
 from jfuse.ops import _partitionable
 from jfuse.ops._autodiff import recompute_in_backward
 from jfuse.ops._dispatch import check_implementation
-from jfuse.ops._op import FusedOp, OpSpec, apply, as_vector, is_zero
+from jfuse.ops._op import Benchmark, FusedOp, OpSpec, apply, as_vector, is_zero
 from jfuse.pallas import norm as kernels
+
+__all__ = ["layer_norm", "rms_norm"]
 
 Array = jax.Array
 
@@ -273,3 +275,34 @@ def layer_norm(
         (2, 8)
     """
     return _public("layer_norm", x, scale, bias, residual, eps, 0.0, implementation, True)
+
+
+def _benchmark(name: str, subtract_mean: bool, residual: bool) -> Benchmark:
+    public = layer_norm if subtract_mean else rms_norm
+
+    def inputs(shape, dtype, normal):
+        _, hidden = shape
+        args = [normal(shape)] + ([normal(shape)] if residual else [])
+        args.append(1 + normal((hidden,), 0.1))  # scale
+        if subtract_mean:
+            args.append(normal((hidden,), 0.1))  # bias
+        return tuple(args)
+
+    def call(implementation, _variant):
+        def run(x, *rest):
+            r, params = (rest[0], rest[1:]) if residual else (None, rest)
+            return public(x, *params, residual=r, implementation=implementation)
+
+        return run
+
+    return Benchmark(name=name, dims="(rows, H)", inputs=inputs, call=call, sizes={
+        "quick": (((64, 128), None),),
+        "cpu": (((4096, 1024), None),),
+        "accelerator": (((16384, 8192), None),),
+        "device": (((16384, 4096), None),),
+    })
+
+
+# Beside the op, what benchmarks/ops.py times: each of its four patterns, memory-bound.
+BENCHMARKS = tuple(_benchmark(("add_" if residual else "") + base, base == "layer_norm", residual)
+                   for base in ("rms_norm", "layer_norm") for residual in (False, True))

@@ -100,6 +100,9 @@ class Pattern:
     anchors: frozenset[str]
     match: MatchFn
     names: tuple[str, ...] = ()
+    # Where the pass runs in the pipeline: lower first, and an earlier pass wins an equation two
+    # passes claim (a GLU's gate, matmul + activation, must go to the GLU, not to linear).
+    priority: int = 100
 
     @property
     def site_names(self) -> tuple[str, ...]:

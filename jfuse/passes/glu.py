@@ -392,4 +392,5 @@ def _site(graph, mul, eqns, gate: _Branch, up: _Branch, activation, out, options
                 graph, refusals)
 
 
-PATTERN = Pattern(NAME, frozenset({"mul"}), match_glu)
+# Priority 10: before linear: a GLU's gate (matmul + activation) is also a linear site.
+PATTERN = Pattern(NAME, frozenset({"mul"}), match_glu, priority=10)

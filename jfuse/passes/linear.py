@@ -231,4 +231,5 @@ def _moveaxis(a, source: int, destination: int):
     return jnp.moveaxis(a, source, destination)
 
 
-PATTERN = Pattern(NAME, frozenset({"dot_general"}), match_linear)
+# Priority 20: after glu, whose gate it would otherwise claim.
+PATTERN = Pattern(NAME, frozenset({"dot_general"}), match_linear, priority=20)

@@ -497,4 +497,5 @@ def _site(graph, anchor, root, eqns, out, found, options) -> Site:
                 graph, refusals)
 
 
-PATTERN = Pattern(NAME, frozenset({"rsqrt", "sqrt", "pow"}), match_norm, NAMES)
+# Priority 30: norms share no equation with the matmul patterns.
+PATTERN = Pattern(NAME, frozenset({"rsqrt", "sqrt", "pow"}), match_norm, NAMES, priority=30)

@@ -150,7 +150,7 @@ class Partitioner:
                       f"{[a.str_short() for a in call.operand_avals]} -> "
                       f"{[v.aval.str_short() for v in eqn.invars]}")
         else:
-            layout = plan(call, operand_specs, out_avals, self.mesh)
+            layout = (call.layout_rule or plan)(call, operand_specs, out_avals, self.mesh)
         if isinstance(layout, str):
             self.notes.append(ShardedCall(call.pattern if call else "fused op", where, False,
                                           layout))
