@@ -502,15 +502,9 @@ def _first_line(error: Exception) -> str:
     return text[0][:300] if text else ""
 
 
-def jit(
-    fn: Callable | None = None,
-    *,
-    patterns: Iterable[str] | None = None,
-    implementation: str | None = None,
-    report: bool | None = None,
-    strict: bool | None = None,
-    **jit_kwargs,
-) -> Any:
+def jit(fn: Callable | None = None, *, patterns: Iterable[str] | None = None,
+        implementation: str | None = None, report: bool | None = None,
+        strict: bool | None = None, **jit_kwargs) -> Any:
     """A drop-in ``jax.jit`` that fuses ``fn`` first.
 
     Every keyword jax.jit takes (``static_argnums``, ``static_argnames``, ``donate_argnums``,

@@ -19,6 +19,8 @@ knows the ops only through the sites the passes hand it.
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any, Sequence
 
 from jfuse._jax import compat
@@ -142,6 +144,7 @@ class Rewriter:
         for key, value in jx.jaxpr_params(eqn):
             if key not in params or key == "cond_jaxpr":
                 continue
+            first_site = len(self.report.sites)
             try:
                 if isinstance(value, tuple):
                     bodies = [self._rewrite_body(v) for v in value]
@@ -156,7 +159,15 @@ class Rewriter:
                 self._fall_back(error, f"{name} body at {user_source_line(eqn)} was left unfused "
                                        f"({type(error).__name__}: {error})")
                 params[key] = value
+            if name == "scan":  # the body's sites run once per iteration
+                self._repeat_sites(first_site, int(eqn.params.get("length", 1)))
         return params if changed else None
+
+    def _repeat_sites(self, first: int, iterations: int) -> None:
+        """Mark the sites from ``first`` on as running ``iterations`` times per call."""
+        sites = self.report.sites
+        sites[first:] = [dataclasses.replace(site, iterations=site.iterations * iterations)
+                         for site in sites[first:]]
 
     def _rewrite_body(self, body):
         """The rewritten body, or None when nothing in it fused (or it gained constants)."""

@@ -83,3 +83,24 @@ def test_the_totals_say_where_the_kernel_runs():
     text = str(jfuse.explain(block)(*args))
     row = next(line for line in text.splitlines() if line.startswith("  glu "))
     assert row.endswith("TPU kernel, GPU kernel 1/2"), row
+
+
+def test_sites_in_a_scan_body_say_they_run_once_per_iteration():
+    params = models.stack_layers(models.init_llama(jax.random.key(0), 6, 32, 64, 64))
+    tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, 64)
+    report = jfuse.explain(models.sgd_step(models.llama_scan_loss))(params, tokens)
+    in_body = [s for s in report.sites if s.iterations > 1]
+    assert in_body and all(s.iterations == 6 for s in in_body), report.to_dict()["sites"]
+    assert {s.pattern for s in in_body} >= {"glu", "add_rms_norm"}
+    assert "once per iteration of a 6-step loop" in str(report)
+    assert report.bytes_saved == sum(s.bytes_saved * s.iterations for s in report.sites)
+    assert report.to_dict()["sites"][0]["iterations"] >= 1
+
+
+def test_long_paths_are_shortened():
+    from jfuse._jax.source import short_path
+
+    assert short_path("/opt/venv/lib/python3.12/site-packages/flax/linen/linear.py") == \
+        "flax/linen/linear.py"
+    assert short_path("/home/someone/projects/deep/down/model.py") == "…/deep/down/model.py"
+    assert short_path(str(pathlib.Path.cwd() / "pkg" / "model.py")) == "pkg/model.py"

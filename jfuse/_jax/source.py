@@ -85,16 +85,27 @@ def _notebook_cell(path: str) -> str | None:
     return None
 
 
+_PACKAGE_ROOTS = ("site-packages", "dist-packages")
+
+
 def short_path(path: str) -> str:
-    """Paths under the working directory print relative to it; notebook cells by their number."""
+    """A source path as a report prints it: relative to the working directory when under it, a
+    notebook cell by its number, an installed package's file from the package on
+    (``flax/linen/linear.py``), anything else by its last three parts (``…/proj/model.py``)."""
     cell = _notebook_cell(path)
     if cell is not None:
         return cell
     try:
         relative = os.path.relpath(path)
     except ValueError:  # another drive on Windows
-        return path
-    return path if relative.startswith("..") else relative
+        relative = path
+    if not relative.startswith(".."):
+        return relative
+    parts = os.path.normpath(path).split(os.sep)
+    for root in _PACKAGE_ROOTS:
+        if root in parts:
+            return "/".join(parts[len(parts) - parts[::-1].index(root):])
+    return path if len(parts) <= 4 else "…/" + "/".join(parts[-3:])
 
 
 def custom_jvp_origin(eqn: Any) -> str:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable, Sequence
 
 import jax
@@ -106,6 +107,14 @@ class Benchmark:
         """What limits the op on a chip: ``compute`` (matmul work declared) or ``memory``."""
         shape, variant = next(iter(self.sizes.values()))[0]
         return "compute" if self.flops(shape, variant) else "memory"
+
+
+def matmul_benchmark(name: str, products: int, inputs: Callable, call: Callable,
+                     sizes: dict) -> Benchmark:
+    """The declaration of a matmul-shaped op: shapes ``(M, K, N)``, ``products`` GEMMs of
+    ``2·M·K·N`` flops each in the forward."""
+    return Benchmark(name=name, dims="(M, K, N)", inputs=inputs, call=call, sizes=sizes,
+                     flops=lambda shape, variant: 2.0 * products * math.prod(shape))
 
 
 class FusedOp:

@@ -27,7 +27,8 @@ from jax.custom_derivatives import SymbolicZero
 from jfuse.ops import _partitionable
 from jfuse.ops._autodiff import recompute_in_backward
 from jfuse.ops._dispatch import check_implementation
-from jfuse.ops._op import Benchmark, FusedOp, OpSpec, apply, as_vector, is_zero, not_in_key
+from jfuse.ops._op import (FusedOp, OpSpec, apply, as_vector, is_zero, matmul_benchmark,
+                           not_in_key)
 from jfuse.pallas import glu as kernels
 from jfuse.pallas._common import tpu_precision_reason
 from jfuse.core.activations import get_activation
@@ -321,13 +322,10 @@ def _benchmark_inputs(shape, dtype, normal):
 # Beside the op, what benchmarks/ops.py times: a SwiGLU at the sizes of each preset. On GPU the
 # K of the accelerator sizes straddles GPU_MAX_PROFITABLE_K (XLA runs above it); the device
 # check's sizes place that threshold (it forces the kernel with implementation="pallas").
-BENCHMARKS = (Benchmark(
-    name="glu",
-    dims="(M, K, N)",
-    inputs=_benchmark_inputs,
+BENCHMARKS = (matmul_benchmark(
+    "glu", products=2, inputs=_benchmark_inputs,
     call=lambda implementation, gate: (
         lambda x, wg, wu: glu(x, wg, wu, activation=gate, implementation=implementation)),
-    flops=lambda shape, gate: 2.0 * 2 * shape[0] * shape[1] * shape[2],
     sizes={
         "quick": (((64, 32, 96), "silu"),),
         "cpu": (((1024, 512, 1376), "silu"),),

@@ -26,7 +26,7 @@ from jax import lax
 from jfuse.ops import _partitionable
 from jfuse.ops._autodiff import recompute_in_backward
 from jfuse.ops._dispatch import check_implementation
-from jfuse.ops._op import Benchmark, FusedOp, OpSpec, apply, as_vector, is_zero
+from jfuse.ops._op import FusedOp, OpSpec, apply, as_vector, is_zero, matmul_benchmark
 from jfuse.pallas import linear as kernels
 from jfuse.pallas._common import tpu_precision_reason
 from jfuse.core.activations import get_activation
@@ -253,13 +253,10 @@ def _benchmark_inputs(shape, dtype, normal):
 
 # Beside the op, what benchmarks/ops.py times: an MLP's up-projection with a bias and a GELU or
 # SiLU epilogue, at the sizes of each preset.
-BENCHMARKS = (Benchmark(
-    name="linear",
-    dims="(M, K, N)",
-    inputs=_benchmark_inputs,
+BENCHMARKS = (matmul_benchmark(
+    "linear", products=1, inputs=_benchmark_inputs,
     call=lambda implementation, activation: (
         lambda x, w, b: linear(x, w, b, activation=activation, implementation=implementation)),
-    flops=lambda shape, activation: 2.0 * shape[0] * shape[1] * shape[2],
     sizes={
         "quick": (((64, 32, 64), "gelu_tanh"), ((64, 32, 64), "silu")),
         "cpu": (((1024, 512, 2048), "gelu_tanh"), ((1024, 512, 2048), "silu")),
