@@ -86,3 +86,46 @@ def test_pallas_on_one_platform_ignores_another_platforms_refusal(rng):
     assert site.platforms == {"tpu": "xla", "cuda": "kernel"} and "float16" in site.platform_reasons["tpu"]
     fused = jfuse.fuse(block, implementation="pallas")
     assert count_kernel_calls(lower_for(fused, x, w, platform="cuda"), "cuda") == 1
+
+
+def _mlp_block(x, w, b, wg, wu):
+    h = jax.nn.gelu(x @ w + b)
+    return jax.nn.silu(h @ wg) * (h @ wu)
+
+
+def _mlp_arguments():
+    rng = np.random.default_rng(1)
+    shapes = [(16, 64), (64, 128), (128,), (128, 64), (128, 64)]
+    return [jnp.asarray(rng.standard_normal(s) / 8, jnp.float32) for s in shapes]
+
+
+@pytest.mark.parametrize("precision", ["highest", "float32"])
+def test_matmul_precision_reaches_the_kernels(precision):
+    """With a default matmul precision set, every site still runs its kernel on both platforms,
+    the report says so exactly, and the kernels (interpret mode) compute what jax.jit does."""
+    args = _mlp_arguments()
+    with jax.default_matmul_precision(precision):
+        report = jfuse.explain(_mlp_block)(*args)
+        assert report.fused == {"linear": 1, "glu": 1} and not report.fallbacks
+        assert all(site.platforms == {"tpu": "kernel", "cuda": "kernel"} for site in report.sites)
+        for platform in ("tpu", "cuda"):
+            text = lower_for(jfuse.fuse(_mlp_block), *args, platform=platform)
+            assert count_kernel_calls(text, platform) == 2
+        got = jfuse.jit(_mlp_block, implementation="interpret")(*args)
+        want = jax.jit(_mlp_block)(*args)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+def test_a_precision_mosaic_lacks_runs_xla_on_tpu_only_and_says_so():
+    args = _mlp_arguments()
+    with jax.default_matmul_precision("high"):  # bf16_3x: Triton honours it, Mosaic does not
+        report = jfuse.explain(_mlp_block)(*args)
+        assert report.fused == {"linear": 1, "glu": 1}
+        for site in report.sites:
+            assert site.platforms == {"tpu": "xla", "cuda": "kernel"}
+            assert "precision" in site.platform_reasons["tpu"]
+        assert "TPU: XLA (precision" in str(report)
+        assert count_kernel_calls(lower_for(jfuse.fuse(_mlp_block), *args, platform="tpu"),
+                                  "tpu") == 0
+        assert count_kernel_calls(lower_for(jfuse.fuse(_mlp_block), *args, platform="cuda"),
+                                  "cuda") == 2
