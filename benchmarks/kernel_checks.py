@@ -247,7 +247,22 @@ def checks(size: str = "device") -> list[KernelCheck]:
             i = c + h
             out.append(_norm_check(kind, residual, offset, (1000, hidden), DTYPES[i % 3],
                                    MODES[i % 2]))
-    return out
+    return _round_robin(out)
+
+
+def _round_robin(grid: list[KernelCheck]) -> list[KernelCheck]:
+    """The grid reordered to take one case of each pattern in turn, so a run cut short by its
+    budget still covers every kernel."""
+    families: dict[str, list[KernelCheck]] = {}
+    for check in grid:
+        families.setdefault(check.pattern, []).append(check)
+    queues = list(families.values())
+    ordered = []
+    while any(queues):
+        for queue in queues:
+            if queue:
+                ordered.append(queue.pop(0))
+    return ordered
 
 
 # ------------------------------------------------------------------------------------------------
