@@ -35,6 +35,7 @@ import numpy as np
 from jax import lax
 
 import jfuse
+from jfuse.benchmarking import pass_of
 from jfuse.core.kernel_calls import kernel_calls
 
 MODES = ("fwd", "fwd+bwd")
@@ -284,15 +285,7 @@ def _inputs(check: KernelCheck, seed: int = 0) -> tuple[list[jax.Array], list[np
 
 def _program(check: KernelCheck, compute_dtype) -> Callable[..., Any]:
     """The function compiled: the block, or ``jax.vjp`` of it with a given cotangent."""
-    fn = check.block(compute_dtype)
-    if check.mode == "fwd":
-        return fn
-
-    def forward_backward(args, cotangent):
-        out, pullback = jax.vjp(fn, *args)
-        return out, pullback(cotangent)
-
-    return forward_backward
+    return pass_of(check.block(compute_dtype), check.mode)
 
 
 def _arguments(check: KernelCheck, device_args, exact_args):

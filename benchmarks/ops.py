@@ -36,6 +36,7 @@ from jfuse.benchmarking import (
     implementation_label,
     interleaved_medians,
     kernel_calls,
+    pass_of,
     roofline_seconds,
     temp_bytes,
     timed_compile,
@@ -117,15 +118,7 @@ class OpCase:
 
     def program(self, implementation: str | None) -> Callable[..., Any]:
         """The function to jit for this pass, taking :meth:`arguments`."""
-        f = self.op_fn(implementation)
-        if self.mode == "fwd":
-            return f
-
-        def forward_backward(args, cotangent):
-            out, pullback = jax.vjp(f, *args)
-            return out, pullback(cotangent)
-
-        return forward_backward
+        return pass_of(self.op_fn(implementation), self.mode)
 
     def flops(self) -> float:
         """Matmul flops as declared for the forward; three times that with the backward

@@ -106,6 +106,23 @@ def _block(tree):
     return jax.block_until_ready(tree)
 
 
+def pass_of(fn: Callable, mode: str) -> Callable:
+    """``fn`` for one benchmark pass: ``"fwd"`` is ``fn`` itself; ``"fwd+bwd"`` takes
+    ``(args, cotangent)`` and returns the outputs and ``jax.vjp``'s gradients of every argument,
+    as a layer runs in a training step (a random cotangent, so XLA cannot fold a constant one
+    into the backward)."""
+    if mode == "fwd":
+        return fn
+    if mode != "fwd+bwd":
+        raise ValueError(f"mode={mode!r}; expected 'fwd' or 'fwd+bwd'")
+
+    def forward_backward(args, cotangent):
+        out, pullback = jax.vjp(fn, *args)
+        return out, pullback(cotangent)
+
+    return forward_backward
+
+
 def timed_compile(jitted, *args) -> tuple[Any, float, str]:
     """``jitted.lower(*args).compile()``: the compiled function, the seconds taken (trace, lower,
     compile) and the lowered StableHLO text (for :func:`kernel_calls`)."""
