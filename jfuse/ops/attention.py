@@ -1,0 +1,514 @@
+"""``attention``: softmax(Q·Kᵀ·scale + bias, masked)·V without the (T, S) scores in memory.
+
+The scores and probabilities of dense attention, ``(batch, heads, T, S)`` per layer and kept for
+the backward, are most of a transformer's live memory. This op never holds more than one key
+block of them:
+
+* **forward** (every platform's XLA path): an online softmax over key blocks (a ``lax.scan``
+  carrying the running max, sum and output), which also returns the f32 log-sum-exp per query;
+* **derivative**: a ``jax.custom_jvp`` whose tangent is itself a scan over key blocks that
+  recomputes each block's probabilities from the log-sum-exp, inside ``jax.checkpoint``. With
+  ``p = exp(s - lse)`` and ``ds`` the scores' tangent, ``dO = Σ p·ds·V − (Σ p·ds)·O + Σ p·dV``.
+  ``grad`` transposes that scan block by block, so the backward is O(T) as well, and jvp, vmap
+  and higher derivatives keep working (a ``custom_vjp`` would refuse forward mode);
+* **kernels**: on TPU and GPU, JAX's maintained Pallas flash kernels serve the forward where their
+  conditions hold (see :meth:`Attention.unsupported_reason`); elsewhere the blockwise XLA path runs.
+
+The masks jfuse can classify are structure, not arrays: ``is_causal``, a ``local_window_size``,
+segment ids and per-example key lengths are rebuilt per block from iotas, so a causal mask costs
+nothing. Anything else is a dense boolean ``mask`` or additive ``bias`` (broadcastable to
+``(B, N, T, S)``), sliced per key block. A masked score takes ``mask_value`` (the user's constant:
+a row with every key masked then averages V, as dense code does; with ``-inf`` it is NaN, as
+dense code gives).
+
+Example::
+
+    out = jfuse.ops.attention(q, k, v, is_causal=True)          # q (B, T, N, H), k/v (B, S, K, H)
+    out = jfuse.ops.attention(q, k, v, key_value_seq_lengths=lengths, logits_soft_cap=50.0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jfuse.ops._autodiff import recompute_in_backward
+from jfuse.ops._dispatch import check_implementation
+from jfuse.ops._op import Benchmark, FusedOp, OpSpec, apply, is_zero
+
+__all__ = ["attention"]
+
+Array = jax.Array
+
+# jax.nn.dot_product_attention's masked value (also splash's and gemma's): finite, so a row with
+# every key masked averages V instead of becoming NaN.
+DEFAULT_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+# Keys per block of the XLA path: the scores held at once are (B, N, T, BLOCK_K) f32.
+BLOCK_K = 512
+LAYOUTS = ("BTNH", "BNTH")
+
+
+@dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
+class AttentionSpec(OpSpec):
+    """Everything about one attention call that is not an array.
+
+    The scores are ``s = (q·kᵀ)·scale`` in f32, then ``cap·tanh(s/cap)`` with a soft cap, then
+    ``+ bias``, then ``mask_value`` where masked; the probabilities enter the PV product in
+    ``probs_dtype`` (the user's: V's dtype unless the user kept them in f32).
+    """
+
+    scale: float
+    layout: str = "BTNH"
+    is_causal: bool = False
+    window: tuple[int | None, int | None] | None = None  # keys i-left ..= i+right (None: open)
+    soft_cap: float | None = None
+    mask_value: float = DEFAULT_MASK_VALUE
+    probs_dtype: Any = None  # None: V's dtype
+    out_dtype: Any = None  # None: q's dtype
+    block_k: int = BLOCK_K
+
+
+# Operands, in order. Only q, k, v are required; the others are None when absent.
+OPERANDS = ("query", "key", "value", "bias", "mask", "query_segment_ids", "key_segment_ids",
+            "key_value_seq_lengths")
+
+
+# --- the blockwise XLA implementation -----------------------------------------------------------
+
+def _grouped(q, k, v, layout):
+    """q as (B, K, G, T, H), k and v as (B, K, S, H): head n of q reads kv head n // G."""
+    if layout == "BTNH":
+        q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))
+    b, n, t, h = q.shape
+    kv_heads = k.shape[1]
+    return jnp.reshape(q, (b, kv_heads, n // kv_heads, t, h)), k, v
+
+
+def _ungrouped(o, layout):
+    b, kv, g, t, h = o.shape
+    o = jnp.reshape(o, (b, kv * g, t, h))
+    return jnp.swapaxes(o, 1, 2) if layout == "BTNH" else o
+
+
+def _as_grouped_bnts(a, kv_heads):
+    """A (B|1, N|1, T|1, S|1) bias or mask as (B|1, K|1, G|1, T|1, S|1)."""
+    if a is None:
+        return None
+    b, n, t, s = a.shape
+    if n == 1:
+        return a[:, :, None]
+    return jnp.reshape(a, (b, kv_heads, n // kv_heads, t, s))
+
+
+def _block_slice(a, start, size, axis=-1):
+    """``size`` entries of ``a`` along ``axis`` from ``start``, or ``a`` if broadcast there."""
+    if a is None or a.shape[axis] == 1:
+        return a
+    return lax.dynamic_slice_in_dim(a, start, size, axis=axis)
+
+
+@dataclasses.dataclass
+class _Problem:
+    """One call's operands in the grouped layout, with S padded to whole key blocks."""
+
+    q: Any  # (B, K, G, T, H)
+    k: Any  # (B, K, Sp, H)
+    v: Any  # (B, K, Sp, Hv)
+    bias: Any  # (B|1, K|1, G|1, T|1, Sp|1) or None
+    mask: Any
+    q_segments: Any  # (B, T) or None
+    kv_segments: Any  # (B, Sp)
+    lengths: Any  # (B,) or None
+    seq_k: int  # the real S
+    block: int
+    acc: Any  # the accumulation dtype's scalar type: f32 (f64 for f64 inputs)
+
+    @property
+    def blocks(self) -> int:
+        return self.k.shape[2] // self.block
+
+
+def _problem(spec: AttentionSpec, operands) -> _Problem:
+    q, k, v, bias, mask, q_seg, kv_seg, lengths = operands
+    q, k, v = _grouped(q, k, v, spec.layout)
+    seq_k = k.shape[2]
+    block = min(spec.block_k, seq_k)
+    pad = -seq_k % block
+
+    def pad_s(a, axis):
+        if a is None or pad == 0 or a.shape[axis] == 1:
+            return a
+        widths = [(0, 0)] * a.ndim
+        widths[axis % a.ndim] = (0, pad)
+        return jnp.pad(a, widths)
+
+    kv_heads = k.shape[1]
+    return _Problem(
+        q=q, k=pad_s(k, 2), v=pad_s(v, 2),
+        bias=pad_s(_as_grouped_bnts(bias, kv_heads), -1),
+        mask=pad_s(_as_grouped_bnts(mask, kv_heads), -1),
+        q_segments=q_seg, kv_segments=pad_s(kv_seg, 1), lengths=lengths,
+        seq_k=seq_k, block=block,
+        acc=np.dtype(jnp.promote_types(jnp.float32, q.dtype)).type)
+
+
+def _keep(spec: AttentionSpec, p: _Problem, start):
+    """Which (query, key) pairs of the key block at ``start`` are attended, as a boolean
+    broadcastable to (B, K, G, T, block); padding keys are never attended. Also returns the
+    padding-only mask (keys that exist)."""
+    t = p.q.shape[3]
+    q_pos = lax.broadcasted_iota(jnp.int32, (t, p.block), 0)
+    kv_pos = start + lax.broadcasted_iota(jnp.int32, (t, p.block), 1)
+    exists = (kv_pos < p.seq_k)[None, None, None]
+    keep = None
+
+    def both(a, b):
+        return b if a is None else a & b
+
+    if spec.is_causal:
+        keep = both(keep, kv_pos <= q_pos)
+    if spec.window is not None:
+        left, right = spec.window
+        if left is not None:
+            keep = both(keep, kv_pos >= q_pos - left)
+        if right is not None:
+            keep = both(keep, kv_pos <= q_pos + right)
+    keep = None if keep is None else keep[None, None, None]
+    if p.q_segments is not None:
+        kv_seg = _block_slice(p.kv_segments, start, p.block, axis=1)
+        same = p.q_segments[:, :, None] == kv_seg[:, None, :]  # (B, T, block)
+        keep = both(keep, same[:, None, None])
+    if p.lengths is not None:
+        valid = (start + jnp.arange(p.block, dtype=jnp.int32))[None, :] < p.lengths[:, None]
+        keep = both(keep, valid[:, None, None, None, :])
+    if p.mask is not None:
+        keep = both(keep, _block_slice(p.mask, start, p.block))
+    return keep, exists
+
+
+def _scores(spec: AttentionSpec, p: _Problem, q, kj, start):
+    """(t, s, keep, exists) of one key block: ``t`` the scaled products, ``s`` the scores as the
+    softmax reads them (soft-capped, biased, masked, and -inf for padding keys)."""
+    acc = p.acc
+    t = jnp.einsum("bkgth,bksh->bkgts", q, kj, preferred_element_type=acc)
+    t = t * acc(spec.scale)
+    s = t
+    if spec.soft_cap is not None:
+        cap = acc(spec.soft_cap)
+        s = jnp.tanh(s / cap) * cap
+    if p.bias is not None:
+        s = s + _block_slice(p.bias, start, p.block).astype(acc)
+    keep, exists = _keep(spec, p, start)
+    if keep is not None:
+        s = jnp.where(keep, s, acc(spec.mask_value))
+    s = jnp.where(exists, s, -jnp.inf)
+    return t, s, keep, exists
+
+
+def _safe(m):
+    """The running max where it is finite, else 0 (a row that has seen only -inf so far)."""
+    return jnp.where(jnp.isneginf(m), 0.0, m)
+
+
+def _forward_xla(spec: AttentionSpec, operands):
+    """(out, m, l): the online softmax over key blocks, with each query's score max ``m`` and
+    sum ``l`` of ``exp(s - m)``, (B, K, G, T) in the accumulation dtype. They are kept apart
+    (not as ``m + log l``) because at a masking constant near -3e38, ``m + log l`` rounds to
+    ``m``: a fully masked row's probabilities would come out ``S`` times too large."""
+    p = _problem(spec, operands)
+    b, kv, g, t, _ = p.q.shape
+    hv = p.v.shape[-1]
+    probs_dtype, acc = spec.probs_dtype or p.v.dtype, p.acc
+
+    def body(carry, j):
+        m, l, o = carry
+        start = j * p.block
+        kj = lax.dynamic_slice_in_dim(p.k, start, p.block, axis=2)
+        vj = lax.dynamic_slice_in_dim(p.v, start, p.block, axis=2)
+        _, s, _, _ = _scores(spec, p, p.q, kj, start)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        alpha = jnp.exp(m - _safe(m_new))
+        e = jnp.exp(s - _safe(m_new)[..., None])
+        l = l * alpha + jnp.sum(e, axis=-1)
+        pv = jnp.einsum("bkgts,bksh->bkgth", e.astype(probs_dtype), vj,
+                        preferred_element_type=acc)
+        return (m_new, l, o * alpha[..., None] + pv), None
+
+    init = (jnp.full((b, kv, g, t), -jnp.inf, acc), jnp.zeros((b, kv, g, t), acc),
+            jnp.zeros((b, kv, g, t, hv), acc))
+    (m, l, o), _ = lax.scan(body, init, jnp.arange(p.blocks))
+    # A row with every key at -inf has l = 0: 0/0 is NaN, as the dense softmax gives.
+    out = o / l[..., None]
+    out_dtype = spec.out_dtype or operands[0].dtype
+    return _ungrouped(out, spec.layout).astype(out_dtype), _safe(m), l
+
+
+def _tangent_xla(spec: AttentionSpec, operands, tangents, out, m, l):
+    """(dout, c) in plain primitives, ``c = Σ p·ds`` the tangent of each query's log-sum-exp: one checkpointed scan over key blocks (module docs)."""
+    p = _problem(spec, operands)
+    q, k, v = operands[:3]
+    dq, dk, dv, dbias = tangents
+    # The tangents in the grouped, padded layout of their primals.
+    dq = None if dq is None else _grouped(dq, k, v, spec.layout)[0]
+    padded = _problem(spec, (q, k if dk is None else dk, v if dv is None else dv,
+                             dbias, None, None, None, None))
+    dk = None if dk is None else padded.k
+    dv = None if dv is None else padded.v
+    dbias = padded.bias
+    probs_dtype, acc = spec.probs_dtype or p.v.dtype, p.acc
+    b, kv, g, t, _ = p.q.shape
+    hv = p.v.shape[-1]
+
+    def block(j):
+        start = j * p.block
+        kj = lax.dynamic_slice_in_dim(p.k, start, p.block, axis=2)
+        vj = lax.dynamic_slice_in_dim(p.v, start, p.block, axis=2)
+        tj, s, keep, exists = _scores(spec, p, p.q, kj, start)
+        probs = jnp.exp(s - m[..., None]) / l[..., None]
+        ds = jnp.zeros(s.shape, acc)
+        if dq is not None:
+            ds = ds + jnp.einsum("bkgth,bksh->bkgts", dq, kj, preferred_element_type=acc)
+        if dk is not None:
+            dkj = lax.dynamic_slice_in_dim(dk, start, p.block, axis=2)
+            ds = ds + jnp.einsum("bkgth,bksh->bkgts", p.q, dkj,
+                                 preferred_element_type=acc)
+        ds = ds * acc(spec.scale)
+        if spec.soft_cap is not None:
+            th = jnp.tanh(tj / acc(spec.soft_cap))
+            ds = ds * (1.0 - th * th)
+        if dbias is not None:
+            ds = ds + _block_slice(dbias, start, p.block).astype(acc)
+        if keep is not None:
+            ds = jnp.where(keep, ds, 0.0)
+        ds = jnp.where(exists, ds, 0.0)
+        pds = probs * ds
+        a = jnp.einsum("bkgts,bksh->bkgth", pds.astype(probs_dtype), vj,
+                       preferred_element_type=acc)
+        c = jnp.sum(pds, axis=-1)
+        if dv is not None:
+            dvj = lax.dynamic_slice_in_dim(dv, start, p.block, axis=2)
+            a = a + jnp.einsum("bkgts,bksh->bkgth", probs.astype(probs_dtype), dvj,
+                               preferred_element_type=acc)
+        return a, c
+
+    block = recompute_in_backward(block)
+
+    def body(carry, j):
+        a, c = carry
+        da, dc = block(j)
+        return (a + da, c + dc), None
+
+    init = (jnp.zeros((b, kv, g, t, hv), acc), jnp.zeros((b, kv, g, t), acc))
+    (a, c), _ = lax.scan(body, init, jnp.arange(p.blocks))
+    o32 = _grouped(out, operands[1], operands[2], spec.layout)[0].astype(acc)
+    dout = a - c[..., None] * o32
+    return _ungrouped(dout, spec.layout).astype(out.dtype), c
+
+
+class Attention(FusedOp):
+    """softmax(Q·Kᵀ·scale + bias, masked)·V. Operands as :data:`OPERANDS`; full outputs
+    ``(out, m, l)``: each query's score max and softmax denominator, (B, K, G, T) f32."""
+
+    name = "attention"
+
+    def reference(self, spec: AttentionSpec, operands, full):
+        out, m, l = _forward_xla(spec, operands)
+        return (out, m, l) if full else (out, None, None)
+
+    def tangents(self, spec: AttentionSpec, operands, tangents, full_outputs):
+        d = [None if is_zero(t) else t for t in tangents[:4]]
+        out, m, l = full_outputs
+        zero_m = jnp.zeros(m.shape, m.dtype)  # m only stabilizes: lse = m + log l moves by l
+        if all(t is None for t in d):
+            return jnp.zeros(out.shape, out.dtype), zero_m, jnp.zeros(l.shape, l.dtype)
+        dout, dlse = _tangent_xla(spec, operands, d, out, m, l)
+        return dout, zero_m, l * dlse
+
+    def unsupported_reason(self, spec, platform, avals):
+        return f"jfuse has no {platform} attention kernel yet; the blockwise XLA version runs"
+
+    def roles(self, spec, operands):
+        return OPERANDS
+
+    @staticmethod
+    def layout_rule(call, operand_specs, output_avals, mesh):
+        return "attention runs its blockwise XLA version on a mesh (XLA partitions it)"
+
+
+ATTENTION = Attention()
+
+
+def fused_attention(q, k, v, bias=None, mask=None, q_segments=None, kv_segments=None,
+                    lengths=None, *, implementation=None, **spec_fields) -> Array:
+    """The op as the rewrite calls it (no argument checks): spec fields as keywords."""
+    spec = AttentionSpec(implementation=implementation, **spec_fields)
+    return apply(ATTENTION, spec, q, k, v, bias, mask, q_segments, kv_segments, lengths)
+
+
+# --- the public op -----------------------------------------------------------------------------
+
+def _fail(kind, message):
+    raise kind(f"jfuse.ops.attention: {message}")
+
+
+def _check_broadcast(name, a, full, dtype_kind):
+    a = jnp.asarray(a)
+    if dtype_kind == "bool" and a.dtype != jnp.bool_:
+        _fail(TypeError, f"{name} must be a boolean array (True: attend), got dtype {a.dtype}.")
+    if dtype_kind == "float" and not jnp.issubdtype(a.dtype, jnp.floating):
+        _fail(TypeError, f"{name} must be a floating array, got dtype {a.dtype}.")
+    if a.ndim != 4 or any(d not in (1, f) for d, f in zip(a.shape, full)):
+        _fail(ValueError, f"{name} must be 4-D and broadcastable to (B, N, T, S) = {full}, "
+                          f"got shape {a.shape}.")
+    return a
+
+
+def attention(
+    query: Array,
+    key: Array,
+    value: Array,
+    *,
+    bias: Array | None = None,
+    mask: Array | None = None,
+    scale: float | None = None,
+    is_causal: bool = False,
+    local_window_size: int | tuple[int | None, int | None] | None = None,
+    query_segment_ids: Array | None = None,
+    key_segment_ids: Array | None = None,
+    key_value_seq_lengths: Array | None = None,
+    logits_soft_cap: float | None = None,
+    mask_value: float = DEFAULT_MASK_VALUE,
+    layout: str = "BTNH",
+    implementation: str | None = None,
+) -> Array:
+    """Multi-head attention with O(T) memory in forward and backward, differentiable to any order.
+
+    Computes ``softmax(where(mask, cap·tanh(q·kᵀ·scale / cap) + bias, mask_value)) · v`` with the
+    scores and the softmax in f32, never holding more than one block of keys' scores.
+
+    Args:
+      query: ``(B, T, N, H)`` (``layout="BTNH"``, as ``jax.nn.dot_product_attention``) or
+        ``(B, N, T, H)`` (``layout="BNTH"``).
+      key: ``(B, S, K, H)`` (or ``(B, K, S, H)``) with ``N % K == 0``: grouped-query attention
+        reads kv head ``n // (N // K)`` for query head ``n``, without repeating K and V.
+      value: ``(B, S, K, Hv)`` (or ``(B, K, S, Hv)``), any ``Hv``.
+      bias: optional additive bias, 4-D, broadcastable to ``(B, N, T, S)`` (in that order for
+        either layout).
+      mask: optional boolean, broadcastable to ``(B, N, T, S)``: True where a query attends.
+      scale: multiplies the scores; default ``1/sqrt(H)``.
+      is_causal: query ``i`` attends keys ``j <= i`` (``jnp.tril`` of a ``(T, S)`` array).
+      local_window_size: ``w`` or ``(left, right)``: query ``i`` attends keys
+        ``i - left <= j <= i + right`` (None on a side: unbounded). ``w`` means ``(w, w)``.
+      query_segment_ids, key_segment_ids: optional integer ``(B, T)`` and ``(B, S)``: attend
+        only within equal ids (packed sequences). Give both or neither.
+      key_value_seq_lengths: optional integer ``(B,)``: keys ``j >= length`` are masked (padding).
+      logits_soft_cap: Gemma 2's ``cap·tanh(s / cap)`` on the scaled scores, before bias and mask.
+      mask_value: what a masked score becomes (the masking constant of the code being matched).
+        Finite: a row with every key masked averages V; ``-inf``: such a row is NaN.
+      layout: ``"BTNH"`` or ``"BNTH"``; the output has query's layout and dtype.
+      implementation: as for :func:`jfuse.ops.linear`.
+
+    Example::
+
+        >>> q = jnp.ones((2, 16, 4, 8)); kv = jnp.ones((2, 16, 2, 8))
+        >>> jfuse.ops.attention(q, kv, kv, is_causal=True).shape
+        (2, 16, 4, 8)
+    """
+    check_implementation(implementation)
+    if layout not in LAYOUTS:
+        _fail(ValueError, f"layout must be one of {LAYOUTS}, got {layout!r}.")
+    arrays = []
+    for name, a in (("query", query), ("key", key), ("value", value)):
+        a = jnp.asarray(a)
+        if a.ndim != 4:
+            _fail(ValueError, f"{name} must be 4-D ({layout}), got shape {a.shape}.")
+        if not jnp.issubdtype(a.dtype, jnp.floating):
+            _fail(TypeError, f"{name} must be a floating array, got dtype {a.dtype}.")
+        arrays.append(a)
+    query, key, value = arrays
+    heads_axis, seq_axis = (2, 1) if layout == "BTNH" else (1, 2)
+    b, t, n, h = (query.shape[0], query.shape[seq_axis], query.shape[heads_axis], query.shape[3])
+    s, kv_heads = key.shape[seq_axis], key.shape[heads_axis]
+    if key.shape[0] != b or key.shape[3] != h:
+        _fail(ValueError, f"key must have query's batch {b} and head dim {h}, got shape "
+                          f"{key.shape}.")
+    if value.shape[:3] != key.shape[:3]:
+        _fail(ValueError, f"value must match key's batch, sequence and heads {key.shape[:3]}, "
+                          f"got shape {value.shape}.")
+    if n % kv_heads:
+        _fail(ValueError, f"query's {n} heads must be a multiple of key's {kv_heads} heads.")
+    if key.dtype != value.dtype:
+        _fail(TypeError, f"key and value must share a dtype, got {key.dtype} and {value.dtype}.")
+    full = (b, n, t, s)
+    if bias is not None:
+        bias = _check_broadcast("bias", bias, full, "float")
+    if mask is not None:
+        mask = _check_broadcast("mask", mask, full, "bool")
+    if (query_segment_ids is None) != (key_segment_ids is None):
+        _fail(ValueError, "give both query_segment_ids and key_segment_ids, or neither.")
+    if query_segment_ids is not None:
+        query_segment_ids = jnp.asarray(query_segment_ids)
+        key_segment_ids = jnp.asarray(key_segment_ids)
+        for name, a, shape in (("query_segment_ids", query_segment_ids, (b, t)),
+                               ("key_segment_ids", key_segment_ids, (b, s))):
+            if a.shape != shape or not jnp.issubdtype(a.dtype, jnp.integer):
+                _fail(ValueError, f"{name} must be an integer array of shape {shape}, got "
+                                  f"{a.dtype}{list(a.shape)}.")
+    if key_value_seq_lengths is not None:
+        key_value_seq_lengths = jnp.asarray(key_value_seq_lengths)
+        if (key_value_seq_lengths.shape != (b,)
+                or not jnp.issubdtype(key_value_seq_lengths.dtype, jnp.integer)):
+            _fail(ValueError, f"key_value_seq_lengths must be an integer array of shape ({b},), "
+                              f"got {key_value_seq_lengths.dtype}"
+                              f"{list(key_value_seq_lengths.shape)}.")
+        key_value_seq_lengths = key_value_seq_lengths.astype(jnp.int32)
+    window = local_window_size
+    if window is not None:
+        window = (window, window) if isinstance(window, int) else tuple(window)
+        if len(window) != 2 or any(w is not None and (not isinstance(w, int) or w < 0)
+                                   for w in window):
+            _fail(ValueError, "local_window_size must be a non-negative int or a pair of them "
+                              f"(None for an open side), got {local_window_size!r}.")
+    if scale is None:
+        scale = 1.0 / math.sqrt(h)
+    if not isinstance(scale, (int, float)):
+        _fail(TypeError, f"scale must be a Python number, got {type(scale).__name__}.")
+    if logits_soft_cap is not None and not logits_soft_cap > 0:
+        _fail(ValueError, f"logits_soft_cap must be positive, got {logits_soft_cap!r}.")
+    return fused_attention(
+        query, key, value, bias, mask, query_segment_ids, key_segment_ids,
+        key_value_seq_lengths, implementation=implementation, scale=float(scale), layout=layout,
+        is_causal=bool(is_causal), window=window,
+        soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
+        mask_value=float(mask_value))
+
+
+def _benchmark() -> Benchmark:
+    def inputs(shape, dtype, normal):
+        b, t, n, h = shape
+        return normal((b, t, n, h)), normal((b, t, n, h)), normal((b, t, n, h))
+
+    def call(implementation, variant):
+        def run(q, k, v):
+            return attention(q, k, v, is_causal=variant == "causal", implementation=implementation)
+
+        return run
+
+    return Benchmark(
+        name="attention", dims="(B, T, N, H)", inputs=inputs, call=call,
+        flops=lambda shape, variant: 4.0 * shape[0] * shape[2] * shape[1] ** 2 * shape[3],
+        sizes={
+            "quick": (((1, 128, 2, 32), "causal"),),
+            "cpu": (((1, 2048, 4, 64), "causal"),),
+            "accelerator": (((4, 4096, 16, 128), "causal"),),
+            "device": (((4, 4096, 16, 128), "causal"), ((4, 4096, 16, 128), None)),
+        })
+
+
+BENCHMARKS = (_benchmark(),)
