@@ -41,6 +41,7 @@ from jax import lax
 from jfuse.ops._autodiff import recompute_in_backward
 from jfuse.ops._dispatch import check_implementation
 from jfuse.ops._op import Benchmark, FusedOp, OpSpec, apply, is_zero
+from jfuse.pallas import attention as kernels
 
 __all__ = ["attention"]
 
@@ -330,8 +331,38 @@ class Attention(FusedOp):
         dout, dlse = _tangent_xla(spec, operands, d, out, m, l)
         return dout, zero_m, l * dlse
 
-    def unsupported_reason(self, spec, platform, avals):
-        return f"jfuse has no {platform} attention kernel yet; the blockwise XLA version runs"
+    def kernel(self, spec: AttentionSpec, operands, backend, interpret, full):
+        q, k, v = operands[:3]
+        if spec.layout == "BTNH":  # the kernels take (B, heads, T, H)
+            q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))
+        run = kernels.flash_tpu if backend == "tpu" else kernels.flash_triton
+        out, lse = run(q, k, v, scale=spec.scale, is_causal=spec.is_causal, window=spec.window,
+                       soft_cap=spec.soft_cap, mask_value=spec.mask_value, interpret=interpret)
+        if spec.layout == "BTNH":
+            out = jnp.swapaxes(out, 1, 2)
+        out = out.astype(spec.out_dtype or operands[0].dtype)
+        if not full:
+            return out, None, None
+        b, n, t = lse.shape
+        kv_heads = k.shape[1]
+        m = jnp.reshape(lse, (b, kv_heads, n // kv_heads, t))
+        # The kernels return m + log l as one number: with l = 1 the derivative reads it as is.
+        return out, m, jnp.ones(m.shape, m.dtype)
+
+    def unsupported_reason(self, spec: AttentionSpec, platform, avals):
+        q, k, v, bias, mask, q_seg, _, lengths = avals
+        shapes = [a.shape for a in (q, k, v)]
+        if spec.layout == "BTNH":
+            shapes = [(b, n, t, h) for b, t, n, h in shapes]
+        refuse = (kernels.tpu_unsupported_reason if platform == "tpu"
+                  else kernels.triton_unsupported_reason)
+        reason = refuse(*shapes, q.dtype, is_causal=spec.is_causal, window=spec.window,
+                        soft_cap=spec.soft_cap, has_bias=bias is not None,
+                        has_mask=mask is not None, has_segments=q_seg is not None,
+                        has_lengths=lengths is not None)
+        if reason is None and (k.dtype != q.dtype or v.dtype != q.dtype):
+            reason = f"q, k and v have different dtypes ({q.dtype}, {k.dtype}, {v.dtype})"
+        return reason
 
     def roles(self, spec, operands):
         return OPERANDS

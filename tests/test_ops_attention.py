@@ -1,0 +1,315 @@
+"""`jfuse.ops.attention`: numerics of every mask kind against float64 dense attention, every
+transform, the kernels (interpret mode and lowering for TPU and GPU), bad input, and the O(T)
+memory that is the op's reason to exist."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jfuse
+from jfuse.ops.attention import DEFAULT_MASK_VALUE, fused_attention
+from jfuse.pallas import attention as kernels
+
+from lowering import count_kernel_calls, lower_for
+
+B, T, S, N, K, H = 2, 37, 45, 4, 2, 8
+BLOCK = 16  # small key blocks, so every case spans several, the last one ragged
+
+
+def dense(q, k, v, bias=None, mask=None, *, is_causal=False, window=None, q_seg=None,
+          kv_seg=None, lengths=None, cap=None, scale=None, mask_value=DEFAULT_MASK_VALUE):
+    """The dense attention users write (jnp.repeat GQA, where-masking, softmax), in q's dtype."""
+    g = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = jnp.einsum("btnh,bsnh->bnts", q, k) * scale
+    if cap is not None:
+        s = jnp.tanh(s / cap) * cap
+    if bias is not None:
+        s = s + bias
+    t, n = s.shape[-2:]
+    i, j = jnp.arange(t)[:, None], jnp.arange(n)[None, :]
+    keep = jnp.ones(s.shape, bool)
+    if is_causal:
+        keep &= j <= i
+    if window is not None:
+        left, right = window
+        if left is not None:
+            keep &= j >= i - left
+        if right is not None:
+            keep &= j <= i + right
+    if q_seg is not None:
+        keep &= (q_seg[:, :, None] == kv_seg[:, None, :])[:, None]
+    if lengths is not None:
+        keep &= (jnp.arange(n)[None, :] < lengths[:, None])[:, None, None]
+    if mask is not None:
+        keep &= mask
+    s = jnp.where(keep, s, mask_value)
+    return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(s, axis=-1), v)
+
+
+def _inputs(rng, dtype=jnp.float32, t=T, s=S, n=N, k=K, h=H):
+    q = rng.standard_normal((B, t, n, h))
+    kk = rng.standard_normal((B, s, k, h))
+    v = rng.standard_normal((B, s, k, h))
+    return tuple(jnp.asarray(a, dtype) for a in (q, kk, v))
+
+
+def _masks(rng):
+    return {
+        "none": {},
+        "causal": dict(is_causal=True),
+        "window": dict(window=(5, 3)),
+        "causal_window": dict(is_causal=True, window=(7, None)),
+        "segments": dict(q_seg=jnp.asarray(rng.integers(0, 3, (B, T)), jnp.int32),
+                         kv_seg=jnp.asarray(rng.integers(0, 3, (B, S)), jnp.int32)),
+        "lengths": dict(lengths=jnp.asarray([S, 20], jnp.int32)),
+        "dense_mask": dict(mask=jnp.asarray(rng.random((B, 1, T, S)) > 0.3)),
+        "bias": dict(bias=jnp.asarray(rng.standard_normal((1, N, T, S)), jnp.float32)),
+        "soft_cap": dict(cap=2.0, is_causal=True),
+    }
+
+
+def _fused(q, k, v, bias=None, mask=None, *, is_causal=False, window=None, q_seg=None,
+           kv_seg=None, lengths=None, cap=None, mask_value=DEFAULT_MASK_VALUE,
+           implementation="xla", block_k=BLOCK):
+    return fused_attention(
+        q, k, v, None if bias is None else bias.astype(q.dtype), mask, q_seg, kv_seg, lengths,
+        implementation=implementation, scale=1 / math.sqrt(q.shape[-1]), is_causal=is_causal,
+        window=window, soft_cap=cap, mask_value=mask_value, block_k=block_k)
+
+
+def _f64(*arrays):
+    return tuple(None if a is None else np.asarray(a, np.float64) for a in arrays)
+
+
+# The default run takes one case of each kind of mask; JFUSE_SLOW=1 (or the sample) the rest.
+DEFAULT_CASES = ("causal", "segments", "bias", "soft_cap")
+
+
+def _sampled(cases, default):
+    return [c if c in default else pytest.param(c, marks=pytest.mark.slow) for c in cases]
+
+
+@pytest.mark.parametrize("case", _sampled(_masks(np.random.default_rng(0)), DEFAULT_CASES))
+def test_forward_and_gradients_match_dense_in_float64(case, rng):
+    """In float64 the blockwise op and its derivative equal dense attention to rounding."""
+    with jax.enable_x64():
+        q, k, v = _inputs(rng, jnp.float64)
+        kw = _masks(rng)[case]
+        kw = {key: (val.astype(jnp.float64) if key == "bias" else val) for key, val in kw.items()}
+        fused_out = jax.jit(lambda *a: _fused(*a, **kw))(q, k, v)
+        np.testing.assert_allclose(fused_out, dense(q, k, v, **kw), atol=1e-12)
+        ct = jnp.asarray(rng.standard_normal(q.shape))
+        args = (q, k, v) + ((kw.pop("bias"),) if "bias" in kw else ())
+
+        def loss(f):
+            return lambda q, k, v, *b: jnp.sum(f(q, k, v, *b, **kw) * ct)
+
+        got = jax.jit(jax.grad(loss(_fused), argnums=tuple(range(len(args)))))(*args)
+        want = jax.jit(jax.grad(loss(dense), argnums=tuple(range(len(args)))))(*args)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, atol=1e-11)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_no_further_from_float64_than_dense_attention(dtype, rng):
+    """The accuracy rule: in f32 and bf16 the op is no further from a float64 truth than the
+    dense attention jax.jit runs, forward and gradients."""
+    q, k, v = _inputs(rng, dtype)
+    truth_args = tuple(a.astype(jnp.float32) for a in (q, k, v))
+    ct = jnp.asarray(rng.standard_normal(q.shape), dtype)
+
+    def loss(f):
+        return lambda q, k, v: jnp.sum((f(q, k, v, is_causal=True) * ct).astype(jnp.float32))
+
+    with jax.enable_x64():
+        f64 = tuple(a.astype(jnp.float64) for a in truth_args)
+        truth = jax.grad(loss(dense), argnums=(0, 1, 2))(*f64)
+        truth_out = dense(*f64, is_causal=True)
+    ours = jax.jit(jax.grad(loss(_fused), argnums=(0, 1, 2)))(q, k, v)
+    theirs = jax.jit(jax.grad(loss(dense), argnums=(0, 1, 2)))(q, k, v)
+    floor = 1e-6 if dtype == jnp.float32 else 1e-2
+
+    def err(a, b):
+        return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+    out_ours = err(jax.jit(lambda *a: _fused(*a, is_causal=True))(q, k, v), truth_out)
+    out_theirs = err(jax.jit(lambda *a: dense(*a, is_causal=True))(q, k, v), truth_out)
+    assert out_ours <= 2 * out_theirs + floor
+    for o, t, r in zip(ours, theirs, truth):
+        assert err(o, r) <= 2 * err(t, r) + floor * float(np.max(np.abs(r)))
+
+
+def test_public_op_gqa_layouts_and_defaults(rng):
+    q, k, v = _inputs(rng)
+    want = dense(q, k, v, is_causal=True)
+    np.testing.assert_allclose(jfuse.ops.attention(q, k, v, is_causal=True), want, atol=2e-6)
+    bnth = [jnp.swapaxes(a, 1, 2) for a in (q, k, v)]
+    got = jfuse.ops.attention(*bnth, is_causal=True, layout="BNTH")
+    np.testing.assert_allclose(jnp.swapaxes(got, 1, 2), want, atol=2e-6)
+    # jax.nn's own attention agrees (its conventions are the op's: BTNH, GQA, is_causal).
+    np.testing.assert_allclose(jax.nn.dot_product_attention(q, k, v, is_causal=True), want,
+                               atol=2e-6)
+
+
+@pytest.mark.parametrize("mask_value", [DEFAULT_MASK_VALUE, pytest.param(-1e9, marks=pytest.mark.slow),
+                                        -jnp.inf])
+def test_fully_masked_rows_give_what_dense_code_gives(mask_value, rng):
+    """A row with every key masked: the average of V for a finite constant, NaN for -inf."""
+    q, k, v = _inputs(rng)
+    mask = jnp.ones((B, 1, T, S), bool).at[:, :, 3].set(False)
+    got = jax.jit(lambda *a: _fused(*a, mask=mask, mask_value=mask_value))(q, k, v)
+    want = dense(q, k, v, mask=mask, mask_value=mask_value)
+    np.testing.assert_allclose(got, want, atol=2e-6)
+    assert bool(jnp.isnan(got[:, 3]).all()) == (mask_value == -jnp.inf)
+    if mask_value != -jnp.inf:
+        g = jax.jit(jax.grad(lambda v: jnp.sum(_fused(q, k, v, mask=mask,
+                                                      mask_value=mask_value))))(v)
+        w = jax.grad(lambda v: jnp.sum(dense(q, k, v, mask=mask, mask_value=mask_value)))(v)
+        np.testing.assert_allclose(g, w, atol=2e-5)
+
+
+def test_jvp_vmap_and_hessian_vector_products(rng):
+    q, k, v = _inputs(rng)
+    tangents = tuple(jnp.asarray(rng.standard_normal(a.shape), a.dtype) for a in (q, k, v))
+    f = lambda q, k, v: _fused(q, k, v, is_causal=True)  # noqa: E731
+    g = lambda q, k, v: dense(q, k, v, is_causal=True)  # noqa: E731
+    jvp = jax.jit(lambda *a: jax.jvp(f, a, tangents)[1])
+    np.testing.assert_allclose(jvp(q, k, v), jax.jvp(g, (q, k, v), tangents)[1], atol=2e-5)
+    per_example = jax.jit(jax.vmap(lambda q, k, v: f(q[None], k[None], v[None])[0]))(q, k, v)
+    np.testing.assert_allclose(per_example, g(q, k, v), atol=2e-6)
+
+    def hvp(fn):
+        grad = jax.grad(lambda q: jnp.sum(jnp.sin(fn(q, k, v))))
+        return jax.jit(lambda q: jax.jvp(grad, (q,), (tangents[0],))[1])(q)
+
+    np.testing.assert_allclose(hvp(f), hvp(g), atol=5e-5)
+
+
+# --- kernels -------------------------------------------------------------------------------
+
+KERNEL_CASES = {
+    "causal": dict(is_causal=True),
+    "full": {},
+    "soft_cap": dict(is_causal=True, cap=5.0),
+    "window": dict(window=(32, 0)),
+}
+
+
+@pytest.mark.parametrize("case,dtype", [
+    ("causal", jnp.float32), ("soft_cap", jnp.bfloat16),
+    *(pytest.param(c, d, marks=pytest.mark.slow) for c in KERNEL_CASES
+      for d in (jnp.float32, jnp.bfloat16) if (c, d) not in (("causal", jnp.float32),
+                                                             ("soft_cap", jnp.bfloat16))),
+])
+def test_tpu_kernel_in_interpret_mode(case, dtype, rng):
+    """Splash attention (interpret mode) through the op: forward and gradients as the XLA path."""
+    q, k, v = _inputs(rng, dtype, t=128, s=128, h=32)
+    kw = KERNEL_CASES[case]
+    tol = 2e-6 if dtype == jnp.float32 else 2e-2
+
+    def loss(impl):
+        return lambda q, k, v: jnp.sum(_fused(q, k, v, implementation=impl, block_k=128, **kw)
+                                       .astype(jnp.float32) ** 2)
+
+    np.testing.assert_allclose(
+        jax.jit(lambda *a: _fused(*a, implementation="interpret", **kw))(q, k, v)
+        .astype(jnp.float32), _fused(q, k, v, **kw).astype(jnp.float32), atol=tol, rtol=tol)
+    got = jax.jit(jax.grad(loss("interpret"), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.jit(jax.grad(loss("xla"), argnums=(0, 1, 2)))(q, k, v)
+    for g, w in zip(got, want):
+        scale = float(jnp.max(jnp.abs(w.astype(jnp.float32))))
+        np.testing.assert_allclose(g.astype(jnp.float32), w.astype(jnp.float32),
+                                   atol=tol * scale * 5)
+
+
+@pytest.mark.parametrize("is_causal", [True, False])
+def test_triton_kernel_in_interpret_mode(is_causal, rng):
+    """The Triton flash kernel's output and log-sum-exp (converted from base 2) against XLA."""
+    q, k, v = (jnp.swapaxes(a, 1, 2) for a in _inputs(rng, t=128, s=128, h=16))
+    out, lse = kernels.flash_triton(q, k, v, scale=0.25, is_causal=is_causal, interpret=True)
+    s = jnp.einsum("bnth,bnsh->bnts", q, jnp.repeat(k, N // K, axis=1)) * 0.25
+    if is_causal:
+        s = jnp.where(jnp.tril(jnp.ones((128, 128), bool)), s, -jnp.inf)
+    np.testing.assert_allclose(lse, jax.nn.logsumexp(s, axis=-1), atol=1e-5)
+    want = jnp.einsum("bnts,bnsh->bnth", jax.nn.softmax(s, -1), jnp.repeat(v, N // K, axis=1))
+    np.testing.assert_allclose(out, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("case,kernels_expected", [
+    ("causal", {"tpu": 1, "cuda": 1}),
+    ("soft_cap", {"tpu": 1, "cuda": 0}),
+    ("window", {"tpu": 1, "cuda": 0}),
+    ("bias", {"tpu": 0, "cuda": 0}),
+])
+def test_lowers_to_one_kernel_where_it_serves(case, kernels_expected, rng):
+    q, k, v = _inputs(rng, jnp.bfloat16, t=256, s=256, h=64)
+    kw = {"causal": dict(is_causal=True), "soft_cap": dict(is_causal=True, logits_soft_cap=5.0),
+          "window": dict(local_window_size=(64, 0)),
+          "bias": dict(bias=jnp.zeros((1, 1, 256, 256), jnp.bfloat16))}[case]
+    for platform, expected in kernels_expected.items():
+        text = lower_for(lambda q, k, v: jfuse.ops.attention(q, k, v, **kw), q, k, v,
+                         platform=platform)
+        assert count_kernel_calls(text, platform) == expected, platform
+
+
+def test_refusals_name_the_reason():
+    from jfuse.ops.attention import ATTENTION, AttentionSpec
+
+    aval = jax.ShapeDtypeStruct((2, 64, 4, 64), jnp.bfloat16)
+    spec = AttentionSpec(scale=0.125, is_causal=True)
+    reasons = ATTENTION.refusals(spec, [aval, aval, aval] + [None] * 5)
+    assert "multiples of 128" in reasons["tpu"] and "cuda" not in reasons
+    bias = jax.ShapeDtypeStruct((1, 1, 64, 64), jnp.bfloat16)
+    reasons = ATTENTION.refusals(spec, [aval, aval, aval, bias] + [None] * 4)
+    assert all("bias" in reasons[p] for p in ("tpu", "cuda"))
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("change,kind,words", [
+    (dict(query=jnp.ones((2, 8, 4))), ValueError, "query must be 4-D"),
+    (dict(key=jnp.ones((2, 8, 3, 16)), value=jnp.ones((2, 8, 3, 16))), ValueError,
+     "multiple of key's 3 heads"),
+    (dict(value=jnp.ones((2, 9, 2, 16))), ValueError, "value must match key's"),
+    (dict(query=jnp.ones((2, 8, 4, 16), jnp.int32)), TypeError, "query must be a floating"),
+    (dict(mask=jnp.ones((2, 1, 8, 8))), TypeError, "mask must be a boolean"),
+    (dict(bias=jnp.ones((2, 3, 8, 8))), ValueError, "broadcastable to (B, N, T, S)"),
+    (dict(query_segment_ids=jnp.zeros((2, 8), jnp.int32)), ValueError, "give both"),
+    (dict(key_value_seq_lengths=jnp.zeros((3,), jnp.int32)), ValueError,
+     "key_value_seq_lengths must be an integer array of shape (2,)"),
+    (dict(local_window_size=(-1, 2)), ValueError, "local_window_size"),
+    (dict(logits_soft_cap=0.0), ValueError, "logits_soft_cap must be positive"),
+    (dict(layout="TBNH"), ValueError, "layout must be one of"),
+    (dict(implementation="cuda"), ValueError, "implementation="),
+])
+def test_bad_input_names_the_argument(change, kind, words):
+    args = dict(query=jnp.ones((2, 8, 4, 16)), key=jnp.ones((2, 8, 2, 16)),
+                value=jnp.ones((2, 8, 2, 16)))
+    args.update(change)
+    with pytest.raises(kind, match=None) as info:
+        jfuse.ops.attention(args.pop("query"), args.pop("key"), args.pop("value"), **args)
+    assert words in str(info.value)
+
+
+# --- memory --------------------------------------------------------------------------------
+
+def _grad_temp_bytes(f, t):
+    q = jax.ShapeDtypeStruct((1, t, 4, 64), jnp.float32)
+    grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) ** 2), argnums=(0, 1, 2)))
+    return grad.lower(q, q, q).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_backward_memory_grows_linearly_in_sequence_length():
+    """Dense attention's backward holds (T, T) scores; the op's grows with T, not T²."""
+    op = lambda q, k, v: jfuse.ops.attention(q, k, v, is_causal=True)  # noqa: E731
+    reference = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+    small, large = _grad_temp_bytes(op, 1024), _grad_temp_bytes(op, 4096)
+    assert large <= 5 * small  # 4× the tokens: linear is 4×, quadratic 16×
+    assert large <= 0.25 * _grad_temp_bytes(reference, 4096)
