@@ -75,6 +75,40 @@ def sgd_step(loss):
     return step
 
 
+def rope(x, base=10000.0):
+    """Rotary position embedding of ``(b, t, heads, d)`` (Llama's, half-split form)."""
+    t, d = x.shape[1], x.shape[-1]
+    freqs = base ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+    angles = jnp.arange(t, dtype=jnp.float32)[:, None] * freqs[None, :]  # (t, d/2)
+    cos, sin = jnp.cos(angles)[None, :, None], jnp.sin(angles)[None, :, None]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def rope_attention(x, p, n_heads):
+    """Causal multi-head attention with RoPE, as Llama code writes it."""
+    b, s, d = x.shape
+    split = lambda t: t.reshape(b, s, n_heads, d // n_heads)
+    q, k, v = rope(split(x @ p["wq"])), rope(split(x @ p["wk"])), split(x @ p["wv"])
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(d // n_heads)
+    mask = jnp.tril(jnp.ones((s, s), bool))
+    scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, s, d) @ p["wo"]
+
+
+def llama_rope_loss(params, tokens):
+    """A Llama-style language model: token embedding, RMSNorm, causal attention with RoPE,
+    SwiGLU, tied LM head and next-token cross-entropy."""
+    x = params["embed"][tokens[:, :-1]]
+    for p in params["layers"]:
+        x = x + rope_attention(rms_norm(x, p["attn_norm"]), p, N_HEADS)
+        x = x + swiglu(rms_norm(x, p["mlp_norm"]), p)
+    logits = rms_norm(x, params["final_norm"]) @ params["embed"].T
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+
+
 def init_swiglu_mlp(key, n_layers=4, d_model=512, d_ff=1376, dtype=jnp.float32):
     keys = jax.random.split(key, n_layers)
     layers = []

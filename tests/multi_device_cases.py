@@ -161,11 +161,50 @@ def run_declined() -> dict:
             "tpu_kernels": text.count("tpu_custom_call")}
 
 
+def run_attention() -> dict:
+    """Attention with batch and heads split: per shard, no collectives beyond jax.jit's; a
+    sequence-split K/V: declined with the reason, answer unchanged."""
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+    rng = np.random.default_rng(2)
+    b, t, n, k, h = 4, 128, 4, 2, 16
+
+    def put(shape, spec):
+        return jax.device_put(jnp.asarray(rng.standard_normal(shape), jnp.float32),
+                              NamedSharding(mesh, spec))
+
+    def step(q, kk, v):
+        loss = lambda q, kk, v: jnp.sum(jfuse.ops.attention(q, kk, v, is_causal=True) ** 2)
+        return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, kk, v)
+
+    split = P("data", None, "model", None)
+    args = (put((b, t, n, h), split), put((b, t, k, h), split), put((b, t, k, h), split))
+    want = jax.jit(step)(*args)
+    result = {"case": "attention"}
+    for implementation in (None, "interpret"):
+        fused = jfuse.jit(step, implementation=implementation)
+        suffix = "default" if implementation is None else "interpret"
+        result[f"error_{suffix}"] = max_error(fused(*args), want)
+        result[f"collectives_{suffix}"] = collectives(fused.lower(*args).compile())
+    result["collectives_jit"] = collectives(jax.jit(step).lower(*args).compile())
+    result["sharding"] = [[c.pattern, c.partitioned, c.detail] for c in fused.report.sharding]
+    text = jfuse.jit(step).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+    result["tpu_kernels"] = text.count("tpu_custom_call")
+
+    seq_split = P(None, "model", None, None)  # keys and values split along the sequence
+    declined_args = (args[0], put((b, t, k, h), seq_split), put((b, t, k, h), seq_split))
+    fused = jfuse.jit(step)
+    result["declined_error"] = max_error(fused(*declined_args), jax.jit(step)(*declined_args))
+    result["declined_sharding"] = [[c.pattern, c.partitioned, c.detail]
+                                   for c in fused.report.sharding]
+    return result
+
+
 def main(which: str) -> None:
     assert jax.device_count() == 8, jax.devices()
-    names = list(CASES) + ["declined"] if which == "all" else [which]
+    names = list(CASES) + ["declined", "attention"] if which == "all" else [which]
+    special = {"declined": run_declined, "attention": run_attention}
     for name in names:
-        result = run_declined() if name == "declined" else run_case(name)
+        result = special[name]() if name in special else run_case(name)
         print(json.dumps(result), flush=True)
 
 

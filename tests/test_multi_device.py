@@ -73,3 +73,17 @@ def test_layouts_that_need_a_cross_device_reduction_are_declined(results):
     assert reasons["rms_norm"][0] is False and "normalized dim" in reasons["rms_norm"][1]
     assert case["error_default"] < 1e-5, case
     assert case["tpu_kernels"] == 0, case  # no kernel left for XLA to (fail to) partition
+
+
+def test_attention_runs_per_shard_over_batch_and_heads(results):
+    """Batch and heads split: one kernel per shard, jax.jit's answer and collectives; keys and
+    values split along the sequence: declined with the reason, answer unchanged."""
+    case = results["attention"]
+    assert case["sharding"] == [["attention", True, "batch over 'data', heads over 'model'"]]
+    assert case["error_default"] < 1e-5 and case["error_interpret"] < 1e-4, case
+    assert case["collectives_default"] <= case["collectives_jit"], case
+    assert case["collectives_interpret"] <= case["collectives_jit"], case
+    assert case["tpu_kernels"] == 1, case
+    (pattern, partitioned, detail), = case["declined_sharding"]
+    assert pattern == "attention" and not partitioned and "along the sequence" in detail, case
+    assert case["declined_error"] < 1e-5, case

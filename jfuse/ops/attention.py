@@ -42,6 +42,7 @@ from jfuse.ops._autodiff import recompute_in_backward
 from jfuse.ops._dispatch import check_implementation
 from jfuse.ops._op import Benchmark, FusedOp, OpSpec, apply, is_zero
 from jfuse.pallas import attention as kernels
+from jfuse.sharding.attention_rule import attention_layout
 
 __all__ = ["attention"]
 
@@ -364,12 +365,11 @@ class Attention(FusedOp):
             reason = f"q, k and v have different dtypes ({q.dtype}, {k.dtype}, {v.dtype})"
         return reason
 
-    def roles(self, spec, operands):
-        return OPERANDS
+    def roles(self, spec: AttentionSpec, operands):
+        # Each operand's name and the layout, for the attention layout rule.
+        return tuple(f"{name}/{spec.layout}" for name in OPERANDS)
 
-    @staticmethod
-    def layout_rule(call, operand_specs, output_avals, mesh):
-        return "attention runs its blockwise XLA version on a mesh (XLA partitions it)"
+    layout_rule = staticmethod(attention_layout)
 
 
 ATTENTION = Attention()
