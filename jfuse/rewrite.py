@@ -182,28 +182,80 @@ class Rewriter:
         return new.jaxpr
 
     def _report_opaque(self, eqn: jx.JaxprEqn) -> None:
-        """List what would fuse inside a custom_vjp region, as misses: the region stays as is."""
+        """List what would fuse inside a custom_vjp region, as misses: the region stays as is.
+
+        The region's forward is searched as the rewriter would search it, through the bodies it
+        holds (a ``custom_vmap`` as tokamax's ops have, a ``custom_jvp``, a nested ``jit``, a
+        loop), so no block in it goes unnamed."""
         body = jx.call_body(eqn)
         if body is None:
             return
         try:
-            open_jaxpr, consts = jx.open_and_consts(body)
-            graph = Graph(canonicalize(open_jaxpr, consts).jaxpr)
-            plan = plan_rewrites(graph, PIPELINE, self.options)
+            sites = _sites_inside(_with_literal_operands(body, eqn.invars), self.options, depth=0)
         except Exception:  # reporting must never break the program
             return
-        for site in plan.sites:
-            self.report.missed.append(
-                MissedFusion(
-                    site.pattern,
-                    MissReason.OPAQUE_CUSTOM_VJP,
-                    site.where,
-                    "jfuse does not rewrite inside jax.custom_vjp (its fwd/bwd are written for "
-                    "the body as it is); call the fused op from jfuse.ops inside your custom_vjp, "
-                    "or fuse the function before wrapping it",
-                    site.detail,
-                )
-            )
+        name = _function_name(body)
+        region = (f"custom_vjp {name!r}" if name else "a custom_vjp") + (
+            f" called at {user_source_line(eqn)}")
+        for site in sites:
+            self.report.missed.append(_opaque_miss(site, region))
+
+
+# How deep the search for blocks inside an opaque region goes through the bodies it holds.
+_OPAQUE_SEARCH_DEPTH = 6
+
+
+def _sites_inside(body, options: FuseOptions, depth: int) -> list[Site]:
+    """The sites the passes would fuse in ``body`` and in the bodies its equations hold."""
+    open_jaxpr, consts = jx.open_and_consts(body)
+    graph = Graph(canonicalize(open_jaxpr, consts).jaxpr)
+    plan = plan_rewrites(graph, PIPELINE, options)
+    sites = list(plan.sites)
+    if depth >= _OPAQUE_SEARCH_DEPTH:
+        return sites
+    for position, eqn in enumerate(graph.eqns):
+        if position in plan.absorbed or is_jfuse_region(eqn) or _is_platform_switch(eqn, graph):
+            continue
+        for _, value in jx.jaxpr_params(eqn):
+            for inner in value if isinstance(value, tuple) else (value,):
+                sites += _sites_inside(inner, options, depth + 1)
+    return sites
+
+
+def _with_literal_operands(body, operands):
+    """``body`` with the operands the call passes as literals (an ``eps`` argument) made its
+    constants, as inlining it would: the passes read constants such as eps from literals."""
+    open_jaxpr, consts = jx.open_and_consts(body)
+    if len(open_jaxpr.invars) != len(operands) or not any(
+            isinstance(a, jx.Literal) for a in operands):
+        return body
+    free = [v.aval for v, a in zip(open_jaxpr.invars, operands) if not isinstance(a, jx.Literal)]
+
+    def run(*args):
+        remaining = iter(args)
+        values = [a.val if isinstance(a, jx.Literal) else next(remaining) for a in operands]
+        return jx.eval_jaxpr(open_jaxpr, consts, *values)
+
+    return jx.make_closed_jaxpr(run, free)
+
+
+def _function_name(body) -> str | None:
+    """The name of the Python function a body was traced from, where the jaxpr records it."""
+    open_jaxpr, _ = jx.open_and_consts(body)
+    return getattr(getattr(open_jaxpr, "debug_info", None), "func_name", None) or None
+
+
+def _opaque_miss(site: Site, region: str) -> MissedFusion:
+    """The miss a block inside a custom_vjp region becomes: what to call instead."""
+    op = site.pattern.removeprefix("add_")  # add_rms_norm is jfuse.ops.rms_norm with a residual
+    return MissedFusion(
+        site.pattern,
+        MissReason.OPAQUE_CUSTOM_VJP,
+        site.where,
+        "jfuse leaves custom_vjp regions alone because their backward is user-defined; call "
+        f"jfuse.ops.{op} inside it, or drop the custom_vjp",
+        f"{site.detail}, inside {region}",
+    )
 
 
 def _unfused_site(site: Site, error: Exception) -> MissedFusion:

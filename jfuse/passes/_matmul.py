@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jfuse._jax import jaxpr as jx
+from jfuse.core import probe
 from jfuse.graph import Graph, literal_value
 from jfuse.report import MissReason
 
@@ -63,9 +64,11 @@ def bias_source(graph: Graph, operand: Any, add: jx.JaxprEqn, value: Any, featur
     """Trace an addend back to a vector over the output features.
 
     ``add`` broadcasts size-1 dims itself, so the addend may be (1, N), (M, 1), (M, N) or a
-    scalar. Returns (source, eqns) where ``eqns`` are the private broadcast/reshape/convert steps
-    between the source and the add, or a (MissReason, text) pair when the addend varies along
-    other axes, or None when it is not a bias at all.
+    scalar. A full (M, N) addend is a bias when it is a private broadcast of such a vector along
+    the output features (Haiku's ``out + jnp.broadcast_to(b, out.shape)``). Returns (source, eqns)
+    where ``eqns`` are the private broadcast/reshape/convert steps between the source and the add,
+    or a (MissReason, text) pair when the addend varies along other axes, or None when it is not a
+    bias at all.
     """
     if literal_value(operand) is not None:
         return operand, []
@@ -74,21 +77,36 @@ def bias_source(graph: Graph, operand: Any, add: jx.JaxprEqn, value: Any, featur
     if len(shape) == len(value_shape):
         varying = [i for i, d in enumerate(shape) if d != 1]
         others = [i for i in varying if i != feature_axis]
-        if others and shape == value_shape:
-            return MissReason.BIAS_SHAPE, (
-                f"the added term is a full {shape} array (a residual?), not a bias over the "
-                "output features"
-            )
         if others:
+            source, chain = _private_vector_chain(graph, operand, add)
+            spread = _axes_spread_along(chain, source) if chain else None
+            if spread is not None and set(spread) <= {feature_axis}:
+                return source, chain
+            if spread:  # a broadcast vector, but along other axes (a per-row term)
+                others = [i for i in spread if i != feature_axis]
+            elif shape == value_shape:
+                return MissReason.BIAS_SHAPE, (
+                    f"the added term is a full {shape} array (a residual?), not a bias over the "
+                    "output features"
+                )
             return MissReason.BIAS_SHAPE, (
                 f"the added term {shape} varies along axis {others[0]}, not only along the "
                 "output features"
             )
     elif shape:
         return None
+    current, chain = _private_vector_chain(graph, operand, add)
+    if sum(d != 1 for d in np.shape(current.aval)) > 1:
+        return None
+    return current, chain
+
+
+def _private_vector_chain(graph: Graph, operand: Any, add: jx.JaxprEqn):
+    """(source, eqns): walk back from ``operand`` through the steps that keep a vector a vector
+    (reshape, squeeze, broadcast, float convert), each read only by the next; stop where a value
+    is shared or stops being a vector. ``eqns`` are in reverse program order."""
     chain: list[jx.JaxprEqn] = []
     current = operand
-    # Walk back through steps that keep a vector a vector; stop where a value is shared.
     while isinstance(current, jx.Var):
         producer = graph.producer(current)
         reader = chain[-1] if chain else add
@@ -106,9 +124,22 @@ def bias_source(graph: Graph, operand: Any, add: jx.JaxprEqn, value: Any, featur
             break
         chain.append(producer)
         current = source
-    if sum(d != 1 for d in np.shape(current.aval)) > 1:
-        return None
     return current, chain
+
+
+def _axes_spread_along(chain: list[jx.JaxprEqn], source: Any) -> list[int] | None:
+    """The axes of the result along which the steps in ``chain`` (reverse program order) lay out
+    ``source``, a vector or a scalar ([] for a scalar: the same value everywhere); None when the
+    probe cannot tell. Evaluated on distinct values by the probe, whose broadcasts stay lazy
+    (size 1 along every dim a value is repeated on)."""
+    if not isinstance(source, jx.Var) or sum(d != 1 for d in np.shape(source.aval)) > 1:
+        return None
+    shape = tuple(source.aval.shape)
+    values = np.arange(1.0, 1.0 + int(np.prod(shape, dtype=np.int64))).reshape(shape)
+    out = probe.probe(list(reversed(chain)), {source: values})
+    if out is None or np.ndim(out) != len(chain[0].outvars[0].aval.shape):
+        return None
+    return [i for i, d in enumerate(np.shape(out)) if d != 1]
 
 
 def look_through_weight_transpose(graph: Graph, dot: jx.JaxprEqn, w: Any, w_is_nk: bool):

@@ -140,6 +140,10 @@ class _Region:
         self.eqns: list[jx.JaxprEqn] = []
         self.params: list[Any] = []  # vectors over the hidden dim entering the block
         self.constants: dict[Any, float] = {}
+        # Full-shape operands that broadcast a hidden-dim vector along the rows (Haiku's
+        # ``jnp.broadcast_to(scale, x.shape)``): the broadcast joins the block, the vector is the
+        # parameter.
+        self._spread_params: dict[Any, jx.JaxprEqn] = {}
         members = {root}
         frontier = [root]
         seen: set[int] = set()
@@ -156,6 +160,7 @@ class _Region:
                 self.eqns.append(user)
                 members.add(user.outvars[0])
                 frontier.append(user.outvars[0])
+        self.eqns.extend(self._spread_params.values())
         self.eqns.sort(key=graph.position)
         self.members = members
 
@@ -177,7 +182,32 @@ class _Region:
             if atom not in self.params:
                 self.params.append(atom)
             return True
+        broadcast = self._broadcast_of_vector(atom)
+        if broadcast is not None:
+            self._spread_params[atom] = broadcast
+            if broadcast.invars[0] not in self.params:
+                self.params.append(broadcast.invars[0])
+            return True
         return False
+
+    def _broadcast_of_vector(self, atom: Any) -> jx.JaxprEqn | None:
+        """The ``broadcast_in_dim`` that spreads a hidden-dim vector along the rows into
+        ``atom``, if that is how ``atom`` is made."""
+        if atom in self._spread_params:
+            return self._spread_params[atom]
+        producer = self.graph.producer(atom)
+        if producer is None or producer.primitive.name != "broadcast_in_dim":
+            return None
+        source = producer.invars[0]
+        if not isinstance(source, jx.Var) or not is_float(source.aval) or not self._is_vector(source):
+            return None
+        out_rank = len(tuple(atom.aval.shape))
+        if out_rank > len(self.root.aval.shape) or tuple(atom.aval.shape)[-1:] != (self.hidden,):
+            return None
+        # the vector's hidden dim (its last) must land on the last axis, not on a row axis
+        if tuple(producer.params["broadcast_dimensions"])[-1] != out_rank - 1:
+            return None
+        return producer
 
     def ancestors(self, out: jx.Var) -> list[jx.JaxprEqn]:
         return self.graph.ancestors_within(out, self.eqns)
