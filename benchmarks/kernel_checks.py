@@ -157,6 +157,34 @@ def _norm_block(subtract_mean: bool, residual: bool, scale_offset: float, eps: f
     return block
 
 
+def _attention_block(variant: str):
+    """Causal (or unmasked) multi-head attention as Llama-style code writes it: scores in f32,
+    ``where``-masked with ``finfo.min``, softmax, probabilities cast back; GQA by ``jnp.repeat``."""
+
+    def block(_compute_dtype):
+        def attention(q, k, v):
+            if k.shape[2] != q.shape[2]:
+                k, v = (jnp.repeat(a, q.shape[2] // k.shape[2], axis=2) for a in (k, v))
+            s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+            s = s.astype(jnp.float32)
+            if variant != "no mask":
+                t = q.shape[1]
+                s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, jnp.finfo(jnp.float32).min)
+            p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+            return jnp.einsum("bhqk,bkhd->bqhd", p, v)
+
+        return attention
+
+    return block
+
+
+def _attention_check(variant, shape, dtype, mode) -> KernelCheck:
+    b, t, n, h = shape
+    kv_heads = n // 4 if variant.startswith("causal GQA") else n
+    shapes = ((b, t, n, h), (b, t, kv_heads, h), (b, t, kv_heads, h))
+    return KernelCheck("attention", variant, shape, dtype, mode, shapes, _attention_block(variant))
+
+
 def _linear_check(activation, bias, nk, shape, dtype, mode) -> KernelCheck:
     m, k, n = shape
     variant = "+".join([activation or "identity"] + (["bias"] if bias else []))
@@ -218,6 +246,8 @@ def checks(size: str = "device") -> list[KernelCheck]:
             out.append(_glu_check("silu", GLU_LAYOUTS[i], True, (20, 32, 40), dtype, mode))
             for kind in ("rms_norm", "layer_norm"):
                 out.append(_norm_check(kind, bool(i), 0.0, (12, 100), dtype, mode))
+            out.append(_attention_check("causal GQA" if i else "causal", (1, 128, 4, 32), dtype,
+                                        mode))
         return out
     if size != "device":
         raise ValueError(f"size={size!r}; expected 'device' or 'tiny'")
@@ -248,6 +278,11 @@ def checks(size: str = "device") -> list[KernelCheck]:
             i = c + h
             out.append(_norm_check(kind, residual, offset, (1000, hidden), DTYPES[i % 3],
                                    MODES[i % 2]))
+    # attention: causal, unmasked and grouped-query (kv heads repeated by the user's code), in
+    # every dtype and both passes (the GPU's Triton kernel and TPU's splash both serve these).
+    for d, dtype in enumerate(DTYPES):
+        for v, variant in enumerate(("causal", "no mask", "causal GQA")):
+            out.append(_attention_check(variant, (2, 1024, 8, 128), dtype, MODES[(v + d) % 2]))
     return _round_robin(out)
 
 

@@ -216,6 +216,20 @@ def _traced_kernel(op: FusedOp, spec: OpSpec, backend: str, interpret: bool, ful
     return run
 
 
+def _internal(fn: Callable) -> Callable:
+    """``fn`` traced under jfuse's own numpy settings: an op's internals broadcast feature
+    vectors against rows by rank promotion, which a user's ``jax_numpy_rank_promotion="raise"``
+    (Haiku users set it) must not turn into an error inside jfuse."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with jax.numpy_rank_promotion("allow"):
+            return fn(*args, **kwargs)
+
+    return run
+
+
+@_internal
 def _forward(op: FusedOp, spec: OpSpec, operands: tuple, full: bool) -> tuple:
     def reference_with(spec_):
         return lambda *o: tuple(op.reference(spec_, o, full))
@@ -238,6 +252,7 @@ def _full(op: FusedOp, spec: OpSpec, operands: tuple) -> tuple:
     return _forward(op, spec, operands, full=True)
 
 
+@_internal
 def _full_jvp(op: FusedOp, spec: OpSpec, primals, tangents):
     (operands,), (d_operands,) = primals, tangents
     if isinstance(d_operands, SymbolicZero):
