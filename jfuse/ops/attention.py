@@ -521,24 +521,36 @@ def attention(
 
 
 def _benchmark() -> Benchmark:
+    """Variants: ``causal`` or None (unmasked) time the op against its own blockwise XLA
+    version; ``causal vs dense`` and ``causal vs cudnn`` time it against what users run without
+    jfuse: jax.nn's dense XLA attention and its cuDNN flash attention (GPU, f16/bf16 only)."""
+
     def inputs(shape, dtype, normal):
         b, t, n, h = shape
         return normal((b, t, n, h)), normal((b, t, n, h)), normal((b, t, n, h))
 
     def call(implementation, variant):
+        causal = variant is not None and variant.startswith("causal")
+        baseline = variant.split(" vs ")[1] if variant and " vs " in variant else None
+        if implementation == "xla" and baseline is not None:
+            return lambda q, k, v: jax.nn.dot_product_attention(
+                q, k, v, is_causal=causal, implementation=None if baseline == "dense" else "cudnn")
+
         def run(q, k, v):
-            return attention(q, k, v, is_causal=variant == "causal", implementation=implementation)
+            return attention(q, k, v, is_causal=causal, implementation=implementation)
 
         return run
 
+    big = (4, 4096, 16, 128)
     return Benchmark(
         name="attention", dims="(B, T, N, H)", inputs=inputs, call=call,
         flops=lambda shape, variant: 4.0 * shape[0] * shape[2] * shape[1] ** 2 * shape[3],
         sizes={
             "quick": (((1, 128, 2, 32), "causal"),),
-            "cpu": (((1, 2048, 4, 64), "causal"),),
-            "accelerator": (((4, 4096, 16, 128), "causal"),),
-            "device": (((4, 4096, 16, 128), "causal"), ((4, 4096, 16, 128), None)),
+            "cpu": (((1, 2048, 4, 64), "causal"), ((1, 2048, 4, 64), "causal vs dense")),
+            "accelerator": ((big, "causal"), (big, "causal vs dense")),
+            "device": ((big, "causal"), (big, None), (big, "causal vs dense"),
+                       (big, "causal vs cudnn")),
         })
 
 
