@@ -302,8 +302,10 @@ def _softmax_root(graph: Graph, p: jx.Var):
     producer = graph.producer(p)
     if producer is None:
         return None
-    if producer.primitive.name == compat.CUSTOM_JVP_PRIMITIVE and len(producer.invars) == 1:
-        return producer.invars[0]
+    if producer.primitive.name == compat.CUSTOM_JVP_PRIMITIVE:  # jax_softmax_custom_jvp
+        if all(isinstance(a, jx.Literal) for a in producer.invars[1:]):
+            return producer.invars[0]
+        return None
     if producer.primitive.name != "div":
         return None
     e, _ = _strip(graph, producer.invars[0])
@@ -620,11 +622,6 @@ def _terms(graph: Graph, var, roles, negate, out: list) -> None:
     out.append(_MaskTerm(var, roles, negate))
 
 
-def _term_roles(term: _MaskTerm) -> list:
-    """The roles with a dim of size > 1 in the term."""
-    return [r for r, d in zip(term.roles, term.var.aval.shape) if r is not None and d != 1]
-
-
 @dataclasses.dataclass
 class _Masks:
     is_causal: bool = False
@@ -692,6 +689,8 @@ def _classify_masks(graph: Graph, scores: _Scores, score_roles: list, roles: _Ro
         out.dense.append(term)
         out.labels.append("dense mask")
     if constant is not None:
+        if np.array_equal(constant, np.broadcast_to(constant[:1, :1], constant.shape)):
+            constant = constant[:1, :1]  # the same (T, S) mask for every example and head
         if constant.all():
             pass
         elif constant.shape[0] == 1 and constant.shape[1] == 1:
