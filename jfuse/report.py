@@ -28,6 +28,15 @@ class MissReason(str, enum.Enum):
     DIFFERENT_INPUTS = "operands read different inputs"
     INTERNAL_ERROR = "internal error"  # the fused op failed while tracing; the block runs unfused
 
+    # --- attention (jfuse/passes/attention.py) ---
+    PROBABILITIES_ESCAPE = "attention probabilities read elsewhere"
+    DROPOUT = "dropout on the attention probabilities"
+    PROBABILITIES_TRANSFORMED = "probabilities changed between softmax and PV"
+    SOFTMAX_AXIS = "softmax over another axis"
+    SCORE_FUNCTION = "scores the attention op cannot express"
+    ATTENTION_LAYOUT = "attention layout the op cannot take"
+    NORMALIZED_AFTER_PV = "softmax normalized after the PV product"
+
 
 @dataclasses.dataclass(frozen=True)
 class MissedFusion:
