@@ -36,6 +36,7 @@ import dataclasses
 import math
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -1153,7 +1154,22 @@ def _site(graph, pv, side, eqns, q, k, v, q_roles, k_roles, v_roles, out_roles, 
     detail = (f"B={b} N={n_q} T={t} S={s} H={h} {np.dtype(q.aval.dtype).name}: "
               + ", ".join(parts))
     spec = AttentionSpec(implementation=options.implementation, **spec_fields)
-    refusals = ATTENTION.refusals(spec, [None] * 8)
+    # What each platform's kernel is asked to serve: the canonical (B, N, T, H) operands and
+    # which optional ones the call passes (their shapes do not change the answer).
+    def struct(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype)
+
+    hv = sizes["Hv"]
+    operand_avals = [
+        struct((b, n_q, t, h), q.aval.dtype), struct((b, n_k, s, h), k.aval.dtype),
+        struct((b, n_k, s, hv), v.aval.dtype),
+        struct((1, 1, t, s), np.float32) if bias_terms else None,
+        struct((1, 1, t, s), np.bool_) if constant is not None or masks.dense else None,
+        struct((b, t), np.int32) if segments is not None else None,
+        struct((b, s), np.int32) if segments is not None else None,
+        struct((b,), np.int32) if masks.lengths is not None else None,
+    ]
+    refusals = ATTENTION.refusals(spec, operand_avals)
     # Unfused, the f32 scores and probabilities (B, N, T, S) are written and read back, and kept
     # for the backward.
     saved = 2 * b * n_q * t * s * 4
