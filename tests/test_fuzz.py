@@ -1,25 +1,32 @@
 """Differential fuzzer: random programs built from every pattern's variants and near-misses (as is,
-inside ``jax.checkpoint``, or as a ``lax.scan`` body) run under jax.jit and under jfuse; forward results must be identical (on CPU the fused ops replay the
-user's equations) and gradients must agree within dtype rounding.
+inside ``jax.checkpoint``, or as a ``lax.scan`` body), on well- and ill-conditioned inputs
+(near-constant rows, all-zero padding rows, saturated activations, large magnitudes; f32, bf16 and
+mixed bf16/f32), run under jax.jit and under jfuse. Forward results must be identical (on CPU the
+fused ops replay the user's equations); f32 gradients must agree with jax.jit's within rounding;
+and the accuracy rule holds: against the same program in float64, jfuse's gradients are no
+further off than jax.jit's, beyond a small floor of the activations' dtype.
 
-Budget: ``JFUSE_FUZZ_EXAMPLES`` examples (default 20, CI-sized); e.g. ``JFUSE_FUZZ_EXAMPLES=2000``
-for a long run. Every failure it finds becomes a named regression test in this file.
+Budget: ``JFUSE_FUZZ_EXAMPLES`` examples (default 20, CI-sized). The long run
+(``test_long_run``, a slow case: ``JFUSE_SLOW=1``) draws ``JFUSE_FUZZ_LONG_EXAMPLES`` (default 500).
+Every failure it finds becomes a named regression test in this file.
 """
 
 from __future__ import annotations
 
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jax import lax
 
 import jfuse
 
-from conftest import assert_same_answers
+from conftest import tolerance
 
 EXAMPLES = int(os.environ.get("JFUSE_FUZZ_EXAMPLES", "20"))
 
@@ -98,7 +105,8 @@ def _norm_block(draw, d):
     upcast = draw(st.booleans())
 
     def norm(x, w, b):
-        x32 = x.astype(jnp.float32) if upcast else x
+        # As Flax: statistics in at least f32 (so the float64 reference stays float64).
+        x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32)) if upcast else x
         mean = lambda v: jnp.mean(v, axis=axis, keepdims=True)
         if kind == "rms":
             n = x32 * lax.rsqrt(mean(x32 * x32) + 1e-6)
@@ -137,6 +145,25 @@ def _norm_block(draw, d):
     return f"norm({kind}, residual={residual}, axis={axis}, upcast={upcast})", block, params
 
 
+# How the input is drawn: well-conditioned, or as real models meet trouble.
+CONDITIONS = ["normal", "normal", "near-constant rows", "zero padding rows", "saturated", "large"]
+
+
+def _input(rng, shape, condition):
+    x = rng.standard_normal(shape)
+    rows = x.reshape(-1, shape[-1])  # a view: edits land in x
+    if condition == "near-constant rows":  # variance about a norm's eps: one-pass stats cancel
+        rows[::2] = rng.uniform(-3, 3, (len(rows[::2]), 1)) + 1e-3 * rng.standard_normal(
+            rows[::2].shape)
+    elif condition == "zero padding rows":
+        rows[len(rows) // 2:] = 0.0
+    elif condition == "saturated":  # tanh/sigmoid/GELU far in their tails
+        x = 30.0 * x
+    elif condition == "large":
+        x = 1e3 * x
+    return x
+
+
 @st.composite
 def programs(draw):
     d = draw(st.sampled_from([3, 5, 8, 16, 37]))
@@ -149,14 +176,11 @@ def programs(draw):
     blocks = [maker(draw, d) for maker in makers]
     seed = draw(st.integers(0, 2**16))
     wrapper = draw(st.sampled_from(["none", "none", "checkpoint", "scan"]))
-    return d, lead, dtype, param_dtype, blocks, seed, wrapper
+    condition = draw(st.sampled_from(CONDITIONS))
+    return d, lead, dtype, param_dtype, blocks, seed, wrapper, condition
 
 
-def _build(d, lead, dtype, param_dtype, blocks, seed, wrapper):
-    rng = np.random.default_rng(seed)
-    params = [make(rng, param_dtype) for _, _, make in blocks]
-    x = jnp.asarray(rng.standard_normal(lead + (d,)), dtype)
-
+def _program(blocks, dtype, wrapper):
     def body(params, x):
         outputs = []
         h = x
@@ -168,30 +192,110 @@ def _build(d, lead, dtype, param_dtype, blocks, seed, wrapper):
         return h, outputs
 
     if wrapper == "checkpoint":  # a remat region around the blocks
-        return jax.checkpoint(body), params, x
+        return jax.checkpoint(body)
     if wrapper == "scan":  # the blocks as the body of a 2-step scan, as layer stacks are written
         def program(params, x):
             return lax.scan(lambda h, _: (body(params, h)[0], None), x, None, length=2)[0]
 
-        return program, params, x
-    return body, params, x
+        return program
+    return body
+
+
+def _build(d, lead, dtype, param_dtype, blocks, seed, wrapper, condition="normal"):
+    rng = np.random.default_rng(seed)
+    params = [make(rng, param_dtype) for _, _, make in blocks]
+    x = jnp.asarray(_input(rng, lead + (d,), condition), dtype)
+    return _program(blocks, dtype, wrapper), params, x
+
+
+def _loss(f, cot):
+    return lambda *a: sum(jnp.sum(o.astype(c.dtype) * c)
+                          for o, c in zip(jax.tree.leaves(f(*a)), jax.tree.leaves(cot)))
+
+
+# The accuracy rule's floor, in eps of the activations' dtype times the gradient's scale (at least
+# the cotangents' scale, 1): two correct computations of one gradient in that dtype round
+# differently, and a gradient that is exactly 0 in float64 (saturated activations) can come out
+# as the rounding of O(1) terms (see assert_accurate_as_jax_jit).
+FLOOR_EPS = 4
+
+
+def assert_accurate_as_jax_jit(blocks, dtype, wrapper, params, x, grads_fused, grads_plain, cot):
+    """The accuracy rule: against the same program in float64 (same rounded inputs, every dtype
+    float64), each gradient of jfuse is no further off than jax.jit's, beyond ``FLOOR_EPS`` eps of
+    the activations' dtype times the reference gradient's largest magnitude (at least 1, the
+    scale of the cotangents)."""
+    with jax.enable_x64(True):
+        f64 = lambda t: jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float64)), t)
+        reference = _program(blocks, jnp.float64, wrapper)
+        want = jax.jit(jax.grad(_loss(reference, f64(cot)), argnums=(0, 1)))(f64(params), f64(x))
+        want = jax.tree.map(np.asarray, want)
+    eps = float(jnp.finfo(dtype).eps)
+    paths = jax.tree_util.tree_leaves_with_path(want)
+    for (path, r), g, u in zip(paths, jax.tree.leaves(grads_fused), jax.tree.leaves(grads_plain)):
+        g, u = np.asarray(g, np.float64), np.asarray(u, np.float64)
+        err_fused, err_plain = np.max(np.abs(g - r)), np.max(np.abs(u - r))
+        floor = FLOOR_EPS * eps * max(np.max(np.abs(r)), 1.0)
+        assert err_fused <= err_plain + floor, (
+            f"gradient {jax.tree_util.keystr(path)}: jfuse is {err_fused:.3g} off the float64 "
+            f"reference, jax.jit {err_plain:.3g} (floor {floor:.3g}, scale {np.max(np.abs(r)):.3g})")
+
+
+def check_program(program_spec):
+    d, lead, dtype, param_dtype, blocks, seed, wrapper, condition = program_spec
+    program, params, x = _build(*program_spec)
+    description = (f"{wrapper}: " + " -> ".join(name for name, _, _ in blocks)
+                   + f" on {condition} ({np.dtype(dtype).name} activations, "
+                   f"{np.dtype(param_dtype).name} params, lead={lead}, d={d}, seed={seed})")
+    report = jfuse.explain(program)(params, x)
+    assert not report.fallbacks, f"{description}\n{report}"
+    try:
+        fused = jfuse.jit(program)(params, x)
+        chex.assert_trees_all_equal(fused, jax.jit(program)(params, x))
+        cot = jax.tree.map(
+            lambda o: jnp.cos(jnp.arange(o.size, dtype=jnp.float32).reshape(o.shape)), fused)
+        got = jax.jit(jax.grad(_loss(jfuse.fuse(program), cot), argnums=(0, 1)))(params, x)
+        want = jax.jit(jax.grad(_loss(program, cot), argnums=(0, 1)))(params, x)
+        if np.dtype(dtype) == np.float32 and condition == "normal":
+            chex.assert_trees_all_close(got, want, **tolerance(dtype))
+        assert_accurate_as_jax_jit(blocks, dtype, wrapper, params, x, got, want, cot)
+    except AssertionError as error:
+        raise AssertionError(f"{description}\n{report}") from error
 
 
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 50,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(programs())
 def test_random_programs_never_change_the_answer(program_spec):
-    d, lead, dtype, param_dtype, blocks, seed, wrapper = program_spec
-    program, params, x = _build(d, lead, dtype, param_dtype, blocks, seed, wrapper)
-    description = f"{wrapper}: " + " -> ".join(name for name, _, _ in blocks)
-    report = jfuse.explain(program)(params, x)
-    assert not report.fallbacks, f"{description}\n{report}"
-    try:
-        assert_same_answers(program, params, x, dtype=dtype)
-    except AssertionError as error:
-        raise AssertionError(f"{description} ({np.dtype(dtype).name} activations, "
-                             f"{np.dtype(param_dtype).name} params, lead={lead}, d={d})\n"
-                             f"{report}") from error
+    check_program(program_spec)
+
+
+LONG_EXAMPLES = int(os.environ.get("JFUSE_FUZZ_LONG_EXAMPLES", "500"))
+
+
+@pytest.mark.slow
+@settings(max_examples=LONG_EXAMPLES if os.environ.get("JFUSE_SLOW") == "1" else 3,
+          deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(programs())
+def test_long_run(program_spec):
+    """The same checks on many more programs (random each run): ``JFUSE_SLOW=1`` draws
+    ``JFUSE_FUZZ_LONG_EXAMPLES``; sampled into a default run, a token three."""
+    check_program(program_spec)
 
 
 # --- regression tests: every failure the fuzzer found, by name ---------------------------------
+
+
+def _drawn(*values):
+    """A ``draw`` that returns ``values`` in order: a program spec written out by hand."""
+    it = iter(values)
+    return lambda _strategy: next(it)
+
+
+@pytest.mark.xfail(strict=True, reason="found by the long run, not yet explained: jfuse's weight "
+                   "gradient is 5e-4 off where float64 and jax.jit give exactly 0")
+def test_scan_glu_then_gelu_exact_linear_on_large_inputs():
+    d = 8
+    blocks = [_glu_block(_drawn("silu", "separate", "other input"), d),
+              _linear_block(_drawn("gelu_exact", "vector", False, False), d)]
+    check_program((d, (1, 5), jnp.float32, jnp.float32, blocks, 44144, "scan", "large"))

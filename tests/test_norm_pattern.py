@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax import lax
 
@@ -175,3 +176,53 @@ def test_each_fused_norm_lowers_to_one_kernel(platform, rng):
     norms_only = jfuse.jit(_prenorm_stack, patterns=("rms_norm", "add_rms_norm"))
     text = lower_for(norms_only, x, params, platform=platform)
     assert count_kernel_calls(text, platform) == 3
+
+
+def _flax_one_pass_layer_norm(x, g, b, eps):
+    """Flax's LayerNorm (``use_fast_variance``): f32 statistics, E[x²] - E[x]² clamped at 0."""
+    dt = jnp.promote_types(x.dtype, jnp.float32)
+    x32 = x.astype(dt)
+    mu, mu2 = x32.mean(-1, keepdims=True), (x32 * x32).mean(-1, keepdims=True)
+    var = jnp.maximum(0.0, mu2 - mu * mu)
+    return ((x32 - mu) * lax.rsqrt(var + eps) * g.astype(dt) + b.astype(dt)).astype(x.dtype)
+
+
+def _near_constant_rows_program(rng, dtype, rows=64, d=32, sigma=1e-3):
+    """A linear layer into a one-pass LayerNorm whose rows vary by ~sigma: the variance is about
+    eps, where the one-pass statistics the forward computes and two-pass ones part ways. Half
+    the rows are near-constant, four are all-zero padding."""
+    x = rng.standard_normal((rows, d))
+    x[: rows // 2] = 1.0 + sigma * rng.standard_normal((rows // 2, d))
+    x[rows // 2: rows // 2 + 4] = 0.0
+    params = {"w": rng.standard_normal((d, d)) / np.sqrt(d) * sigma + 1.0 / d,
+              "g": 1 + 0.1 * rng.standard_normal(d), "b": 0.1 * rng.standard_normal(d),
+              "w2": rng.standard_normal((d, d)) / np.sqrt(d)}
+    cot = np.cos(np.arange(rows * d)).reshape(rows, d)
+
+    def loss(p, x):
+        y = _flax_one_pass_layer_norm(x @ p["w"], p["g"], p["b"], 1e-6)
+        return jnp.sum((jnp.tanh(y) @ p["w2"]).astype(jnp.float32) * cot)
+
+    param_dtype = jnp.float32  # mixed precision: f32 parameters, `dtype` activations
+    return loss, {k: jnp.asarray(v, param_dtype) for k, v in params.items()}, jnp.asarray(x, dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_one_pass_layer_norm_gradients_are_as_accurate_as_jax_jit(dtype, rng):
+    """The XLA path replays the user's one-pass statistics in the forward; its derivative must be
+    the derivative of those (as jax.jit's is), not of two-pass statistics that disagree with them
+    on rows whose variance is near eps. Judged against the same program in float64."""
+    loss, params, x = _near_constant_rows_program(rng, dtype)
+    assert jfuse.explain(loss)(params, x).fused == {"layer_norm": 1}
+    fused = jax.jit(jax.grad(jfuse.fuse(loss)))(params, x)
+    plain = jax.jit(jax.grad(loss))(params, x)
+    with jax.enable_x64(True):
+        f64 = lambda t: jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float64)), t)
+        ref = jax.jit(jax.grad(loss))(f64(params), f64(x))
+        ref = jax.tree.map(np.asarray, ref)
+    for name in params:
+        r = ref[name]
+        err_fused = np.max(np.abs(np.asarray(fused[name], np.float64) - r))
+        err_plain = np.max(np.abs(np.asarray(plain[name], np.float64) - r))
+        floor = 8 * np.finfo(np.float32).eps * np.max(np.abs(r))
+        assert err_fused <= 1.25 * err_plain + floor, (name, err_fused, err_plain)

@@ -5,16 +5,65 @@ saves only the function's primal inputs (the pre-activation, the GLU products, a
 statistics) and recomputes the rest in the backward. Its policy
 (:func:`jfuse.core.markers.derivative_policy`) also marks the region as jfuse's own, so the
 rewriter never rewrites inside a fused op's derivative.
+
+:func:`as_forward_runs` picks, per lowering platform, the derivative that matches what the forward
+runs there: the kernel's own derivative where the kernel runs, and elsewhere the derivative of
+the XLA implementation (inside a rewrite, the user's own equations), so a gradient is always the
+derivative of the values the forward computed.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import jax
+from jax import lax
 
 from jfuse.core.markers import derivative_policy
+from jfuse.ops import _partitionable
+from jfuse.ops._op import KERNEL_BACKENDS, FusedOp, OpSpec
 
 
 def recompute_in_backward(fn: Callable) -> Callable:
     return jax.checkpoint(fn, policy=derivative_policy)
+
+
+def kernel_platforms(op: FusedOp, spec: OpSpec, operands: Sequence[Any]) -> frozenset[str] | None:
+    """The lowering platforms whose forward runs ``op``'s kernel for this call, by the rules
+    :func:`jfuse.ops._dispatch.dispatch` applies; None when every platform runs it (interpret
+    mode).
+
+    On a mesh while jfuse traces, the partition pass decides per shard later: a platform whose
+    kernel accepts the whole call is counted as running it (a shard it refuses runs the op's
+    generic XLA implementation, whose statistics are the kernel's).
+    """
+    implementation = spec.implementation
+    if implementation == "interpret":
+        return None
+    if implementation == "xla":
+        return frozenset()
+    mesh = _partitionable.mesh_of(jax.tree_util.tree_leaves(tuple(operands)))
+    if (mesh is not None and implementation is None
+            and not _partitionable.partitioning_active()):
+        return frozenset()
+    avals = [None if o is None else jax.typeof(o) for o in operands]
+    return frozenset(KERNEL_BACKENDS) - frozenset(op.refusals(spec, avals))
+
+
+def as_forward_runs(op: FusedOp, spec: OpSpec, operands: Sequence[Any],
+                    kernel_derivative: Callable, xla_derivative: Callable) -> Callable:
+    """One derivative function that runs ``kernel_derivative`` on the platforms whose forward
+    runs the kernel (:func:`kernel_platforms`) and ``xla_derivative`` on every other one, chosen
+    at lowering time (``lax.platform_dependent``). Both take the same arguments and return the
+    same structure."""
+    platforms = kernel_platforms(op, spec, operands)
+    if platforms is None:
+        return kernel_derivative
+    if not platforms:
+        return xla_derivative
+
+    def derivative(*args):
+        return lax.platform_dependent(
+            *args, default=xla_derivative, **{p: kernel_derivative for p in sorted(platforms)})
+
+    return derivative

@@ -3,7 +3,11 @@
 The forward kernel normalizes whole rows in f32 and also writes the per-row statistics (rstd, and
 the mean for LayerNorm). The derivative is a ``jax.custom_jvp`` in plain primitives computed from
 ``(h, statistics, scale)`` alone, inside ``jax.checkpoint`` so that ``grad`` saves exactly those
-and never the normalized activations. With ``residual`` the op returns ``(normed, x + residual)``,
+and never the normalized activations. Inside a rewrite, a platform that runs the XLA
+implementation (the user's own equations, replayed) differentiates those equations instead (their
+JVP, under the same checkpoint): its forward may compute the statistics its own way (Flax's
+one-pass ``E[x²] - E[x]²`` clamped at 0), and the gradient must be the derivative of the values the
+forward computed, as jax.jit's is. With ``residual`` the op returns ``(normed, x + residual)``,
 the pre-norm transformer's two outputs, from one pass over memory.
 
 Example::
@@ -25,7 +29,7 @@ import numpy as np
 from jax import lax
 
 from jfuse.ops import _partitionable
-from jfuse.ops._autodiff import recompute_in_backward
+from jfuse.ops._autodiff import as_forward_runs, recompute_in_backward
 from jfuse.ops._dispatch import check_implementation
 from jfuse.ops._op import Benchmark, FusedOp, OpSpec, apply, as_vector, is_zero
 from jfuse.pallas import norm as kernels
@@ -88,6 +92,40 @@ def _tangents(h, mean, rstd, scale, dh, dscale, dbias, spec: NormSpec, out_dtype
         dy = dy + n * as_vector(dscale, hidden).astype(jnp.float32)
     if dbias is not None:
         dy = dy + as_vector(dbias, hidden).astype(jnp.float32)
+    return dy.astype(out_dtype), dmean, drstd
+
+
+def _kernel_tangents(h, mean, rstd, scale, bias, dh, dscale, dbias, spec: NormSpec, out_dtype):
+    """The derivative of the kernel's forward (and of the generic XLA implementation): from the
+    f32 statistics it wrote."""
+    del bias  # the derivative does not read it
+    return _tangents(h, mean, rstd, scale, dh, dscale, dbias, spec, out_dtype)
+
+
+def _replay_tangents(h, mean, rstd, scale, bias, dh, dscale, dbias, spec: NormSpec, out_dtype):
+    """The derivative of the user's own equations (``spec.replay``) at ``h``: what the XLA
+    forward computed, statistics included, differentiated as jax.jit would.
+
+    The replay reads ``(x, residual, scale, bias)``; at ``(h, 0, scale, bias)`` it computes
+    ``h + 0 = h`` and then the user's norm of it, so only ``h`` (not ``x`` and ``residual``) is
+    kept for the backward, as the kernel's derivative keeps it. The statistics' tangents are the
+    derivative of the op's ``(mean, rstd)`` outputs (two-pass, as the reference computes them);
+    nothing on this path reads them.
+    """
+    _, dmean, drstd = _tangents(h, mean, rstd, scale, dh, dscale, dbias, spec, out_dtype)
+    primals = {"h": h, "scale": scale, "bias": bias}
+    tangents = {"h": dh, "scale": dscale, "bias": dbias}
+    live = [k for k in primals if primals[k] is not None and tangents[k] is not None]
+    if not live:
+        return jnp.zeros(h.shape, out_dtype), dmean, drstd
+
+    def y_of(*values):
+        args = {**primals, **dict(zip(live, values))}
+        zero = jnp.zeros_like(args["h"]) if spec.has_residual else None
+        return spec.replay(args["h"], zero, args["scale"], args["bias"])[0]
+
+    _, dy = jax.jvp(y_of, tuple(primals[k] for k in live),
+                    tuple(tangents[k].astype(primals[k].dtype) for k in live))
     return dy.astype(out_dtype), dmean, drstd
 
 
@@ -162,9 +200,13 @@ class Norm(FusedOp):
             dh = dx
         else:
             dh = dresidual if dx is None else dx + dresidual
-        dy, dmean, drstd = recompute_in_backward(
-            functools.partial(_tangents, spec=spec, out_dtype=y.dtype)
-        )(h, mean, rstd, operands[2], dh, dscale, dbias)
+        kernel = functools.partial(_kernel_tangents, spec=spec, out_dtype=y.dtype)
+        derivative = kernel
+        if spec.replay is not None:  # differentiate what each platform's forward computed
+            replay = functools.partial(_replay_tangents, spec=spec, out_dtype=y.dtype)
+            derivative = as_forward_runs(self, spec, operands, kernel, replay)
+        dy, dmean, drstd = recompute_in_backward(derivative)(
+            h, mean, rstd, operands[2], operands[3], dh, dscale, dbias)
         dh_out = jnp.zeros(h.shape, h.dtype) if dh is None else dh.astype(h.dtype)
         return dy, dh_out, dmean, drstd
 
