@@ -61,8 +61,8 @@ _RANDOM = frozenset({"random_bits", "threefry2x32", "rng_bit_generator", "random
 _SOFTMAX_OPS = frozenset({"reduce_max", "max", "broadcast_in_dim", "stop_gradient", "sub", "exp",
                           "reduce_sum", "div", "mul", "convert_element_type", "is_finite",
                           "select_n", "copy", "copy_p", "transpose"}) | compat.RESHAPE_PRIMITIVES
-# Largest mask (elements) evaluated at match time to classify it.
-_MAX_MASK_ELEMENTS = 1 << 24
+# Largest mask (elements) evaluated at match time to classify it (numpy, transient).
+_MAX_MASK_ELEMENTS = 1 << 26  # T = S = 8192; larger masks are passed dense
 
 
 def _reject(anchor: jx.JaxprEqn, why: str) -> None:
