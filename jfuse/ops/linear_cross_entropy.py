@@ -1,0 +1,409 @@
+"""``linear_cross_entropy``: a language model's head and loss without the (tokens, vocab) logits.
+
+The logits ``z = h·W (+ b)`` of an LM head, f32 and kept for the backward with their softmax, are
+the largest buffers of a small model's training step. Every cross-entropy variant is an
+elementwise function of three per-token *logit statistics*, so the fused op computes only those:
+
+* ``lse = logsumexp(z)``, ``z_label = z[label]`` and (for label smoothing) ``z_mean = mean(z)``,
+  all f32 (f64 for f64 inputs), with ``z`` optionally soft-capped (``cap·tanh(z / cap)``);
+* **forward** (every platform): a ``lax.scan`` over vocabulary blocks holding one ``(T, block)``
+  block of logits at a time, with an online log-sum-exp. A ragged last block is computed at its own
+  size, so no padded column ever enters the log-sum-exp;
+* **derivative**: a ``jax.custom_jvp`` whose tangent is itself a scan over vocabulary blocks that
+  recomputes each block's logits inside ``jax.checkpoint`` and accumulates, with
+  ``dz = dh·W + h·dW (+ db)`` and ``p = exp(z - lse)``: ``d lse = Σ p·dz``,
+  ``d z_label = dz[label]``, ``d z_mean = mean(dz)``. ``grad`` transposes it block by block, so
+  the backward holds one block of logits too; ``dh`` is accumulated across blocks in f32 and each
+  block of ``dW`` is one matmul over all tokens. jvp, vmap and higher derivatives keep working.
+
+The loss (``nll = lse - z_label``, z-loss ``λ·lse²``, smoothing ``(1-ε)·nll + ε·(lse - z_mean)``,
+ignored tokens and reductions) is plain JAX on O(tokens) vectors outside the op.
+
+Label semantics follow the code being matched (``label_mode``): ``"take"`` is
+``jnp.take_along_axis``'s (and so optax's integer-label loss): a label in ``[0, V)`` picks its
+logit, one in ``[-V, 0)`` wraps to ``label + V``, anything else gives NaN; ``"one_hot"`` is a
+contraction with ``jax.nn.one_hot(label, V)``: an out-of-range label picks 0.
+
+There is no Pallas kernel yet: the chunked XLA version runs on every platform, and the fusion
+report says so per platform.
+
+Example::
+
+    loss = jfuse.ops.linear_cross_entropy(h, w, labels, reduction="mean", ignore_index=-100)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jfuse.ops._autodiff import recompute_in_backward
+from jfuse.ops._dispatch import check_implementation
+from jfuse.ops._op import Benchmark, FusedOp, OpSpec, apply, is_zero
+
+__all__ = ["linear_cross_entropy"]
+
+Array = jax.Array
+
+# Vocabulary columns per block: the logits held at once are (T, BLOCK_V) f32. On a 2-core CPU
+# at T=1024, K=256, V=32k, value_and_grad took 0.79x (512), 0.66-0.76x (1024, two sweeps), 0.74x
+# (2048) and 0.84x (4096) of the dense loss's time, with 4, 8, 16, 32 MiB of temp memory.
+BLOCK_V = 1024
+LABEL_MODES = ("take", "one_hot")
+REDUCTIONS = ("none", "mean", "sum")
+NO_KERNEL = "no Pallas kernel yet: the chunked XLA version runs"
+
+
+@dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
+class LinearCrossEntropySpec(OpSpec):
+    """Everything about one call that is not an array: ``W`` as ``(V, K)`` (tied embeddings,
+    ``h·Eᵀ``) when ``transpose_w``, the soft cap, the label semantics, and whether ``z_mean`` is
+    wanted."""
+
+    transpose_w: bool = False
+    soft_cap: float | None = None
+    label_mode: str = "take"
+    with_mean: bool = False
+    block_v: int = BLOCK_V
+
+
+OPERANDS = ("h", "w", "labels", "bias")
+
+
+@dataclasses.dataclass
+class _Problem:
+    h: Any  # (T, K)
+    w: Any  # (K, V) or (V, K)
+    labels: Any  # (T,) int32, as indices into [0, V) (out of range: no column matches)
+    valid: Any  # (T,) bool: the label picks a column
+    bias: Any  # (V,) or None
+    vocab: int
+    block: int
+    acc: Any  # the accumulation scalar type: f32 (f64 for f64 inputs)
+
+    @property
+    def blocks(self) -> tuple[int, int]:
+        """(whole blocks, ragged columns): the whole blocks are scanned, the ragged remainder is
+        one more step at its own static size (so nothing is padded)."""
+        return self.vocab // self.block, self.vocab % self.block
+
+
+def _problem(spec: LinearCrossEntropySpec, operands) -> _Problem:
+    h, w, labels, bias = operands
+    vocab = w.shape[0] if spec.transpose_w else w.shape[1]
+    labels = labels.astype(jnp.int32)
+    if spec.label_mode == "take":
+        labels = jnp.where(labels < 0, labels + vocab, labels)
+    valid = (labels >= 0) & (labels < vocab)
+    acc = np.dtype(jnp.promote_types(jnp.float32, jnp.promote_types(h.dtype, w.dtype))).type
+    return _Problem(h=h, w=w, labels=labels, valid=valid, bias=bias, vocab=vocab,
+                    block=min(spec.block_v, vocab), acc=acc)
+
+
+def _w_block(spec, w, start, size):
+    return lax.dynamic_slice_in_dim(w, start, size, axis=0 if spec.transpose_w else 1)
+
+
+def _matmul(spec, a, wj, acc):
+    """(T, K) · a block of W, in f32 (the inputs' common dtype, f32 accumulation)."""
+    dtype = jnp.promote_types(a.dtype, wj.dtype)
+    dims = (((1,), (1 if spec.transpose_w else 0,)), ((), ()))
+    return lax.dot_general(a.astype(dtype), wj.astype(dtype), dims, preferred_element_type=acc)
+
+
+def _logits(spec, p: _Problem, start, size):
+    """(raw, z): one block's logits before and after the soft cap, (T, size) f32."""
+    raw = _matmul(spec, p.h, _w_block(spec, p.w, start, size), p.acc)
+    if p.bias is not None:
+        raw = raw + lax.dynamic_slice_in_dim(p.bias, start, size).astype(p.acc)[None, :]
+    z = raw
+    if spec.soft_cap is not None:
+        cap = p.acc(spec.soft_cap)
+        z = jnp.tanh(raw / cap) * cap
+    return raw, z
+
+
+def _is_label(p: _Problem, start, size):
+    columns = start + lax.broadcasted_iota(jnp.int32, (1, size), 1)
+    return columns == p.labels[:, None]
+
+
+def _forward_xla(spec: LinearCrossEntropySpec, operands):
+    """(lse, z_label, z_mean or None): an online log-sum-exp over vocabulary blocks."""
+    p = _problem(spec, operands)
+    t = p.h.shape[0]
+
+    def step(carry, start, size):
+        m, s, zl, zsum = carry
+        _, z = _logits(spec, p, start, size)
+        m_new = jnp.maximum(m, jnp.max(z, axis=-1))
+        s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(z - m_new[:, None]), axis=-1)
+        zl = zl + jnp.sum(jnp.where(_is_label(p, start, size), z, 0.0), axis=-1)
+        if spec.with_mean:
+            zsum = zsum + jnp.sum(z, axis=-1)
+        return m_new, s, zl, zsum
+
+    zeros = jnp.zeros((t,), p.acc)
+    carry = (jnp.full((t,), -jnp.inf, p.acc), zeros, zeros, zeros)
+    whole, ragged = p.blocks
+    if whole:
+        carry, _ = lax.scan(lambda c, j: (step(c, j * p.block, p.block), None), carry,
+                            jnp.arange(whole, dtype=jnp.int32))
+    if ragged:
+        carry = step(carry, whole * p.block, ragged)
+    m, s, zl, zsum = carry
+    lse = m + jnp.log(s)
+    if spec.label_mode == "take":  # take_along_axis fills an out-of-range gather with NaN
+        zl = jnp.where(p.valid, zl, jnp.nan)
+    return lse, zl, (zsum / p.acc(p.vocab) if spec.with_mean else None)
+
+
+def _tangent_xla(spec: LinearCrossEntropySpec, operands, tangents, lse):
+    """(d lse, d z_label, d z_mean or None): one checkpointed scan over vocabulary blocks."""
+    p = _problem(spec, operands)
+    dh, dw, db = tangents
+    # dh enters every block: its cotangent is summed across blocks, in f32 (not in h's dtype).
+    dh = None if dh is None else dh.astype(p.acc)
+    t = p.h.shape[0]
+
+    def block(start, size):
+        raw, z = _logits(spec, p, start, size)
+        dz = jnp.zeros(z.shape, p.acc)
+        if dh is not None:
+            dz = dz + _matmul(spec, dh, _w_block(spec, p.w, start, size), p.acc)
+        if dw is not None:
+            dz = dz + _matmul(spec, p.h, _w_block(spec, dw, start, size), p.acc)
+        if db is not None:
+            dz = dz + lax.dynamic_slice_in_dim(db, start, size).astype(p.acc)[None, :]
+        if spec.soft_cap is not None:
+            th = jnp.tanh(raw / p.acc(spec.soft_cap))
+            dz = dz * (1.0 - th * th)
+        probs = jnp.exp(z - lse[:, None])
+        dlse = jnp.sum(probs * dz, axis=-1)
+        dzl = jnp.sum(jnp.where(_is_label(p, start, size), dz, 0.0), axis=-1)
+        dzsum = jnp.sum(dz, axis=-1) if spec.with_mean else jnp.zeros_like(dlse)
+        return dlse, dzl, dzsum
+
+    def add(carry, parts):
+        return tuple(c + d for c, d in zip(carry, parts))
+
+    zeros = jnp.zeros((t,), p.acc)
+    carry = (zeros, zeros, zeros)
+    whole, ragged = p.blocks
+    if whole:
+        whole_block = recompute_in_backward(lambda start: block(start, p.block))
+        carry, _ = lax.scan(lambda c, j: (add(c, whole_block(j * p.block)), None), carry,
+                            jnp.arange(whole, dtype=jnp.int32))
+    if ragged:
+        ragged_block = recompute_in_backward(lambda start: block(start, ragged))
+        carry = add(carry, ragged_block(jnp.int32(whole * p.block)))
+    dlse, dzl, dzsum = carry
+    return dlse, dzl, (dzsum / p.acc(p.vocab) if spec.with_mean else None)
+
+
+def _declined_on_a_mesh(call, specs, out_avals, mesh):
+    # The op's XLA body is correct under any sharding (XLA partitions it); without a kernel there
+    # is nothing to lay out per shard.
+    return NO_KERNEL
+
+
+class LinearCrossEntropy(FusedOp):
+    """Per-token logit statistics of ``h·W (+ b)``. Operands as :data:`OPERANDS` (h ``(T, K)``,
+    labels ``(T,)``); full outputs ``(lse, z_label, z_mean or None)``, each ``(T,)`` f32."""
+
+    name = "linear_cross_entropy"
+
+    def reference(self, spec: LinearCrossEntropySpec, operands, full):
+        # The chunked version is the XLA implementation even inside a rewrite: replaying the
+        # user's equations would build the logits this op exists to avoid.
+        return _forward_xla(spec, operands)
+
+    def outputs(self, spec, full_outputs):
+        return tuple(full_outputs)
+
+    def tangents(self, spec: LinearCrossEntropySpec, operands, tangents, full_outputs):
+        dh, dw, _, db = (None if is_zero(t) else t for t in tangents)
+        lse, zl, zm = full_outputs
+        if dh is None and dw is None and db is None:
+            zero = jnp.zeros(lse.shape, lse.dtype)
+            return zero, zero, (zero if zm is not None else None)
+        return _tangent_xla(spec, operands, (dh, dw, db), lse)
+
+    def kernel(self, spec, inputs, backend, interpret, full):
+        raise NotImplementedError(NO_KERNEL)
+
+    def unsupported_reason(self, spec, platform, avals):
+        return NO_KERNEL
+
+    def roles(self, spec, operands):
+        return tuple(f"{name}/linear_cross_entropy" for name in OPERANDS)
+
+    layout_rule = staticmethod(_declined_on_a_mesh)
+
+
+LINEAR_CROSS_ENTROPY = LinearCrossEntropy()
+
+
+def logit_statistics(h, w, labels, bias=None, *, implementation=None, **spec_fields):
+    """The op as the rewrite calls it (no argument checks): ``(lse, z_label, z_mean or None)``
+    per token of ``h`` ``(T, K)``, spec fields as keywords."""
+    spec = LinearCrossEntropySpec(implementation=implementation, **spec_fields)
+    return apply(LINEAR_CROSS_ENTROPY, spec, h, w, labels, bias)
+
+
+def linear_cross_entropy_refusals(h_aval, w_aval, labels_aval, bias_aval=None,
+                                  **spec_fields) -> dict[str, str]:
+    """Per lowering platform, why its kernel will not run this call (for the fusion report)."""
+    spec = LinearCrossEntropySpec(**spec_fields)
+    return LINEAR_CROSS_ENTROPY.refusals(spec, [h_aval, w_aval, labels_aval, bias_aval])
+
+
+# --- the public op -----------------------------------------------------------------------------
+
+def _fail(kind, message):
+    raise kind(f"jfuse.ops.linear_cross_entropy: {message}")
+
+
+def _number(name, value, low=0.0, high=None):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= low or (
+            high is not None and not value <= high):
+        bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        _fail(ValueError, f"{name} must be a number {bounds}, got {value!r}.")
+    return float(value)
+
+
+def linear_cross_entropy(
+    h: Array,
+    w: Array,
+    labels: Array,
+    *,
+    bias: Array | None = None,
+    transpose_w: bool = False,
+    logits_soft_cap: float | None = None,
+    reduction: str = "none",
+    ignore_index: int | None = None,
+    z_loss: float = 0.0,
+    label_smoothing: float = 0.0,
+    implementation: str | None = None,
+) -> Array:
+    """Cross-entropy of the logits ``h·W (+ bias)`` against integer labels, without ever holding
+    the ``(tokens, vocab)`` logits, in forward or backward; differentiable to any order.
+
+    Per token, with ``z`` the logits (soft-capped to ``cap·tanh(z / cap)`` if asked) and
+    ``lse = logsumexp(z)``: ``loss = (1 - ε)·(lse - z[label]) + ε·(lse - mean(z)) + λ·lse²``.
+    Statistics are computed in f32 for any input dtype (f64 for f64); the loss is f32 (f64).
+
+    Args:
+      h: ``(..., K)`` hidden states, floating.
+      w: ``(K, V)``, or ``(V, K)`` with ``transpose_w=True`` (a tied embedding table: ``h·Eᵀ``).
+      labels: integer, ``h.shape[:-1]``. As ``optax.softmax_cross_entropy_with_integer_labels``
+        (``jnp.take_along_axis``): a label in ``[-V, 0)`` reads column ``label + V``, one outside
+        ``[-V, V)`` gives NaN, unless it equals ``ignore_index``.
+      bias: optional ``(V,)``, added to the logits before the soft cap.
+      transpose_w: ``w`` is ``(V, K)``.
+      logits_soft_cap: Gemma 2's ``final_logit_softcap``: ``z ← cap·tanh(z / cap)``.
+      reduction: ``"none"`` (per-token losses, ``h.shape[:-1]``), ``"sum"`` or ``"mean"`` (over
+        the tokens not ignored).
+      ignore_index: tokens with this label contribute 0 to the loss and its gradient (e.g. -100).
+      z_loss: ``λ``, the weight of PaLM's ``lse²`` term (e.g. 1e-4).
+      label_smoothing: ``ε`` in ``[0, 1]``: the target is ``(1 - ε)·one_hot + ε / V``.
+      implementation: as for :func:`jfuse.ops.linear` (no kernel yet: XLA runs everywhere).
+
+    Example::
+
+        >>> h, w = jnp.ones((2, 8, 16)), jnp.ones((16, 100))
+        >>> labels = jnp.zeros((2, 8), jnp.int32)
+        >>> jfuse.ops.linear_cross_entropy(h, w, labels, reduction="mean").shape
+        ()
+    """
+    check_implementation(implementation)
+    h, w, labels = jnp.asarray(h), jnp.asarray(w), jnp.asarray(labels)
+    for name, a in (("h", h), ("w", w)):
+        if not jnp.issubdtype(a.dtype, jnp.floating):
+            _fail(TypeError, f"{name} must be a floating array, got dtype {a.dtype}.")
+    if h.ndim < 1:
+        _fail(ValueError, f"h must be (..., K), got shape {h.shape}.")
+    if w.ndim != 2:
+        _fail(ValueError, f"w must be 2-D ((K, V), or (V, K) with transpose_w=True), got shape "
+                          f"{w.shape}.")
+    k = h.shape[-1]
+    vocab, w_k = (w.shape if transpose_w else w.shape[::-1])
+    if w_k != k:
+        layout = "(V, K)" if transpose_w else "(K, V)"
+        _fail(ValueError, f"w must be {layout} with K = h.shape[-1] = {k}, got shape {w.shape}"
+                          + ("" if transpose_w else " (pass transpose_w=True for a (V, K) table)")
+                          + ".")
+    if not jnp.issubdtype(labels.dtype, jnp.integer) or labels.shape != h.shape[:-1]:
+        _fail(ValueError, f"labels must be an integer array of shape h.shape[:-1] = "
+                          f"{h.shape[:-1]}, got {labels.dtype}{list(labels.shape)}.")
+    if bias is not None:
+        bias = jnp.asarray(bias)
+        if not jnp.issubdtype(bias.dtype, jnp.floating) or bias.shape != (vocab,):
+            _fail(ValueError, f"bias must be a floating array of shape ({vocab},), got "
+                              f"{bias.dtype}{list(bias.shape)}.")
+    if reduction not in REDUCTIONS:
+        _fail(ValueError, f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
+    if logits_soft_cap is not None:
+        logits_soft_cap = _number("logits_soft_cap", logits_soft_cap)
+        if logits_soft_cap == 0:
+            _fail(ValueError, "logits_soft_cap must be positive, got 0.")
+    z_loss = _number("z_loss", z_loss)
+    label_smoothing = _number("label_smoothing", label_smoothing, 0.0, 1.0)
+    if ignore_index is not None and not isinstance(ignore_index, (int, np.integer)):
+        _fail(TypeError, f"ignore_index must be an int or None, got {ignore_index!r}.")
+
+    batch = h.shape[:-1]
+    labels = labels.reshape(-1)
+    ignored = None
+    if ignore_index is not None:
+        ignored = labels == ignore_index
+        labels = jnp.where(ignored, 0, labels)  # no NaN to mask: its loss is replaced below
+    lse, z_label, z_mean = logit_statistics(
+        h.reshape(-1, k), w, labels, bias, implementation=implementation,
+        transpose_w=bool(transpose_w), soft_cap=logits_soft_cap, label_mode="take",
+        with_mean=label_smoothing > 0, block_v=BLOCK_V)
+    loss = lse - z_label
+    if label_smoothing > 0:
+        loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - z_mean)
+    if z_loss:
+        loss = loss + z_loss * lse * lse
+    if ignored is not None:
+        loss = jnp.where(ignored, 0.0, loss)
+    if reduction == "sum":
+        return jnp.sum(loss)
+    if reduction == "mean":
+        count = loss.size if ignored is None else jnp.sum(~ignored)
+        return jnp.sum(loss) / count
+    return loss.reshape(batch)
+
+
+def _benchmark() -> Benchmark:
+    def inputs(shape, dtype, normal):
+        t, k, v = shape
+        return normal((t, k)), normal((k, v), k ** -0.5)
+
+    def call(implementation, variant):
+        def run(h, w):
+            t, v = h.shape[0], w.shape[1]
+            labels = (jnp.arange(t, dtype=jnp.int32) * 7919) % v
+            return linear_cross_entropy(h, w, labels, implementation=implementation)
+
+        return run
+
+    return Benchmark(
+        name="linear_cross_entropy", dims="(T, K, V)", inputs=inputs, call=call,
+        flops=lambda shape, variant: 2.0 * shape[0] * shape[1] * shape[2],
+        sizes={
+            "quick": (((64, 32, 1000), None),),
+            "cpu": (((1024, 256, 32768), None),),
+            "accelerator": (((8192, 2048, 131072), None),),
+            "device": (((8192, 2048, 131072), None), ((4096, 4096, 151936), None)),
+        })
+
+
+BENCHMARKS = (_benchmark(),)
