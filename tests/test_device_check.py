@@ -45,7 +45,7 @@ def test_dry_run_runs_every_part_clean(device_check, tmp_path, capsys):
     assert len(checks) == len(kernel_checks.checks("tiny"))
     assert {r["status"] for r in checks} == {"ok"}, [(r["case"], r["detail"]) for r in checks]
     assert {r["op"] for r in checks} == {"linear", "glu", "rms_norm", "add_rms_norm",
-                                         "layer_norm", "add_layer_norm"}
+                                         "layer_norm", "add_layer_norm", "attention"}
     assert all(float(r["err"]) < 1e-5 for r in checks)
     ops = [r for r in rows if r["section"] == "ops"]
     assert ops and all(r["fused_impl"] == "interpret" and float(r["fused_ms"]) > 0 for r in ops)
@@ -76,9 +76,12 @@ def test_the_device_grid_covers_every_kernel_path(device_check):
     assert any("(1 + w)" in c.variant for c in norms)
     assert {c.dtype for c in grid} == set(kernel_checks.DTYPES)
     assert len({c.name for c in grid}) == len(grid)
+    attention = [c for c in grid if c.pattern == "attention"]
+    assert {c.variant for c in attention} == {"causal", "no mask", "causal GQA"}
+    assert {c.dtype for c in attention} == set(kernel_checks.DTYPES)
     # A budget-cut run still covers every kernel: the first cases take each family in turn.
-    assert {c.pattern for c in grid[:6]} == {"linear", "glu", "rms_norm", "add_rms_norm",
-                                             "layer_norm", "add_layer_norm"}
+    assert {c.pattern for c in grid[:7]} == {"linear", "glu", "rms_norm", "add_rms_norm",
+                                             "layer_norm", "add_layer_norm", "attention"}
 
 
 def test_a_wrong_answer_is_a_mismatch(device_check, monkeypatch):

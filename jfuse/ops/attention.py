@@ -213,6 +213,14 @@ def _scores(spec: AttentionSpec, p: _Problem, q, kj, start):
     return t, s, keep, exists
 
 
+def _over_blocks(body, init, blocks: int):
+    """``lax.scan(body, init, arange(blocks))``, or ``body`` once when there is one block: a
+    one-step loop gains nothing and costs XLA compile time (a model has one per layer)."""
+    if blocks == 1:
+        return body(init, jnp.int32(0))
+    return lax.scan(body, init, jnp.arange(blocks))
+
+
 def _safe(m):
     """The running max where it is finite, else 0 (a row that has seen only -inf so far)."""
     return jnp.where(jnp.isneginf(m), 0.0, m)
@@ -244,7 +252,7 @@ def _forward_xla(spec: AttentionSpec, operands):
 
     init = (jnp.full((b, kv, g, t), -jnp.inf, acc), jnp.zeros((b, kv, g, t), acc),
             jnp.zeros((b, kv, g, t, hv), acc))
-    (m, l, o), _ = lax.scan(body, init, jnp.arange(p.blocks))
+    (m, l, o), _ = _over_blocks(body, init, p.blocks)
     # A row with every key at -inf has l = 0: 0/0 is NaN, as the dense softmax gives.
     out = o / l[..., None]
     out_dtype = spec.out_dtype or operands[0].dtype
@@ -307,7 +315,7 @@ def _tangent_xla(spec: AttentionSpec, operands, tangents, out, m, l):
         return (a + da, c + dc), None
 
     init = (jnp.zeros((b, kv, g, t, hv), acc), jnp.zeros((b, kv, g, t), acc))
-    (a, c), _ = lax.scan(body, init, jnp.arange(p.blocks))
+    (a, c), _ = _over_blocks(body, init, p.blocks)
     o32 = _grouped(out, operands[1], operands[2], spec.layout)[0].astype(acc)
     dout = a - c[..., None] * o32
     return _ungrouped(dout, spec.layout).astype(out.dtype), c
