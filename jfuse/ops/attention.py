@@ -213,12 +213,20 @@ def _scores(spec: AttentionSpec, p: _Problem, q, kj, start):
     return t, s, keep, exists
 
 
-def _over_blocks(body, init, blocks: int):
-    """``lax.scan(body, init, arange(blocks))``, or ``body`` once when there is one block: a
-    one-step loop gains nothing and costs XLA compile time (a model has one per layer)."""
+def _over_blocks(body, init, blocks: int, xs=None):
+    """``lax.scan(body, init, xs)`` (``xs`` default: the block indices), or ``body`` once when
+    there is one block: a one-step loop gains nothing and costs XLA compile time (a model has
+    one per layer)."""
+    xs = jnp.arange(blocks) if xs is None else xs
     if blocks == 1:
-        return body(init, jnp.int32(0))
-    return lax.scan(body, init, jnp.arange(blocks))
+        return body(init, jax.tree.map(lambda a: a[0], xs))
+    return lax.scan(body, init, xs)
+
+
+def _split_blocks(a, axis: int, block: int):
+    """``a`` with ``axis`` split into whole blocks, the block index moved first."""
+    shape = a.shape[:axis] + (a.shape[axis] // block, block) + a.shape[axis + 1:]
+    return jnp.moveaxis(jnp.reshape(a, shape), axis, 0)
 
 
 def _safe(m):
@@ -260,7 +268,12 @@ def _forward_xla(spec: AttentionSpec, operands):
 
 
 def _tangent_xla(spec: AttentionSpec, operands, tangents, out, m, l):
-    """(dout, c) in plain primitives, ``c = Σ p·ds`` the tangent of each query's log-sum-exp: one checkpointed scan over key blocks (module docs)."""
+    """(dout, c) in plain primitives, ``c = Σ p·ds`` the tangent of each query's log-sum-exp:
+    one checkpointed scan over key blocks (module docs).
+
+    The key-side tangents (dk, dv, a bias's) enter the scan as its per-block inputs rather than
+    sliced inside the body: transposed, a slice is a full-size update per step (O(S²) work for
+    the keys' gradients), while a per-block input transposes to a per-block output."""
     p = _problem(spec, operands)
     q, k, v = operands[:3]
     dq, dk, dv, dbias = tangents
@@ -271,11 +284,18 @@ def _tangent_xla(spec: AttentionSpec, operands, tangents, out, m, l):
     dk = None if dk is None else padded.k
     dv = None if dv is None else padded.v
     dbias = padded.bias
+    blocked = {}  # the key-side tangents as (blocks, ..., block, ...)
+    if dk is not None:
+        blocked["dk"] = _split_blocks(dk, 2, p.block)
+    if dv is not None:
+        blocked["dv"] = _split_blocks(dv, 2, p.block)
+    if dbias is not None and dbias.shape[-1] != 1:
+        blocked["dbias"] = _split_blocks(dbias, dbias.ndim - 1, p.block)
     probs_dtype, acc = spec.probs_dtype or p.v.dtype, p.acc
     b, kv, g, t, _ = p.q.shape
     hv = p.v.shape[-1]
 
-    def block(j):
+    def block(j, xs):
         start = j * p.block
         kj = lax.dynamic_slice_in_dim(p.k, start, p.block, axis=2)
         vj = lax.dynamic_slice_in_dim(p.v, start, p.block, axis=2)
@@ -285,7 +305,7 @@ def _tangent_xla(spec: AttentionSpec, operands, tangents, out, m, l):
         if dq is not None:
             ds = ds + jnp.einsum("bkgth,bksh->bkgts", dq, kj, preferred_element_type=acc)
         if dk is not None:
-            dkj = lax.dynamic_slice_in_dim(dk, start, p.block, axis=2)
+            dkj = xs["dk"]
             ds = ds + jnp.einsum("bkgth,bksh->bkgts", p.q, dkj,
                                  preferred_element_type=acc)
         ds = ds * acc(spec.scale)
@@ -293,7 +313,8 @@ def _tangent_xla(spec: AttentionSpec, operands, tangents, out, m, l):
             th = jnp.tanh(tj / acc(spec.soft_cap))
             ds = ds * (1.0 - th * th)
         if dbias is not None:
-            ds = ds + _block_slice(dbias, start, p.block).astype(acc)
+            dbias_j = xs["dbias"] if "dbias" in xs else dbias
+            ds = ds + dbias_j.astype(acc)
         if keep is not None:
             ds = jnp.where(keep, ds, 0.0)
         ds = jnp.where(exists, ds, 0.0)
@@ -302,20 +323,20 @@ def _tangent_xla(spec: AttentionSpec, operands, tangents, out, m, l):
                        preferred_element_type=acc)
         c = jnp.sum(pds, axis=-1)
         if dv is not None:
-            dvj = lax.dynamic_slice_in_dim(dv, start, p.block, axis=2)
+            dvj = xs["dv"]
             a = a + jnp.einsum("bkgts,bksh->bkgth", probs.astype(probs_dtype), dvj,
                                preferred_element_type=acc)
         return a, c
 
     block = recompute_in_backward(block)
 
-    def body(carry, j):
+    def body(carry, xs):
         a, c = carry
-        da, dc = block(j)
+        da, dc = block(xs["j"], xs)
         return (a + da, c + dc), None
 
     init = (jnp.zeros((b, kv, g, t, hv), acc), jnp.zeros((b, kv, g, t), acc))
-    (a, c), _ = _over_blocks(body, init, p.blocks)
+    (a, c), _ = _over_blocks(body, init, p.blocks, {"j": jnp.arange(p.blocks), **blocked})
     o32 = _grouped(out, operands[1], operands[2], spec.layout)[0].astype(acc)
     dout = a - c[..., None] * o32
     return _ungrouped(dout, spec.layout).astype(out.dtype), c
