@@ -109,6 +109,15 @@ def _w_block(spec, w, start, size):
     return lax.dynamic_slice_in_dim(w, start, size, axis=0 if spec.transpose_w else 1)
 
 
+def _whole_w_blocks(spec, w, whole, block):
+    """The first ``whole`` blocks of W's vocabulary, stacked first: (whole, block, K) for a
+    (V, K) W, (whole, K, block) for a (K, V) one (what :func:`_w_block` slices one at a time)."""
+    if spec.transpose_w:
+        return jnp.reshape(w[:whole * block], (whole, block) + w.shape[1:])
+    k = w.shape[0]
+    return jnp.moveaxis(jnp.reshape(w[:, :whole * block], (k, whole, block)), 1, 0)
+
+
 def _matmul(spec, a, wj, acc):
     """(T, K) · a block of W, in f32 (the inputs' common dtype, f32 accumulation)."""
     dtype = jnp.promote_types(a.dtype, wj.dtype)
@@ -171,15 +180,15 @@ def _tangent_xla(spec: LinearCrossEntropySpec, operands, tangents, lse):
     dh = None if dh is None else dh.astype(p.acc)
     t = p.h.shape[0]
 
-    def block(start, size):
+    def block(start, size, dw_j, db_j):
         raw, z = _logits(spec, p, start, size)
         dz = jnp.zeros(z.shape, p.acc)
         if dh is not None:
             dz = dz + _matmul(spec, dh, _w_block(spec, p.w, start, size), p.acc)
-        if dw is not None:
-            dz = dz + _matmul(spec, p.h, _w_block(spec, dw, start, size), p.acc)
-        if db is not None:
-            dz = dz + lax.dynamic_slice_in_dim(db, start, size).astype(p.acc)[None, :]
+        if dw_j is not None:
+            dz = dz + _matmul(spec, p.h, dw_j, p.acc)
+        if db_j is not None:
+            dz = dz + db_j.astype(p.acc)[None, :]
         if spec.soft_cap is not None:
             th = jnp.tanh(raw / p.acc(spec.soft_cap))
             dz = dz * (1.0 - th * th)
@@ -196,12 +205,20 @@ def _tangent_xla(spec: LinearCrossEntropySpec, operands, tangents, lse):
     carry = (zeros, zeros, zeros)
     whole, ragged = p.blocks
     if whole:
-        whole_block = recompute_in_backward(lambda start: block(start, p.block))
-        carry, _ = lax.scan(lambda c, j: (add(c, whole_block(j * p.block)), None), carry,
-                            jnp.arange(whole, dtype=jnp.int32))
+        # dW's and db's blocks enter the scan as its per-step inputs: sliced inside the body,
+        # the transposed scan would add a full-size (K, V) update at every step.
+        xs = {"j": jnp.arange(whole, dtype=jnp.int32),
+              "dw": None if dw is None else _whole_w_blocks(spec, dw, whole, p.block),
+              "db": None if db is None else jnp.reshape(db[:whole * p.block], (whole, p.block))}
+        whole_block = recompute_in_backward(
+            lambda x: block(x["j"] * p.block, p.block, x["dw"], x["db"]))
+        carry, _ = lax.scan(lambda c, x: (add(c, whole_block(x)), None), carry, xs)
     if ragged:
-        ragged_block = recompute_in_backward(lambda start: block(start, ragged))
-        carry = add(carry, ragged_block(jnp.int32(whole * p.block)))
+        start = whole * p.block
+        ragged_block = recompute_in_backward(lambda start: block(
+            start, ragged, None if dw is None else _w_block(spec, dw, start, ragged),
+            None if db is None else lax.dynamic_slice_in_dim(db, start, ragged)))
+        carry = add(carry, ragged_block(jnp.int32(start)))
     dlse, dzl, dzsum = carry
     return dlse, dzl, (dzsum / p.acc(p.vocab) if spec.with_mean else None)
 
