@@ -251,7 +251,8 @@ def _region(graph: Graph, logits: _Logits) -> _Region:
             is_full = tuple(var.aval.shape) == full
             if name in ("reduce_max", "reduce_sum") and is_full and tuple(
                     user.params["axes"]) != (len(full) - 1,):
-                other_axis = True
+                # a softmax over one other axis (a sum over everything is just a reader)
+                other_axis = other_axis or len(user.params["axes"]) == 1
                 continue
             allowed = _FULL_OPS if is_full else _ROW_OPS
             if name not in allowed or not (out_shape == full or _is_row(out_shape, full)):
@@ -638,12 +639,6 @@ def match_cross_entropy(graph: Graph, dot: jx.JaxprEqn, options: FuseOptions) ->
         return None
     if logits.vocab_axis != len(region.full) - 1 or region.other_axis:
         return _axis_miss(dot, logits)
-    if region.escapes:
-        return _escape_miss(graph, dot, *region.escapes[0])
-    for intermediate in [e.outvars[0] for e in logits.eqns if e.outvars[0] is not logits.z]:
-        if not graph.read_only_within(intermediate, logits.eqns):
-            return _escape_miss(graph, dot, intermediate,
-                                graph.readers_outside(intermediate, logits.eqns))
     if region.soft_labels:
         eqn, operand = region.soft_labels[0]
         return _miss(MissReason.SOFT_LABELS, dot,
@@ -651,6 +646,12 @@ def match_cross_entropy(graph: Graph, dot: jx.JaxprEqn, options: FuseOptions) ->
                      "through); soft or smoothed targets need the full logits",
                      f"the loss multiplies the log-probabilities by {operand.aval.str_short()}, "
                      f"which is not a one-hot of integer labels")
+    if region.escapes:
+        return _escape_miss(graph, dot, *region.escapes[0])
+    for intermediate in [e.outvars[0] for e in logits.eqns if e.outvars[0] is not logits.z]:
+        if not graph.read_only_within(intermediate, logits.eqns):
+            return _escape_miss(graph, dot, intermediate,
+                                graph.readers_outside(intermediate, logits.eqns))
     labels = _labels(graph, region)
     if isinstance(labels, str):
         return _miss(MissReason.LOSS_FORM, dot, "one label array per loss", labels)
