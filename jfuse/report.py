@@ -37,6 +37,12 @@ class MissReason(str, enum.Enum):
     ATTENTION_LAYOUT = "attention layout the op cannot take"
     NORMALIZED_AFTER_PV = "softmax normalized after the PV product"
 
+    # --- linear_cross_entropy (jfuse/passes/cross_entropy.py) ---
+    LOGITS_ESCAPE = "logits read elsewhere"
+    SOFT_LABELS = "soft labels that are not one-hot"
+    VOCAB_AXIS = "vocabulary axis not last"
+    LOSS_FORM = "loss the fused op cannot express"
+
 
 @dataclasses.dataclass(frozen=True)
 class MissedFusion:

@@ -74,6 +74,9 @@ def test_each_benchmark_declaration_runs_and_its_op_partitions(benchmark, monkey
 
 def test_passes_are_found_in_priority_order():
     names = [pattern.name for pattern in jfuse.passes.PIPELINE]
-    assert names[:2] == ["glu", "linear"] and "norm" in names  # glu claims its gate first
+    assert names.index("glu") < names.index("linear") and "norm" in names  # glu claims its gate
+    # attention claims QK/PV before glu; linear_cross_entropy claims the logits matmul before linear
+    assert names.index("attention") < names.index("glu")
+    assert names.index("linear_cross_entropy") < names.index("linear")
     priorities = [pattern.priority for pattern in jfuse.passes.PIPELINE]
     assert priorities == sorted(priorities)
