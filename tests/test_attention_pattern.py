@@ -237,6 +237,27 @@ def test_jax_nn_dot_product_attention(variant, rng):
     assert_accurate(f, q, k, v, *extra)
 
 
+def test_masks_from_the_jaxprs_constants_are_structure(rng):
+    """A mask built from arrays captured at trace time is a constvar of the jaxpr (jax.nn's
+    local_window_size indexes, a numpy tril): jfuse reads the constants' values and passes the
+    mask as a window / causal structure, not as a dense mask."""
+    tril = np.tril(np.ones((T, T), bool))
+
+    def constvar_causal(q, k, v):
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, k) * 0.3
+        return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(jnp.where(tril, s, -1e9)), v)
+
+    window = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, local_window_size=(3, 0))
+    q, k, v = _qkv(rng, jnp.float32)
+    for f, fragment in ((constvar_causal, "causal"), (window, "causal, window (3, None)")):
+        assert jax.make_jaxpr(f)(q, k, v).jaxpr.constvars  # the mask's inputs are constants
+        report = jfuse.explain(f)(q, k, v)
+        assert report.fused == {"attention": 1}, str(report)
+        detail = report.sites[0].detail
+        assert fragment in detail and "dense mask" not in detail, detail
+        assert_accurate(f, q, k, v)
+
+
 def test_jax_nn_softmax_as_custom_jvp(rng):
     q, k, v = _qkv(rng, jnp.float32, gqa=True)
     f = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)

@@ -12,7 +12,8 @@ Anchored at the PV ``dot_general``. The block is recognized by what each part co
    read as it is), Gemma's soft-cap ``tanh(s / c) · c``, additive biases (any array: ALiBi,
    relative positions, an additive ``-inf`` mask) and ``where(mask, s, c)`` selects.
 3. **The masks**, classified by meaning: a mask computed from constants alone (``jnp.tril``,
-   ``iota`` comparisons, ``nn.make_causal_mask``) is evaluated and becomes ``is_causal`` or a
+   ``iota`` comparisons, ``nn.make_causal_mask``, or arrays captured at trace time, which the
+   jaxpr holds as constvars: :meth:`Graph.constant` gives their values) is evaluated and becomes ``is_causal`` or a
    sliding window when it is one, else a constant dense mask; a mask computed from one integer
    ``(B,)`` array that equals ``j < lengths[b]`` on probe values becomes key lengths; one that
    equals ``q_ids[b, i] == kv_ids[b, j]`` becomes segment ids; anything else is the op's dense
@@ -675,17 +676,21 @@ def _classify_masks(graph: Graph, scores: _Scores, score_roles: list, roles: _Ro
         value = None
         if found is not None:
             eqns, leaves = found
+            # The jaxpr's constants (a numpy mask or index array captured at trace time) are
+            # known: only the other leaves are the mask's run-time inputs.
+            known = _constant_leaves(graph, leaves)
+            leaves = [leaf for leaf in leaves if leaf not in known]
             if not leaves:
-                value = _evaluate_mask(eqns, term.var, {})
+                value = _evaluate_mask(eqns, term.var, known)
             if value is not None:
                 if term.negate:
                     value = ~value
                 value = _to_canonical(np, value, term.roles, groups, sizes)
                 constant = value if constant is None else (constant & value)
                 continue
-            if leaves and _as_lengths(eqns, term, leaves, groups, sizes, b, s, out):
+            if leaves and _as_lengths(eqns, term, leaves, known, groups, sizes, b, s, out):
                 continue
-            if leaves and _as_segments(eqns, term, leaves, groups, sizes, b, t, s, out):
+            if leaves and _as_segments(eqns, term, leaves, known, groups, sizes, b, t, s, out):
                 continue
         out.dense.append(term)
         out.labels.append("dense mask")
@@ -711,20 +716,32 @@ def _classify_masks(graph: Graph, scores: _Scores, score_roles: list, roles: _Ro
     return out
 
 
+def _constant_leaves(graph: Graph, leaves) -> dict:
+    """The values of the leaves that are the jaxpr's constants (small enough to evaluate)."""
+    known = {}
+    for leaf in leaves:
+        if int(np.prod(leaf.aval.shape, dtype=np.int64)) > _MAX_MASK_ELEMENTS:
+            continue
+        value = graph.constant(leaf)
+        if value is not None and tuple(value.shape) == tuple(leaf.aval.shape):
+            known[leaf] = value.astype(np.dtype(leaf.aval.dtype))
+    return known
+
+
 def _int_leaf(leaf, size: int) -> bool:
     return (np.issubdtype(np.dtype(leaf.aval.dtype), np.integer)
             and int(np.prod(leaf.aval.shape, dtype=np.int64)) == size)
 
 
-def _as_lengths(eqns, term, leaves, groups, sizes, b, s, out: _Masks) -> bool:
+def _as_lengths(eqns, term, leaves, known, groups, sizes, b, s, out: _Masks) -> bool:
     if out.lengths is not None or len(leaves) != 1 or not _int_leaf(leaves[0], b):
         return False
     leaf = leaves[0]
     rng = np.random.default_rng(1)
     for _ in range(3):
         lengths = rng.integers(0, s + 1, size=b)
-        value = _evaluate_mask(eqns, term.var,
-                               {leaf: lengths.reshape(leaf.aval.shape).astype(leaf.aval.dtype)})
+        value = _evaluate_mask(eqns, term.var, {
+            **known, leaf: lengths.reshape(leaf.aval.shape).astype(leaf.aval.dtype)})
         if value is None:
             return False
         if term.negate:
@@ -741,7 +758,7 @@ def _as_lengths(eqns, term, leaves, groups, sizes, b, s, out: _Masks) -> bool:
     return True
 
 
-def _as_segments(eqns, term, leaves, groups, sizes, b, t, s, out: _Masks) -> bool:
+def _as_segments(eqns, term, leaves, known, groups, sizes, b, t, s, out: _Masks) -> bool:
     if out.segments is not None or len(leaves) not in (1, 2):
         return False
     if len(leaves) == 1:
@@ -757,7 +774,7 @@ def _as_segments(eqns, term, leaves, groups, sizes, b, t, s, out: _Masks) -> boo
         for _ in range(3):
             q_ids = rng.integers(0, 3, size=(b, t))
             k_ids = q_ids if qv is kv else rng.integers(0, 3, size=(b, s))
-            values = {qv: q_ids.reshape(qv.aval.shape).astype(qv.aval.dtype),
+            values = {**known, qv: q_ids.reshape(qv.aval.shape).astype(qv.aval.dtype),
                       kv: k_ids.reshape(kv.aval.shape).astype(kv.aval.dtype)}
             value = _evaluate_mask(eqns, term.var, values)
             if value is None:
