@@ -295,6 +295,61 @@ def test_flax_linen_dot_product_attention_function(rng):
     assert_accurate(f, q, k, v)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, pytest.param(jnp.bfloat16, marks=pytest.mark.slow)],
+                         ids=["f32", "bf16"])
+def test_haiku_multi_head_attention(dtype, rng):
+    """Haiku divides the scores after the QK product, masks with -1e30 and runs the softmax in
+    the input dtype."""
+    hk = pytest.importorskip("haiku")
+
+    def forward(x):
+        attend = hk.MultiHeadAttention(num_heads=N, key_size=H,
+                                       w_init=hk.initializers.VarianceScaling(1.0))
+        return attend(x, x, x, mask=jnp.tril(jnp.ones((T, T)))[None, None])
+
+    f = hk.without_apply_rng(hk.transform(forward))
+    x = _r(rng, B, T, 24)
+    params, x = _as((f.init(jax.random.key(0), x), x), dtype)
+    report = jfuse.explain(f.apply)(params, x)
+    assert report.fused == {"attention": 1, "linear": 4}, str(report)  # + the projections
+    [site] = [site for site in report.sites if site.pattern == "attention"]
+    assert "causal, mask value -1e+30" in site.detail, site.detail
+    assert_accurate(f.apply, params, x, dtype=dtype)
+
+
+@pytest.mark.parametrize("kv_heads", [None, pytest.param(K, marks=pytest.mark.slow)],
+                         ids=["mha", "gqa"])
+@pytest.mark.parametrize("dtype", [jnp.float32, pytest.param(jnp.bfloat16, marks=pytest.mark.slow)],
+                         ids=["f32", "bf16"])
+def test_flax_nnx_multi_head_attention(dtype, kv_heads, rng):
+    """NNX calls jax.nn.dot_product_attention (no dropout, no sown weights); a mask captured by
+    the function is a constvar of the jaxpr, classified as causal."""
+    nnx = pytest.importorskip("flax.nnx")
+    import inspect
+    kw = {}
+    if kv_heads is not None:
+        if "num_kv_heads" not in inspect.signature(nnx.MultiHeadAttention.__init__).parameters:
+            pytest.skip("this flax's nnx.MultiHeadAttention has no num_kv_heads")
+        kw["num_kv_heads"] = kv_heads
+    module = nnx.MultiHeadAttention(num_heads=N, in_features=24, qkv_features=N * H,
+                                    decode=False, rngs=nnx.Rngs(0), **kw)
+    graphdef, state = nnx.split(module)
+    x = _r(rng, B, T, 24)
+    mask = nnx.make_causal_mask(x[..., 0])
+
+    def f(state, x):
+        return nnx.merge(graphdef, state)(x, mask=mask)
+
+    state, x = _as((state, x), dtype)
+    report = jfuse.explain(f)(state, x)
+    assert report.fused == {"attention": 1}, str(report)
+    detail = report.sites[0].detail
+    assert "causal" in detail and "dense mask" not in detail, detail
+    if kv_heads is not None:
+        assert f"GQA {N}/{kv_heads} heads" in detail, detail
+    assert_accurate(f, state, x, dtype=dtype)
+
+
 def test_equinox_multihead_attention_vmapped(rng):
     eqx = pytest.importorskip("equinox")
     module = eqx.nn.MultiheadAttention(N, 24, key=jax.random.key(0), inference=True)
