@@ -350,6 +350,48 @@ def test_flax_nnx_multi_head_attention(dtype, kv_heads, rng):
     assert_accurate(f, state, x, dtype=dtype)
 
 
+def _penzai_attention(activation_dtype):
+    """penzai's llamalike attention (named axes, copies, 5-D einsum GQA, a ``ge`` mask on token
+    positions, -2.38e38 held as a constant array) as f(params, x[, positions])."""
+    pz = pytest.importorskip("penzai.pz", reason="penzai is not installed (test extra)")
+    from penzai.models.transformer.variants import llamalike_common
+
+    config = llamalike_common.LlamalikeTransformerConfig(
+        num_kv_heads=K, query_head_multiplier=N // K, embedding_dim=24, projection_dim=H,
+        mlp_hidden_dim=32, num_decoder_blocks=1, vocab_size=16, mlp_variant="swiglu",
+        tie_embedder_and_logits=False, activation_dtype=activation_dtype)
+    attention = llamalike_common.build_llamalike_attention("attn", jax.random.key(0), config)
+    unbound, params = pz.unbind_params(attention, freeze=True)
+
+    def f(params, x, positions=None):
+        positions = (pz.nx.arange("seq", T) if positions is None
+                     else pz.nx.wrap(positions).tag("batch", "seq"))
+        out = pz.bind_variables(unbound, params)(
+            pz.nx.wrap(x).tag("batch", "seq", "embedding"), token_positions=positions)
+        return out.untag("batch", "seq", "embedding").unwrap()
+
+    return f, params
+
+
+@pytest.mark.parametrize("positions", ["iota", pytest.param("input", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("dtype", [jnp.float32, pytest.param(jnp.bfloat16, marks=pytest.mark.slow)],
+                         ids=["f32", "bf16"])
+def test_penzai_llamalike_attention(dtype, positions, rng):
+    f, params = _penzai_attention(dtype)
+    truth_fn, _ = _penzai_attention(jnp.float32)
+    x = _r(rng, B, T, 24)
+    args = (params, x) if positions == "iota" else (
+        params, x, jnp.broadcast_to(jnp.arange(T), (B, T)))
+    args = _as(args, dtype)
+    report = jfuse.explain(f)(*args)
+    assert report.fused == {"attention": 1}, str(report)
+    detail = report.sites[0].detail
+    # Positions given at run time make the mask data-dependent: passed dense.
+    assert ("causal" if positions == "iota" else "dense mask") in detail, detail
+    assert f"GQA {N}/{K} heads" in detail and "mask value -2.38e+38" in detail, detail
+    assert_accurate(f, *args, dtype=dtype, truth_fn=truth_fn)
+
+
 def test_equinox_multihead_attention_vmapped(rng):
     eqx = pytest.importorskip("equinox")
     module = eqx.nn.MultiheadAttention(N, 24, key=jax.random.key(0), inference=True)

@@ -77,11 +77,13 @@ def _miss(reason: MissReason, anchor: jx.JaxprEqn, hint: str, detail: str) -> Ma
 # --- constants --------------------------------------------------------------------------------
 
 def _scalar(graph: Graph, atom: Any, depth: int = 8) -> float | None:
-    """The value of a scalar computed from literals alone (rounded to each step's dtype), else
-    None: ``1/sqrt(d)`` in the model's dtype, a broadcast masking constant."""
+    """The value of a scalar computed from literals and scalar constants alone (rounded to each
+    step's dtype), else None: ``1/sqrt(d)`` in the model's dtype, a broadcast masking constant."""
     value = literal_value(atom)
     if value is not None or depth == 0 or not isinstance(atom, jx.Var):
         return value
+    if atom.aval.shape == () and (const := graph.constant(atom)) is not None:
+        return float(const)  # a scalar array captured at trace time (penzai's masked_out_value)
     producer = graph.producer(atom)
     if producer is None or producer.effects or len(producer.outvars) != 1:
         return None
