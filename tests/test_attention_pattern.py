@@ -120,6 +120,33 @@ def sliding_window(q, k, v):
     return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s), v)
 
 
+_DEFAULT_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def maxtext_normalized_after_pv(q, k, v):
+    """MaxText's apply_attention_dot: q split into (kv heads, groups), 5-D einsum, an additive
+    mask read back through where(mask >= DEFAULT_MASK_VALUE / 2), a manual softmax without
+    stop_gradient, normalized after the PV product (local_out / local_sum)."""
+    b, t, n, d = q.shape
+    kv = k.shape[2]
+    logits = jnp.einsum("btkgd,bskd->bkgts", q.reshape(b, t, kv, n // kv, d), k)
+    i = jnp.arange(t)
+    mask = jnp.where(i[:, None] >= i[None, :], 0.0, _DEFAULT_MASK_VALUE)
+    logits = jnp.where(mask >= _DEFAULT_MASK_VALUE * 0.5, logits, _DEFAULT_MASK_VALUE)
+    local_max = jnp.max(logits, axis=-1, keepdims=True)
+    local_exps = jnp.exp(logits - local_max)
+    local_sum = jnp.sum(local_exps, axis=-1, keepdims=True)
+    local_out = jnp.einsum("bkgts,bskd->btkgd", local_exps, v)
+    local_sum = jnp.moveaxis(local_sum, -2, 1)
+    return local_out.reshape(b, t, n, d) / local_sum.reshape(b, t, n, 1)
+
+
+def normalized_after_pv(q, k, v):
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k) * 0.3
+    e = jnp.exp(s - jax.lax.stop_gradient(s.max(-1, keepdims=True)))
+    return jnp.einsum("bhqk,bkhd->bhqd", e, v) / e.sum(-1)[..., None]
+
+
 def single_head_2d(q, k, v):
     return jax.nn.softmax(q[0, :, 0] @ k[0, :, 0].T / 4.0) @ v[0, :, 0]
 
@@ -131,9 +158,14 @@ STYLES = {
     "additive -inf, BNTH": (additive_mask_bnth, "bias", False),
     "sliding window": (sliding_window, "causal, window (3, None)", False),
     "single head 2-D": (single_head_2d, "B=1 N=1", False),
+    "maxtext normalized after PV": (maxtext_normalized_after_pv,
+                                    "causal, GQA 4/2 heads, mask value -2.38e+38, normalized "
+                                    "after the PV product", True),
+    "normalized after PV": (normalized_after_pv, "normalized after the PV product", False),
 }
 # Run by default (the rest are sampled with the slow cases; JFUSE_SLOW=1 runs them all).
-_DEFAULT_STYLES = ("llama", "gemma soft-cap repeat", "sliding window")
+_DEFAULT_STYLES = ("llama", "gemma soft-cap repeat", "sliding window",
+                   "maxtext normalized after PV")
 
 
 def _qkv(rng, dtype, gqa=False, layout="BTNH"):
@@ -467,10 +499,16 @@ def _softmax_over_queries(q, k, v):
     return jnp.einsum("bhqk,bkhd->bqhd", p, v)
 
 
-def _normalized_after_pv(q, k, v):
-    s = jnp.einsum("bqhd,bkhd->bhqk", q, k) * 0.3
-    e = jnp.exp(s - jax.lax.stop_gradient(s.max(-1, keepdims=True)))
+def _exp_without_max_normalized_after_pv(q, k, v):
+    # exp(s) overflows where softmax(s) does not: not the same quantity in floating point.
+    e = jnp.exp(jnp.einsum("bqhd,bkhd->bhqk", q, k) * 0.3)
     return jnp.einsum("bhqk,bkhd->bhqd", e, v) / e.sum(-1)[..., None]
+
+
+def _divided_by_other_rows(q, k, v):
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k) * 0.3
+    e = jnp.exp(s - s.max(-1, keepdims=True))
+    return jnp.einsum("bhqk,bkhd->bhqd", e, v) / e.sum(-1)[:, :, ::-1, None]
 
 
 def _multiplicative_mask(q, k, v):
@@ -498,7 +536,10 @@ NEAR_MISSES = {
     "probabilities in a loss": (_probs_in_loss, MissReason.PROBABILITIES_ESCAPE, "also read by"),
     "dropout": (_dropout, MissReason.DROPOUT, "random masking"),
     "softmax over queries": (_softmax_over_queries, MissReason.SOFTMAX_AXIS, "softmax over axis 2"),
-    "normalized after PV": (_normalized_after_pv, MissReason.NORMALIZED_AFTER_PV, "exp(scores)"),
+    "exp without max, normalized after PV": (_exp_without_max_normalized_after_pv,
+                                             MissReason.NORMALIZED_AFTER_PV, "exp(scores)"),
+    "divided by other rows": (_divided_by_other_rows, MissReason.NORMALIZED_AFTER_PV,
+                              "divided by something other than the sum"),
     "multiplicative mask": (_multiplicative_mask, MissReason.SCORE_FUNCTION, "sub"),
     "scale after mask": (_scale_after_mask, MissReason.SCORE_FUNCTION, "scaled after"),
     "two mask constants": (_two_mask_constants, MissReason.SCORE_FUNCTION,
