@@ -18,7 +18,7 @@ nothing of the patterns, the ops or the kernels.
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -32,10 +32,13 @@ Atom = Any  # a Var or a Literal
 
 
 class Graph:
-    """Producers, users and positions of the variables of one (canonical) jaxpr."""
+    """Producers, users and positions of the variables of one (canonical) jaxpr, and the values
+    of the variables that hold the jaxpr's constants (``consts``: var -> value), so a pass can
+    read a mask built from a numpy array at trace time as the constant it is."""
 
-    def __init__(self, jaxpr: jx.Jaxpr):
+    def __init__(self, jaxpr: jx.Jaxpr, consts: Mapping[jx.Var, Any] | None = None):
         self.jaxpr = jaxpr
+        self._consts: dict[jx.Var, Any] = dict(consts or {})
         self.eqns: list[jx.JaxprEqn] = list(jaxpr.eqns)
         self._position: dict[int, int] = {}
         self._producer: dict[jx.Var, jx.JaxprEqn] = {}
@@ -48,6 +51,30 @@ class Graph:
             for var in eqn.outvars:
                 self._producer[var] = eqn
         self._outvars = {v for v in jaxpr.outvars if isinstance(v, jx.Var)}
+
+    @classmethod
+    def of(cls, closed: jx.ClosedJaxpr, *, consts_as_inputs: Sequence[Any] = ()) -> "Graph":
+        """The graph of a canonical jaxpr (:func:`canonicalize`) with its constants' values: the
+        closed jaxpr's own, or ``consts_as_inputs``, the values of its leading invars."""
+        jaxpr = closed.jaxpr
+        consts = dict(zip(jaxpr.constvars, closed.consts))
+        consts.update(zip(jaxpr.invars[:len(consts_as_inputs)], consts_as_inputs))
+        return cls(jaxpr, consts)
+
+    def constant(self, atom: Atom) -> np.ndarray | None:
+        """The value of ``atom`` when it is a literal or one of the jaxpr's constants known at
+        trace time, as a numpy array; None otherwise (a tracer of an enclosing trace, too)."""
+        if isinstance(atom, jx.Literal):
+            return np.asarray(atom.val)
+        if not isinstance(atom, jx.Var) or atom not in self._consts:
+            return None
+        value = self._consts[atom]
+        if isinstance(value, jx.Tracer):
+            return None
+        try:
+            return np.asarray(value)
+        except Exception:  # an array that cannot be read on the host (e.g. not addressable)
+            return None
 
     @functools.cached_property
     def has_backward(self) -> bool:

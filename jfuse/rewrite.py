@@ -68,7 +68,8 @@ class Rewriter:
                  ) -> tuple[jx.ClosedJaxpr, bool]:
         """(the rewritten jaxpr, whether anything in it or below it was fused)."""
         canonical = canonicalize(jaxpr, consts, consts_as_inputs=consts_as_inputs)
-        graph = Graph(canonical.jaxpr)
+        # The passes may read the constants' values (a mask built from a numpy array).
+        graph = Graph.of(canonical, consts_as_inputs=consts if consts_as_inputs else ())
         plan = plan_rewrites(graph, PIPELINE, self.options)
         self.report.missed.extend(plan.misses)
         # Bodies first: a program whose bodies and own equations hold nothing to fuse (the
@@ -208,7 +209,7 @@ _OPAQUE_SEARCH_DEPTH = 6
 def _sites_inside(body, options: FuseOptions, depth: int) -> list[Site]:
     """The sites the passes would fuse in ``body`` and in the bodies its equations hold."""
     open_jaxpr, consts = jx.open_and_consts(body)
-    graph = Graph(canonicalize(open_jaxpr, consts).jaxpr)
+    graph = Graph.of(canonicalize(open_jaxpr, consts))
     plan = plan_rewrites(graph, PIPELINE, options)
     sites = list(plan.sites)
     if depth >= _OPAQUE_SEARCH_DEPTH:

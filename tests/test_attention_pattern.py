@@ -120,6 +120,33 @@ def sliding_window(q, k, v):
     return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s), v)
 
 
+_DEFAULT_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def maxtext_normalized_after_pv(q, k, v):
+    """MaxText's apply_attention_dot: q split into (kv heads, groups), 5-D einsum, an additive
+    mask read back through where(mask >= DEFAULT_MASK_VALUE / 2), a manual softmax without
+    stop_gradient, normalized after the PV product (local_out / local_sum)."""
+    b, t, n, d = q.shape
+    kv = k.shape[2]
+    logits = jnp.einsum("btkgd,bskd->bkgts", q.reshape(b, t, kv, n // kv, d), k)
+    i = jnp.arange(t)
+    mask = jnp.where(i[:, None] >= i[None, :], 0.0, _DEFAULT_MASK_VALUE)
+    logits = jnp.where(mask >= _DEFAULT_MASK_VALUE * 0.5, logits, _DEFAULT_MASK_VALUE)
+    local_max = jnp.max(logits, axis=-1, keepdims=True)
+    local_exps = jnp.exp(logits - local_max)
+    local_sum = jnp.sum(local_exps, axis=-1, keepdims=True)
+    local_out = jnp.einsum("bkgts,bskd->btkgd", local_exps, v)
+    local_sum = jnp.moveaxis(local_sum, -2, 1)
+    return local_out.reshape(b, t, n, d) / local_sum.reshape(b, t, n, 1)
+
+
+def normalized_after_pv(q, k, v):
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k) * 0.3
+    e = jnp.exp(s - jax.lax.stop_gradient(s.max(-1, keepdims=True)))
+    return jnp.einsum("bhqk,bkhd->bhqd", e, v) / e.sum(-1)[..., None]
+
+
 def single_head_2d(q, k, v):
     return jax.nn.softmax(q[0, :, 0] @ k[0, :, 0].T / 4.0) @ v[0, :, 0]
 
@@ -131,9 +158,14 @@ STYLES = {
     "additive -inf, BNTH": (additive_mask_bnth, "bias", False),
     "sliding window": (sliding_window, "causal, window (3, None)", False),
     "single head 2-D": (single_head_2d, "B=1 N=1", False),
+    "maxtext normalized after PV": (maxtext_normalized_after_pv,
+                                    "causal, GQA 4/2 heads, mask value -2.38e+38, normalized "
+                                    "after the PV product", True),
+    "normalized after PV": (normalized_after_pv, "normalized after the PV product", False),
 }
 # Run by default (the rest are sampled with the slow cases; JFUSE_SLOW=1 runs them all).
-_DEFAULT_STYLES = ("llama", "gemma soft-cap repeat", "sliding window")
+_DEFAULT_STYLES = ("llama", "gemma soft-cap repeat", "sliding window",
+                   "maxtext normalized after PV")
 
 
 def _qkv(rng, dtype, gqa=False, layout="BTNH"):
@@ -237,6 +269,27 @@ def test_jax_nn_dot_product_attention(variant, rng):
     assert_accurate(f, q, k, v, *extra)
 
 
+def test_masks_from_the_jaxprs_constants_are_structure(rng):
+    """A mask built from arrays captured at trace time is a constvar of the jaxpr (jax.nn's
+    local_window_size indexes, a numpy tril): jfuse reads the constants' values and passes the
+    mask as a window / causal structure, not as a dense mask."""
+    tril = np.tril(np.ones((T, T), bool))
+
+    def constvar_causal(q, k, v):
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, k) * 0.3
+        return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(jnp.where(tril, s, -1e9)), v)
+
+    window = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, local_window_size=(3, 0))
+    q, k, v = _qkv(rng, jnp.float32)
+    for f, fragment in ((constvar_causal, "causal"), (window, "causal, window (3, None)")):
+        assert jax.make_jaxpr(f)(q, k, v).jaxpr.constvars  # the mask's inputs are constants
+        report = jfuse.explain(f)(q, k, v)
+        assert report.fused == {"attention": 1}, str(report)
+        detail = report.sites[0].detail
+        assert fragment in detail and "dense mask" not in detail, detail
+        assert_accurate(f, q, k, v)
+
+
 def test_jax_nn_softmax_as_custom_jvp(rng):
     q, k, v = _qkv(rng, jnp.float32, gqa=True)
     f = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)
@@ -272,6 +325,103 @@ def test_flax_linen_dot_product_attention_function(rng):
     report = jfuse.explain(f)(q, k, v)
     assert report.fused == {"attention": 1} and "causal" in report.sites[0].detail, str(report)
     assert_accurate(f, q, k, v)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, pytest.param(jnp.bfloat16, marks=pytest.mark.slow)],
+                         ids=["f32", "bf16"])
+def test_haiku_multi_head_attention(dtype, rng):
+    """Haiku divides the scores after the QK product, masks with -1e30 and runs the softmax in
+    the input dtype."""
+    hk = pytest.importorskip("haiku")
+
+    def forward(x):
+        attend = hk.MultiHeadAttention(num_heads=N, key_size=H,
+                                       w_init=hk.initializers.VarianceScaling(1.0))
+        return attend(x, x, x, mask=jnp.tril(jnp.ones((T, T)))[None, None])
+
+    f = hk.without_apply_rng(hk.transform(forward))
+    x = _r(rng, B, T, 24)
+    params, x = _as((f.init(jax.random.key(0), x), x), dtype)
+    report = jfuse.explain(f.apply)(params, x)
+    assert report.fused == {"attention": 1, "linear": 4}, str(report)  # + the projections
+    [site] = [site for site in report.sites if site.pattern == "attention"]
+    assert "causal, mask value -1e+30" in site.detail, site.detail
+    assert_accurate(f.apply, params, x, dtype=dtype)
+
+
+@pytest.mark.parametrize("kv_heads", [None, pytest.param(K, marks=pytest.mark.slow)],
+                         ids=["mha", "gqa"])
+@pytest.mark.parametrize("dtype", [jnp.float32, pytest.param(jnp.bfloat16, marks=pytest.mark.slow)],
+                         ids=["f32", "bf16"])
+def test_flax_nnx_multi_head_attention(dtype, kv_heads, rng):
+    """NNX calls jax.nn.dot_product_attention (no dropout, no sown weights); a mask captured by
+    the function is a constvar of the jaxpr, classified as causal."""
+    nnx = pytest.importorskip("flax.nnx")
+    import inspect
+    kw = {}
+    if kv_heads is not None:
+        if "num_kv_heads" not in inspect.signature(nnx.MultiHeadAttention.__init__).parameters:
+            pytest.skip("this flax's nnx.MultiHeadAttention has no num_kv_heads")
+        kw["num_kv_heads"] = kv_heads
+    module = nnx.MultiHeadAttention(num_heads=N, in_features=24, qkv_features=N * H,
+                                    decode=False, rngs=nnx.Rngs(0), **kw)
+    graphdef, state = nnx.split(module)
+    x = _r(rng, B, T, 24)
+    mask = nnx.make_causal_mask(x[..., 0])
+
+    def f(state, x):
+        return nnx.merge(graphdef, state)(x, mask=mask)
+
+    state, x = _as((state, x), dtype)
+    report = jfuse.explain(f)(state, x)
+    assert report.fused == {"attention": 1}, str(report)
+    detail = report.sites[0].detail
+    assert "causal" in detail and "dense mask" not in detail, detail
+    if kv_heads is not None:
+        assert f"GQA {N}/{kv_heads} heads" in detail, detail
+    assert_accurate(f, state, x, dtype=dtype)
+
+
+def _penzai_attention(activation_dtype):
+    """penzai's llamalike attention (named axes, copies, 5-D einsum GQA, a ``ge`` mask on token
+    positions, -2.38e38 held as a constant array) as f(params, x[, positions])."""
+    pz = pytest.importorskip("penzai.pz", reason="penzai is not installed (test extra)")
+    from penzai.models.transformer.variants import llamalike_common
+
+    config = llamalike_common.LlamalikeTransformerConfig(
+        num_kv_heads=K, query_head_multiplier=N // K, embedding_dim=24, projection_dim=H,
+        mlp_hidden_dim=32, num_decoder_blocks=1, vocab_size=16, mlp_variant="swiglu",
+        tie_embedder_and_logits=False, activation_dtype=activation_dtype)
+    attention = llamalike_common.build_llamalike_attention("attn", jax.random.key(0), config)
+    unbound, params = pz.unbind_params(attention, freeze=True)
+
+    def f(params, x, positions=None):
+        positions = (pz.nx.arange("seq", T) if positions is None
+                     else pz.nx.wrap(positions).tag("batch", "seq"))
+        out = pz.bind_variables(unbound, params)(
+            pz.nx.wrap(x).tag("batch", "seq", "embedding"), token_positions=positions)
+        return out.untag("batch", "seq", "embedding").unwrap()
+
+    return f, params
+
+
+@pytest.mark.parametrize("positions", ["iota", pytest.param("input", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("dtype", [jnp.float32, pytest.param(jnp.bfloat16, marks=pytest.mark.slow)],
+                         ids=["f32", "bf16"])
+def test_penzai_llamalike_attention(dtype, positions, rng):
+    f, params = _penzai_attention(dtype)
+    truth_fn, _ = _penzai_attention(jnp.float32)
+    x = _r(rng, B, T, 24)
+    args = (params, x) if positions == "iota" else (
+        params, x, jnp.broadcast_to(jnp.arange(T), (B, T)))
+    args = _as(args, dtype)
+    report = jfuse.explain(f)(*args)
+    assert report.fused == {"attention": 1}, str(report)
+    detail = report.sites[0].detail
+    # Positions given at run time make the mask data-dependent: passed dense.
+    assert ("causal" if positions == "iota" else "dense mask") in detail, detail
+    assert f"GQA {N}/{K} heads" in detail and "mask value -2.38e+38" in detail, detail
+    assert_accurate(f, *args, dtype=dtype, truth_fn=truth_fn)
 
 
 def test_equinox_multihead_attention_vmapped(rng):
@@ -349,10 +499,16 @@ def _softmax_over_queries(q, k, v):
     return jnp.einsum("bhqk,bkhd->bqhd", p, v)
 
 
-def _normalized_after_pv(q, k, v):
-    s = jnp.einsum("bqhd,bkhd->bhqk", q, k) * 0.3
-    e = jnp.exp(s - jax.lax.stop_gradient(s.max(-1, keepdims=True)))
+def _exp_without_max_normalized_after_pv(q, k, v):
+    # exp(s) overflows where softmax(s) does not: not the same quantity in floating point.
+    e = jnp.exp(jnp.einsum("bqhd,bkhd->bhqk", q, k) * 0.3)
     return jnp.einsum("bhqk,bkhd->bhqd", e, v) / e.sum(-1)[..., None]
+
+
+def _divided_by_other_rows(q, k, v):
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k) * 0.3
+    e = jnp.exp(s - s.max(-1, keepdims=True))
+    return jnp.einsum("bhqk,bkhd->bhqd", e, v) / e.sum(-1)[:, :, ::-1, None]
 
 
 def _multiplicative_mask(q, k, v):
@@ -380,7 +536,10 @@ NEAR_MISSES = {
     "probabilities in a loss": (_probs_in_loss, MissReason.PROBABILITIES_ESCAPE, "also read by"),
     "dropout": (_dropout, MissReason.DROPOUT, "random masking"),
     "softmax over queries": (_softmax_over_queries, MissReason.SOFTMAX_AXIS, "softmax over axis 2"),
-    "normalized after PV": (_normalized_after_pv, MissReason.NORMALIZED_AFTER_PV, "exp(scores)"),
+    "exp without max, normalized after PV": (_exp_without_max_normalized_after_pv,
+                                             MissReason.NORMALIZED_AFTER_PV, "exp(scores)"),
+    "divided by other rows": (_divided_by_other_rows, MissReason.NORMALIZED_AFTER_PV,
+                              "divided by something other than the sum"),
     "multiplicative mask": (_multiplicative_mask, MissReason.SCORE_FUNCTION, "sub"),
     "scale after mask": (_scale_after_mask, MissReason.SCORE_FUNCTION, "scaled after"),
     "two mask constants": (_two_mask_constants, MissReason.SCORE_FUNCTION,

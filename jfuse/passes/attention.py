@@ -12,7 +12,8 @@ Anchored at the PV ``dot_general``. The block is recognized by what each part co
    read as it is), Gemma's soft-cap ``tanh(s / c) · c``, additive biases (any array: ALiBi,
    relative positions, an additive ``-inf`` mask) and ``where(mask, s, c)`` selects.
 3. **The masks**, classified by meaning: a mask computed from constants alone (``jnp.tril``,
-   ``iota`` comparisons, ``nn.make_causal_mask``) is evaluated and becomes ``is_causal`` or a
+   ``iota`` comparisons, ``nn.make_causal_mask``, or arrays captured at trace time, which the
+   jaxpr holds as constvars: :meth:`Graph.constant` gives their values) is evaluated and becomes ``is_causal`` or a
    sliding window when it is one, else a constant dense mask; a mask computed from one integer
    ``(B,)`` array that equals ``j < lengths[b]`` on probe values becomes key lengths; one that
    equals ``q_ids[b, i] == kv_ids[b, j]`` becomes segment ids; anything else is the op's dense
@@ -26,8 +27,9 @@ Anchored at the PV ``dot_general``. The block is recognized by what each part co
 The op computes the scores and the softmax in f32 whatever the user's dtype; its answer differs
 from the dense one only by rounding. Near misses are reported and left exact: the probabilities
 read elsewhere, dropout (or anything else) between the softmax and the PV product, a softmax
-over another axis, normalisation after the PV product, scores computed in a way the op cannot
-express (a scale after the bias, different masking constants), a layout it cannot take.
+over another axis, normalisation after the PV product of anything but ``exp(s - max)`` by its
+own row sums (MaxText's ``local_out / local_sum`` fuses: it is the same quantity), scores
+computed in a way the op cannot express (a scale after the bias, different masking constants), a layout it cannot take.
 """
 
 from __future__ import annotations
@@ -76,11 +78,13 @@ def _miss(reason: MissReason, anchor: jx.JaxprEqn, hint: str, detail: str) -> Ma
 # --- constants --------------------------------------------------------------------------------
 
 def _scalar(graph: Graph, atom: Any, depth: int = 8) -> float | None:
-    """The value of a scalar computed from literals alone (rounded to each step's dtype), else
-    None: ``1/sqrt(d)`` in the model's dtype, a broadcast masking constant."""
+    """The value of a scalar computed from literals and scalar constants alone (rounded to each
+    step's dtype), else None: ``1/sqrt(d)`` in the model's dtype, a broadcast masking constant."""
     value = literal_value(atom)
     if value is not None or depth == 0 or not isinstance(atom, jx.Var):
         return value
+    if atom.aval.shape == () and (const := graph.constant(atom)) is not None:
+        return float(const)  # a scalar array captured at trace time (penzai's masked_out_value)
     producer = graph.producer(atom)
     if producer is None or producer.effects or len(producer.outvars) != 1:
         return None
@@ -320,6 +324,15 @@ def _softmax_root(graph: Graph, p: jx.Var):
     return x
 
 
+def _exp_root(graph: Graph, e: jx.Var):
+    """The scores ``s`` of a candidate ``e = exp(s - max)``, found structurally (then checked)."""
+    exp = graph.producer(e)
+    if exp is None or exp.primitive.name != "exp":
+        return None
+    sub = graph.producer(exp.invars[0])
+    return sub.invars[0] if sub is not None and sub.primitive.name == "sub" else None
+
+
 def _strip(graph: Graph, atom: Any):
     eqns = []
     while isinstance(atom, jx.Var):
@@ -332,8 +345,10 @@ def _strip(graph: Graph, atom: Any):
     return atom, eqns
 
 
-def _softmax(graph: Graph, p: Any) -> _Softmax | None:
-    """``p = softmax(s, axis)`` for some scores ``s``, checked in float64, or None.
+def _softmax(graph: Graph, p: Any, normalized: bool = True) -> _Softmax | None:
+    """``p = softmax(s, axis)`` for some scores ``s``, checked in float64, or None; with
+    ``normalized=False``, ``p = exp(s - max(s, axis))``, the numerator of a softmax whose
+    division comes after the PV product.
 
     ``s`` is found through the converts and transposes in front of the exponential (jax.nn
     reduces the max before its transpose and subtracts it after), and the block is every
@@ -341,7 +356,7 @@ def _softmax(graph: Graph, p: Any) -> _Softmax | None:
     """
     if not isinstance(p, jx.Var) or not is_float(p.aval):
         return None
-    root = _softmax_root(graph, p)
+    root = _softmax_root(graph, p) if normalized else _exp_root(graph, p)
     if root is None or not isinstance(root, jx.Var):
         return None
     s, _, p_to_s = _back_through_layout(graph, root)
@@ -390,8 +405,10 @@ def _softmax(graph: Graph, p: Any) -> _Softmax | None:
             got = probe.probe(block, {s: value}, constants, _probe_override)
             if got is None:
                 return None
-            want = np.reshape(np.exp(row - row.max()) / np.sum(np.exp(row - row.max())),
-                              [shape[axis] if i == axis else 1 for i in range(len(shape))])
+            want = np.exp(row - row.max())
+            if normalized:
+                want = want / np.sum(want)
+            want = np.reshape(want, [shape[axis] if i == axis else 1 for i in range(len(shape))])
             try:
                 got = np.broadcast_to(got, np.broadcast_shapes(np.shape(got), want.shape))
             except ValueError:
@@ -675,17 +692,21 @@ def _classify_masks(graph: Graph, scores: _Scores, score_roles: list, roles: _Ro
         value = None
         if found is not None:
             eqns, leaves = found
+            # The jaxpr's constants (a numpy mask or index array captured at trace time) are
+            # known: only the other leaves are the mask's run-time inputs.
+            known = _constant_leaves(graph, leaves)
+            leaves = [leaf for leaf in leaves if leaf not in known]
             if not leaves:
-                value = _evaluate_mask(eqns, term.var, {})
+                value = _evaluate_mask(eqns, term.var, known)
             if value is not None:
                 if term.negate:
                     value = ~value
                 value = _to_canonical(np, value, term.roles, groups, sizes)
                 constant = value if constant is None else (constant & value)
                 continue
-            if leaves and _as_lengths(eqns, term, leaves, groups, sizes, b, s, out):
+            if leaves and _as_lengths(eqns, term, leaves, known, groups, sizes, b, s, out):
                 continue
-            if leaves and _as_segments(eqns, term, leaves, groups, sizes, b, t, s, out):
+            if leaves and _as_segments(eqns, term, leaves, known, groups, sizes, b, t, s, out):
                 continue
         out.dense.append(term)
         out.labels.append("dense mask")
@@ -711,20 +732,32 @@ def _classify_masks(graph: Graph, scores: _Scores, score_roles: list, roles: _Ro
     return out
 
 
+def _constant_leaves(graph: Graph, leaves) -> dict:
+    """The values of the leaves that are the jaxpr's constants (small enough to evaluate)."""
+    known = {}
+    for leaf in leaves:
+        if int(np.prod(leaf.aval.shape, dtype=np.int64)) > _MAX_MASK_ELEMENTS:
+            continue
+        value = graph.constant(leaf)
+        if value is not None and tuple(value.shape) == tuple(leaf.aval.shape):
+            known[leaf] = value.astype(np.dtype(leaf.aval.dtype))
+    return known
+
+
 def _int_leaf(leaf, size: int) -> bool:
     return (np.issubdtype(np.dtype(leaf.aval.dtype), np.integer)
             and int(np.prod(leaf.aval.shape, dtype=np.int64)) == size)
 
 
-def _as_lengths(eqns, term, leaves, groups, sizes, b, s, out: _Masks) -> bool:
+def _as_lengths(eqns, term, leaves, known, groups, sizes, b, s, out: _Masks) -> bool:
     if out.lengths is not None or len(leaves) != 1 or not _int_leaf(leaves[0], b):
         return False
     leaf = leaves[0]
     rng = np.random.default_rng(1)
     for _ in range(3):
         lengths = rng.integers(0, s + 1, size=b)
-        value = _evaluate_mask(eqns, term.var,
-                               {leaf: lengths.reshape(leaf.aval.shape).astype(leaf.aval.dtype)})
+        value = _evaluate_mask(eqns, term.var, {
+            **known, leaf: lengths.reshape(leaf.aval.shape).astype(leaf.aval.dtype)})
         if value is None:
             return False
         if term.negate:
@@ -741,7 +774,7 @@ def _as_lengths(eqns, term, leaves, groups, sizes, b, s, out: _Masks) -> bool:
     return True
 
 
-def _as_segments(eqns, term, leaves, groups, sizes, b, t, s, out: _Masks) -> bool:
+def _as_segments(eqns, term, leaves, known, groups, sizes, b, t, s, out: _Masks) -> bool:
     if out.segments is not None or len(leaves) not in (1, 2):
         return False
     if len(leaves) == 1:
@@ -757,7 +790,7 @@ def _as_segments(eqns, term, leaves, groups, sizes, b, t, s, out: _Masks) -> boo
         for _ in range(3):
             q_ids = rng.integers(0, 3, size=(b, t))
             k_ids = q_ids if qv is kv else rng.integers(0, 3, size=(b, s))
-            values = {qv: q_ids.reshape(qv.aval.shape).astype(qv.aval.dtype),
+            values = {**known, qv: q_ids.reshape(qv.aval.shape).astype(qv.aval.dtype),
                       kv: k_ids.reshape(kv.aval.shape).astype(kv.aval.dtype)}
             value = _evaluate_mask(eqns, term.var, values)
             if value is None:
@@ -819,7 +852,23 @@ def _probabilities(graph: Graph, pv: jx.JaxprEqn):
         p, steps, axis_map = _back_through_layout(graph, operand)
         softmax = _softmax(graph, p)
         if softmax is not None:
-            return side, softmax, steps, axis_map
+            return side, softmax, steps, axis_map, None
+    for side in (0, 1):  # exp(s - max) · V, divided by the sum after the product
+        operand = pv.invars[side]
+        if not isinstance(operand, jx.Var):
+            continue
+        p, steps, axis_map = _back_through_layout(graph, operand)
+        softmax = _softmax(graph, p, normalized=False)
+        if softmax is None:
+            continue
+        e_axis = softmax.p_to_s.index(softmax.axis)
+        post = _normalization_after(graph, pv, side, p, e_axis, axis_map)
+        if isinstance(post, str):
+            return _miss(MissReason.NORMALIZED_AFTER_PV, pv,
+                         "jfuse fuses exp(s - max) @ v divided by the sum of exp(s - max) after "
+                         "the product; write softmax(s) @ v (jax.nn.softmax) to fuse this one",
+                         f"the PV product reads exp(scores) and {post}")
+        return side, softmax, steps, axis_map, post
     for side in (0, 1):
         operand = pv.invars[side]
         if not isinstance(operand, jx.Var):
@@ -829,6 +878,119 @@ def _probabilities(graph: Graph, pv: jx.JaxprEqn):
         if miss is not None:
             return miss
     return None
+
+
+@dataclasses.dataclass
+class _Normalization:
+    """The division of ``exp(s - max) · V`` by ``Σ exp(s - max)`` after the PV product (MaxText's
+    ``local_out / local_sum``): the same quantity as ``softmax(s) · V``, so the block fuses with
+    the division's output as the site's output."""
+
+    div: jx.JaxprEqn
+    numerator: list  # layout equations from the PV product's output to the division
+    eqns: list  # every equation of the normalization: the sum, both paths, the division
+
+    @property
+    def out(self) -> jx.Var:
+        return self.div.outvars[0]
+
+
+_LAYOUT = frozenset({"transpose", "convert_element_type", "copy", "copy_p", "broadcast_in_dim",
+                     "squeeze"}) | compat.RESHAPE_PRIMITIVES
+# Largest PV output (elements) whose normalization is checked at match time (numpy, transient).
+_MAX_CHECKED_ELEMENTS = 1 << 25
+
+
+def _is_layout(eqn: jx.JaxprEqn, broadcasts: bool) -> bool:
+    name = eqn.primitive.name
+    if name not in _LAYOUT or len(eqn.outvars) != 1 or not isinstance(eqn.invars[0], jx.Var):
+        return False
+    if name == "convert_element_type":
+        return is_float(eqn.invars[0].aval) and is_float(eqn.outvars[0].aval)
+    if name == "reshape" and eqn.params.get("dimensions"):
+        return False
+    return broadcasts or name not in ("broadcast_in_dim", "squeeze")
+
+
+def _run_layout(eqns, var, value):
+    env = {var: value}
+    for eqn in eqns:
+        env[eqn.outvars[0]] = np.asarray(_MASK_RULES[eqn.primitive.name](eqn, env[eqn.invars[0]]))
+    return env[eqns[-1].outvars[0]] if eqns else value
+
+
+def _normalization_after(graph: Graph, pv: jx.JaxprEqn, side: int, e: jx.Var, e_axis: int,
+                         p_axis_map: list) -> _Normalization | str:
+    """How ``exp(s - max) · V`` is divided by the sum of the exponentials, or why it is not
+    recognized: the sum over the PV product's contracted axis, and a division whose numerator is
+    the PV output and whose denominator is that sum, both only laid out (transposes, reshapes,
+    broadcasts), paired row by row (checked by evaluating both paths on row indices)."""
+    sum_eqns, frontier = [], [e]
+    total = None
+    while frontier and total is None:
+        var = frontier.pop()
+        for user in graph.users(var):
+            name = user.primitive.name
+            if name == "convert_element_type" and _is_layout(user, False):
+                sum_eqns.append(user)
+                frontier.append(user.outvars[0])
+            elif name == "reduce_sum" and tuple(user.params["axes"]) == (e_axis,):
+                sum_eqns.append(user)
+                total = user.outvars[0]
+                break
+    if total is None:
+        return f"no sum of exp(scores) over the PV product's contracted axis {e_axis}"
+    numerator, cur = [], pv.outvars[0]
+    while True:
+        user = graph.sole_user(cur)
+        if user is None:
+            return "the PV product's output is read by more than one equation"
+        if user.primitive.name == "div" and user.invars[0] is cur:
+            div = user
+            break
+        if not _is_layout(user, False):
+            return f"the PV product's output passes through {user.primitive.name}"
+        numerator.append(user)
+        cur = user.outvars[0]
+    denominator, cur = [], div.invars[1]
+    while cur is not total:
+        producer = graph.producer(cur) if isinstance(cur, jx.Var) else None
+        if producer is None or not _is_layout(producer, True):
+            return "the PV product is divided by something other than the sum of exp(scores)"
+        denominator.append(producer)
+        cur = producer.invars[0]
+    denominator.reverse()
+    out_shape = tuple(pv.outvars[0].aval.shape)
+    if int(np.prod(out_shape, dtype=np.int64)) > _MAX_CHECKED_ELEMENTS:
+        return f"the PV output {out_shape} is too large to check its normalization"
+    # Row codes: the sum's element r is row r; the PV output's element is the row of its
+    # probabilities' (batch, free) axes. Both paths must deliver each row's sum to its outputs.
+    e_shape = tuple(e.aval.shape)
+    rows = np.arange(int(np.prod(total.aval.shape, dtype=np.int64)), dtype=np.int64)
+    rows = rows.reshape(total.aval.shape)
+    (lc, rc), (lb, rb) = pv.params["dimension_numbers"]
+    p_batch, p_contract = (lb, lc) if side == 0 else (rb, rc)
+    n_p = len(p_axis_map)
+    p_free = [a for a in range(n_p) if a not in p_batch and a not in p_contract]
+    n_v_free = len(out_shape) - len(p_batch) - len(p_free)
+    out_p_axes = list(p_batch) + ((p_free + [None] * n_v_free) if side == 0
+                                  else ([None] * n_v_free + p_free))
+    row_axis = [a for a in range(len(e_shape)) if a != e_axis]  # e axis of each axis of rows
+    perm = [row_axis.index(p_axis_map[a]) for a in out_p_axes if a is not None]
+    code = np.transpose(rows, perm)
+    code = np.reshape(code, [out_shape[i] if a is not None else 1
+                             for i, a in enumerate(out_p_axes)])
+    code = np.broadcast_to(code, out_shape)
+    try:
+        got_num = _run_layout(numerator, pv.outvars[0], code)
+        got_den = _run_layout(denominator, total, rows)
+        shape = np.broadcast_shapes(got_num.shape, got_den.shape)
+        same = np.array_equal(np.broadcast_to(got_num, shape), np.broadcast_to(got_den, shape))
+    except (ValueError, KeyError, IndexError):
+        same = False
+    if not same:
+        return "the PV output is divided by the sums of other rows"
+    return _Normalization(div, numerator, sum_eqns + denominator + numerator + [div])
 
 
 def _modified_probabilities(graph: Graph, pv: jx.JaxprEqn, p: jx.Var) -> MatchResult | None:
@@ -844,10 +1006,10 @@ def _modified_probabilities(graph: Graph, pv: jx.JaxprEqn, p: jx.Var) -> MatchRe
             x = sub.invars[0]
         if isinstance(x, jx.Var) and _scores_chain(graph, x).dot is not None:
             return _miss(MissReason.NORMALIZED_AFTER_PV, pv,
-                         "jfuse fuses attention whose softmax is normalised before the PV "
-                         "product; write softmax(s) @ v (jax.nn.softmax) to fuse it",
-                         "the PV product reads exp(scores) and the division by the sum comes "
-                         "after it")
+                         "jfuse fuses exp(s - max(s)) @ v / sum: subtract the row max before the "
+                         "exp, or write softmax(s) @ v (jax.nn.softmax)",
+                         "the PV product reads exp(scores) without the row max subtracted (it "
+                         "can overflow where softmax does not), normalized after the product")
     # Search a few elementwise steps back for a softmax.
     frontier, seen = [(p, 0)], set()
     while frontier:
@@ -903,7 +1065,7 @@ def match_attention(graph: Graph, pv: jx.JaxprEqn, options: FuseOptions) -> Matc
         return None
     if isinstance(found, MatchResult):
         return found
-    side, softmax, p_steps, p_axis_map = found
+    side, softmax, p_steps, p_axis_map, post = found
     (lc, rc), (lb, rb) = pv.params["dimension_numbers"]
     p_contract = (lc if side == 0 else rc)
     p_batch = list(lb if side == 0 else rb)
@@ -1011,14 +1173,16 @@ def match_attention(graph: Graph, pv: jx.JaxprEqn, options: FuseOptions) -> Matc
                 v_roles = _with_unit_axis(v_roles, v_roles.index(r) + 1)
     masks = _classify_masks(graph, scores, score_roles, roles)
     # The block, and what else reads its intermediates.
-    absorbed = {id(e): e for e in [qk] + chain.eqns + softmax.eqns + p_steps + [pv]}
+    absorbed = {id(e): e for e in [qk] + chain.eqns + softmax.eqns + p_steps + [pv]
+                + (post.eqns if post is not None else [])}
     for e in repeat_eqns:
         if graph.read_only_within(e.outvars[0], list(absorbed.values()) + repeat_eqns):
             absorbed[id(e)] = e
     eqns = sorted(absorbed.values(), key=graph.position)
     probs_ids = {id(e) for e in softmax.eqns + p_steps}
+    final = pv if post is None else post.div  # the block's output
     for eqn in eqns:
-        if eqn is pv:
+        if eqn is final:
             continue
         for var in eqn.outvars:
             if isinstance(var, jx.DropVar) or graph.read_only_within(var, eqns):
@@ -1038,7 +1202,7 @@ def match_attention(graph: Graph, pv: jx.JaxprEqn, options: FuseOptions) -> Matc
                          f"the attention {what} {var.aval.str_short()} are also read by {where}")
     return MatchResult(site=_site(graph, pv, side, eqns, q, k_src, v_src, q_roles, k_roles,
                                   v_roles, out_roles, roles, scores, score_roles, masks, softmax,
-                                  groups, options))
+                                  groups, options, post))
 
 
 def _with_unit_axis(roles: list, at: int) -> list:
@@ -1063,7 +1227,8 @@ def _reaches_batched_dot(graph: Graph, var: Any, depth: int = 16) -> bool:
 
 
 def _site(graph, pv, side, eqns, q, k, v, q_roles, k_roles, v_roles, out_roles, roles: _Roles,
-          scores: _Scores, score_roles, masks: _Masks, softmax: _Softmax, groups, options) -> Site:
+          scores: _Scores, score_roles, masks: _Masks, softmax: _Softmax, groups, options,
+          post: _Normalization | None = None) -> Site:
     sizes = dict(roles.sizes)
     batch_heads = roles.kv_heads
     q_groups = [roles.batch, roles.heads, [("q", 0)], ["H"]]
@@ -1087,8 +1252,8 @@ def _site(graph, pv, side, eqns, q, k, v, q_roles, k_roles, v_roles, out_roles, 
     constant = masks.constant
     b = sizes.get(("b", 0), 1)
     t, s = sizes[("q", 0)], sizes["S"]
-    out = pv.outvars[0]
-    out_dtype = out.aval.dtype
+    out = pv.outvars[0] if post is None else post.out
+    out_dtype = pv.outvars[0].aval.dtype
     probs_dtype = pv.invars[side].aval.dtype
     spec_fields = dict(scale=float(scores.scale), layout="BNTH", is_causal=masks.is_causal,
                        window=masks.window, soft_cap=scores.soft_cap,
@@ -1133,7 +1298,11 @@ def _site(graph, pv, side, eqns, q, k, v, q_roles, k_roles, v_roles, out_roles, 
         split = [sizes[r] for g in out_order for r in g]
         o = jnp.reshape(o, split)
         flat = [r for g in out_order for r in g]
-        return [jnp.transpose(o, [flat.index(r) for r in out_roles])]
+        o = jnp.transpose(o, [flat.index(r) for r in out_roles])
+        if post is not None:  # normalized already: lay it out as the user's division reads it
+            for eqn in post.numerator:
+                [o] = jx.bind(eqn, [o])
+        return [o]
 
     n_q = int(np.prod([sizes[r] for r in roles.heads], dtype=np.int64)) if roles.heads else 1
     n_k = int(np.prod([sizes[r] for r in batch_heads], dtype=np.int64)) if batch_heads else 1
@@ -1148,6 +1317,8 @@ def _site(graph, pv, side, eqns, q, k, v, q_roles, k_roles, v_roles, out_roles, 
         parts.append(f"GQA {n_q}/{n_k} heads" + (" (K/V repeat read through)" if groups > 1 else ""))
     if scores.mask_value is not None:
         parts.append(f"mask value {scores.mask_value:.3g}")
+    if post is not None:
+        parts.append("normalized after the PV product")
     if np.dtype(softmax.dtype).itemsize < 4:
         parts.append(f"softmax computed in {np.dtype(softmax.dtype).name} by the user; the "
                      "kernel computes it in f32")
