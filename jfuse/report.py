@@ -95,8 +95,13 @@ class FusedSite:
     def declines(self) -> str:
         """`` [GPU: XLA (reason)]``: the platforms that run XLA instead of the kernel, or ""."""
         labels = {"tpu": "TPU", "cuda": "GPU"}
-        notes = [f"{labels.get(p, p)}: XLA ({self.platform_reasons.get(p, 'declined')})"
-                 for p, runs in self.platforms.items() if runs == "xla" and p in labels]
+        # Platforms declining for the same reason share one note ("TPU, GPU: XLA (...)").
+        by_reason: dict[str, list[str]] = {}
+        for p, runs in self.platforms.items():
+            if runs == "xla" and p in labels:
+                by_reason.setdefault(self.platform_reasons.get(p, "declined"), []).append(
+                    labels[p])
+        notes = [f"{', '.join(names)}: XLA ({reason})" for reason, names in by_reason.items()]
         return "" if not notes else " [" + "; ".join(notes) + "]"
 
     def to_dict(self) -> dict[str, Any]:

@@ -101,13 +101,15 @@ def _kernel_summary(sites: list) -> str:
 
 def _totals_lines(report) -> list[str]:
     patterns = sorted({s.pattern for s in report.sites} | {m.pattern for m in report.missed})
-    lines = [f"  {'pattern':<16}{'fused':>6}{'missed':>8}{'saved/call':>12}  runs"]
+    width = max([16] + [len(name) + 1 for name in patterns])
+    lines = [f"  {'pattern':<{width}}{'fused':>6}{'missed':>8}{'saved/call':>12}  runs"]
     for name in patterns:
         sites = [s for s in report.sites if s.pattern == name]
         missed = sum(m.pattern == name for m in report.missed)
         saved = sum(s.bytes_saved * s.iterations for s in sites)
         runs = _kernel_summary(sites) if sites else ""
-        lines.append(f"  {name:<16}{len(sites):>6}{missed:>8}{human_bytes(saved):>12}  {runs}")
+        lines.append(f"  {name:<{width}}{len(sites):>6}{missed:>8}{human_bytes(saved):>12}  "
+                     f"{runs}")
     return lines
 
 

@@ -18,7 +18,20 @@ os.environ.setdefault("JFUSE_RAISE", "1")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Run every slow case with JFUSE_SLOW=1; by default a fixed sample of one in four."""
+    """Run every slow case with JFUSE_SLOW=1; by default a fixed sample of one in four.
+
+    A test module may declare ``DEFAULT_CASES = {"test_name": k}``: the first ``k`` cases of that
+    parametrized test run by default and the rest count as slow (sampled like any slow case).
+    """
+    seen: dict = {}
+    for item in items:
+        default = getattr(item.module, "DEFAULT_CASES", {}).get(item.originalname)
+        if default is None:
+            continue
+        key = (item.module.__name__, item.originalname)
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] > default:
+            item.add_marker(pytest.mark.slow)
     if os.environ.get("JFUSE_SLOW") == "1":
         return
     rng = random.Random(0)

@@ -16,6 +16,16 @@ import pytest
 import jfuse
 from jfuse import MissReason
 
+# The default run takes the first cases of these parametrized tests; the rest are slow
+# cases, sampled (tests/conftest.py) and all run with JFUSE_SLOW=1.
+DEFAULT_CASES = {
+    "test_near_misses_are_reported_and_exact": 4,
+    "test_penzai_llamalike_attention": 1,
+    "test_flax_nnx_multi_head_attention": 1,
+    "test_jax_nn_dot_product_attention": 2,
+}
+
+
 B, T, N, K, H = 2, 12, 4, 2, 8
 
 

@@ -17,6 +17,13 @@ from jax import lax
 import jfuse
 from jfuse import MissReason
 
+# The default run takes the first cases of these parametrized tests; the rest are slow
+# cases, sampled (tests/conftest.py) and all run with JFUSE_SLOW=1.
+DEFAULT_CASES = {
+    "test_each_block_in_a_region_is_a_named_miss": 2,
+}
+
+
 
 def rms(x, w, eps=1e-6):
     return x * lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + eps) * w

@@ -35,14 +35,31 @@ def results() -> dict:
     return {case["case"]: case for case in cases}
 
 
+# Attention over a sequence split over devices is declined (ring attention is a later step).
+DECLINED = {"sequence_sharded": {"attention"}}
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_every_fused_op_runs_per_shard(results, layout):
     case = results[layout]
-    expected = ({"rms_norm": 1, "add_rms_norm": 1, "glu": 1} if layout.startswith("scan")
-                else {"rms_norm": 1, "add_rms_norm": 3, "glu": 2})
+    expected = ({"rms_norm": 1, "add_rms_norm": 1, "glu": 1, "attention": 1}
+                if layout.startswith("scan")
+                else {"rms_norm": 1, "add_rms_norm": 3, "glu": 2, "attention": 2})
     assert case["fused"] == expected, case
-    assert len(case["sharding"]) == sum(expected.values()), case["sharding"]
-    assert all(partitioned for _, partitioned, _ in case["sharding"]), case["sharding"]
+    sharding = case["sharding"]
+    if layout.startswith("scan"):
+        # Known limitation (README): in a scanned loop body, scan's partial evaluation prunes
+        # outputs of attention's markers, so attention runs XLA there (answers unchanged).
+        pruned = [s for s in sharding if "pruned after tracing" in s[2]]
+        assert pruned and {s[0] for s in pruned} == {"attention"}, sharding
+        sharding = [s for s in sharding if s not in pruned]
+        expected = {k: v for k, v in expected.items() if k != "attention"}
+    assert len(sharding) == sum(expected.values()), sharding
+    declined = DECLINED.get(layout, set())
+    for pattern, partitioned, detail in sharding:
+        assert partitioned == (pattern not in declined), (pattern, detail)
+        if not partitioned:
+            assert "along the sequence" in detail, detail
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -55,6 +72,12 @@ def test_sharded_answers_match_jax_jit(results, layout):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_no_collectives_beyond_jax_jit(results, layout):
     case = results[layout]
+    assert case["collectives_without_attention"] <= case["collectives_jit"], case
+    if layout in DECLINED:
+        # Known limitation (README): a declined attention runs its blockwise XLA version, which
+        # XLA partitions with more collectives than the user's dense attention.
+        assert case["collectives_default"] > case["collectives_jit"], case
+        return
     assert case["collectives_default"] <= case["collectives_jit"], case
     assert case["collectives_interpret"] <= case["collectives_jit"], case
 
@@ -62,7 +85,9 @@ def test_no_collectives_beyond_jax_jit(results, layout):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_lowers_for_tpu_with_one_kernel_per_fused_call(results, layout):
     case = results[layout]
-    assert case["tpu_kernels"] == len(case["sharding"]), case
+    # Attention's sequence of 16 is not a whole 128-lane tile for splash: XLA on TPU.
+    attention = sum(pattern == "attention" for pattern, _, _ in case["sharding"])
+    assert case["tpu_kernels"] == len(case["sharding"]) - attention, case
 
 
 def test_layouts_that_need_a_cross_device_reduction_are_declined(results):

@@ -4,6 +4,8 @@ lowers to one kernel, and a norm over another axis is a miss."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -207,19 +209,31 @@ def _near_constant_rows_program(rng, dtype, rows=64, d=32, sigma=1e-3):
     return loss, {k: jnp.asarray(v, param_dtype) for k, v in params.items()}, jnp.asarray(x, dtype)
 
 
+@functools.lru_cache(maxsize=None)
+def _one_pass_float64_references() -> dict:
+    """Both dtypes' float64 gradients, in one x64 session: on jax 0.10 a second session, after
+    jfuse has traced the same program, fails inside JAX (an f32/f64 mismatch in the transpose of
+    a jitted `*`); one session serves both cases."""
+    refs = {}
+    with jax.enable_x64(True):
+        for dtype in (jnp.bfloat16, jnp.float32):
+            loss, params, x = _near_constant_rows_program(np.random.default_rng(0), dtype)
+            f64 = lambda t: jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float64)), t)
+            ref = jax.jit(jax.grad(loss))(f64(params), f64(x))
+            refs[np.dtype(dtype).name] = jax.tree.map(np.asarray, ref)
+    return refs
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_one_pass_layer_norm_gradients_are_as_accurate_as_jax_jit(dtype, rng):
+def test_one_pass_layer_norm_gradients_are_as_accurate_as_jax_jit(dtype):
     """The XLA path replays the user's one-pass statistics in the forward; its derivative must be
     the derivative of those (as jax.jit's is), not of two-pass statistics that disagree with them
     on rows whose variance is near eps. Judged against the same program in float64."""
-    loss, params, x = _near_constant_rows_program(rng, dtype)
+    ref = _one_pass_float64_references()[np.dtype(dtype).name]
+    loss, params, x = _near_constant_rows_program(np.random.default_rng(0), dtype)
     assert jfuse.explain(loss)(params, x).fused == {"layer_norm": 1}
     fused = jax.jit(jax.grad(jfuse.fuse(loss)))(params, x)
     plain = jax.jit(jax.grad(loss))(params, x)
-    with jax.enable_x64(True):
-        f64 = lambda t: jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float64)), t)
-        ref = jax.jit(jax.grad(loss))(f64(params), f64(x))
-        ref = jax.tree.map(np.asarray, ref)
     for name in params:
         r = ref[name]
         err_fused = np.max(np.abs(np.asarray(fused[name], np.float64) - r))

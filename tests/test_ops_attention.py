@@ -89,14 +89,14 @@ def _f64(*arrays):
 
 
 # The default run takes one case of each kind of mask; JFUSE_SLOW=1 (or the sample) the rest.
-DEFAULT_CASES = ("causal", "segments", "bias", "soft_cap")
+DEFAULT_MASKS = ("causal", "segments", "bias", "soft_cap")
 
 
 def _sampled(cases, default):
     return [c if c in default else pytest.param(c, marks=pytest.mark.slow) for c in cases]
 
 
-@pytest.mark.parametrize("case", _sampled(_masks(np.random.default_rng(0)), DEFAULT_CASES))
+@pytest.mark.parametrize("case", _sampled(_masks(np.random.default_rng(0)), DEFAULT_MASKS))
 def test_forward_and_gradients_match_dense_in_float64(case, rng):
     """In float64 the blockwise op and its derivative equal dense attention to rounding."""
     with jax.enable_x64():

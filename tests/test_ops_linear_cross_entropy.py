@@ -16,6 +16,15 @@ import pytest
 import jfuse
 from jfuse.ops.linear_cross_entropy import logit_statistics
 
+# The default run takes the first cases of these parametrized tests; the rest are slow
+# cases, sampled (tests/conftest.py) and all run with JFUSE_SLOW=1.
+DEFAULT_CASES = {
+    "test_loss_and_gradients_match_dense_in_float64": 2,
+    "test_ignore_labels_masked_with_where_and_unmasked": 1,
+    "test_bf16_no_further_from_the_truth_than_jax_jit": 1,
+}
+
+
 lce_module = sys.modules["jfuse.ops.linear_cross_entropy"]
 
 T, K, V = 37, 16, 203

@@ -362,6 +362,14 @@ class Attention(FusedOp):
         return dout, zero_m, l * dlse
 
     def kernel(self, spec: AttentionSpec, operands, backend, interpret, full):
+        if interpret:
+            # Interpret mode runs no profitability or platform check before the kernel (the
+            # other ops' kernels serve any shape); JAX's flash kernels do not, so a call they
+            # cannot take runs the blockwise XLA version, as it would on the device.
+            platform = "tpu" if backend == "tpu" else "cuda"
+            avals = [None if o is None else jax.typeof(o) for o in operands]
+            if self.unsupported_reason(spec, platform, avals):
+                return self.reference(spec, operands, full)
         q, k, v = operands[:3]
         if spec.layout == "BTNH":  # the kernels take (B, heads, T, H)
             q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))

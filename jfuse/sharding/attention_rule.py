@@ -48,9 +48,10 @@ def attention_layout(call: PartitionableCall, specs: Sequence[MaybeSpec],
         batch, heads, seqs = dims[name]
         for d in seqs:
             if spec[d]:
-                what = "keys and values" if name in ("key", "value") else "queries"
-                return (f"its {name} is split along the sequence over {_axes(spec[d])}: split "
-                        f"{what} need the other shards' (ring attention is not supported yet)")
+                need = ("each query needs every shard's keys and values (ring attention is not "
+                        "supported yet)") if name in ("key", "value") or name.endswith("ids") \
+                    else "per-shard queries would need their global positions (not supported yet)"
+                return f"its {name} is split along the sequence over {_axes(spec[d])}: {need}"
         if name in ("query", "key", "value") and spec[-1]:
             return f"its {name}'s head dim is split over {_axes(spec[-1])}"
         if spec[batch] and spec[batch] != batch_axes and aval.shape[batch] != 1:
