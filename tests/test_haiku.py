@@ -20,8 +20,8 @@ from lowering import count_kernel_calls, lower_for
 # The default run takes the first cases of these parametrized tests; the rest are slow
 # cases, sampled (tests/conftest.py) and all run with JFUSE_SLOW=1.
 DEFAULT_CASES = {
-    "test_norms": 4,
-    "test_linear_with_each_activation": 3,
+    "test_norms": 2,
+    "test_linear_with_each_activation": 2,
     "test_swiglu": 1,
     "test_block_lowers_to_one_kernel_per_site": 1,
 }
