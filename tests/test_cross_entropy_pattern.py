@@ -267,3 +267,20 @@ def test_llama_step_fuses_its_head_and_uses_less_memory():
     assert ratio < 0.5, ratio
     (loss, new), (want_loss, want_new) = fused(params, tokens), plain(params, tokens)
     chex.assert_trees_all_close((loss, new), (want_loss, want_new), rtol=2e-5, atol=2e-5)
+
+
+def test_a_batch_of_one_fuses(rng):
+    """With a batch of one, ``take_along_axis`` makes the size-1 batch axis an offset dim of its
+    gather rather than a batching dim; the label pick is the same and must fuse."""
+
+    def loss(h, w, labels):
+        logp = jax.nn.log_softmax((h @ w).astype(jnp.float32), axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp, labels[:, :, None], axis=-1))
+
+    h = jnp.asarray(rng.standard_normal((1, 16, 8)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((8, 40)) / 3, jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 40, (1, 16)), jnp.int32)
+    assert jfuse.explain(loss)(h, w, labels).fused == {"linear_cross_entropy": 1}
+    got = jax.jit(jax.value_and_grad(jfuse.fuse(loss), argnums=(0, 1)))(h, w, labels)
+    want = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(h, w, labels)
+    chex.assert_trees_all_close(got, want, rtol=2e-5, atol=2e-5)

@@ -522,14 +522,24 @@ def _label_index(graph: Graph, gather: jx.JaxprEqn, region: _Region):
     if tuple(gather.invars[0].aval.shape) != full or not isinstance(index, jx.Var):
         return None
     sizes = tuple(gather.params["slice_sizes"])
-    if sizes != (1,) * rank or tuple(dn.offset_dims) != ():
+    if sizes != (1,) * rank:
         return None
     batching = tuple(getattr(dn, "operand_batching_dims", ()))
-    if (batching == tuple(range(rank - 1)) and tuple(dn.collapsed_slice_dims) == (rank - 1,)
-            and tuple(dn.start_index_map) == (rank - 1,)
-            and tuple(dn.start_indices_batching_dims) == tuple(range(rank - 1))
-            and tuple(index.aval.shape) == full[:-1] + (1, 1)):
+    index_batching = tuple(getattr(dn, "start_indices_batching_dims", ()))
+    # take_along_axis: every row axis is batched, except size-1 axes, which JAX makes offset
+    # dims of slice size 1 instead (a batch of one); rows keep their order in the index.
+    unit = tuple(d for d in range(rank - 1) if d not in batching)
+    rows = int(np.prod(full[:-1], dtype=np.int64))
+    if (tuple(dn.collapsed_slice_dims) == (rank - 1,) and tuple(dn.start_index_map) == (rank - 1,)
+            and all(full[d] == 1 for d in unit) and len(dn.offset_dims) == len(unit)
+            and list(batching) == sorted(batching) and len(index_batching) == len(batching)
+            and list(index_batching) == sorted(index_batching)
+            and index.aval.shape[-1] == 1
+            and int(np.prod(index.aval.shape, dtype=np.int64)) == rows
+            and int(np.prod(gather.outvars[0].aval.shape, dtype=np.int64)) == rows):
         return index, []
+    if tuple(dn.offset_dims) != ():
+        return None
     if (rank == 2 and not batching and tuple(dn.collapsed_slice_dims) == (0, 1)
             and tuple(dn.start_index_map) == (0, 1) and tuple(index.aval.shape) == (full[0], 2)):
         cat = graph.producer(index)
