@@ -292,8 +292,10 @@ def _drawn(*values):
     return lambda _strategy: next(it)
 
 
-@pytest.mark.xfail(strict=True, reason="found by the long run, not yet explained: jfuse's weight "
-                   "gradient is 5e-4 off where float64 and jax.jit give exactly 0")
+@pytest.mark.xfail(
+    jax.__version_info__ < (0, 11), strict=True,
+    reason="found by the long run on jax 0.10, not yet explained: jfuse's weight gradient is 5e-4 "
+           "off where float64 and jax.jit give exactly 0 (it passes on jax 0.12)")
 def test_scan_glu_then_gelu_exact_linear_on_large_inputs():
     d = 8
     blocks = [_glu_block(_drawn("silu", "separate", "other input"), d),
