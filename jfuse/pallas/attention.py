@@ -36,7 +36,8 @@ TPU_BLOCKS = (512, 256, 128)
 TRITON_BLOCK = 128  # the Triton kernel's default q and k blocks (min'd with the sequence)
 
 
-def _common_reason(is_causal, window, soft_cap, has_bias, has_mask, has_segments, has_lengths):
+def _common_reason(has_bias, has_mask, has_segments, has_lengths):
+    """What neither flash kernel serves (the dense inputs and the masks that can empty a row)."""
     if has_bias:
         return "the flash kernel takes no additive bias"
     if has_mask:
@@ -51,8 +52,7 @@ def _common_reason(is_causal, window, soft_cap, has_bias, has_mask, has_segments
 def tpu_unsupported_reason(q_shape, k_shape, v_shape, dtype, *, is_causal, window, soft_cap,
                            has_bias, has_mask, has_segments, has_lengths) -> str | None:
     """Why splash attention cannot serve this call, or None."""
-    reason = _common_reason(is_causal, window, soft_cap, has_bias, has_mask, has_segments,
-                            has_lengths)
+    reason = _common_reason(has_bias, has_mask, has_segments, has_lengths)
     if reason:
         return reason
     if np.dtype(dtype) not in (np.dtype(jnp.float32), np.dtype(jnp.bfloat16)):
@@ -71,8 +71,7 @@ def tpu_unsupported_reason(q_shape, k_shape, v_shape, dtype, *, is_causal, windo
 def triton_unsupported_reason(q_shape, k_shape, v_shape, dtype, *, is_causal, window, soft_cap,
                               has_bias, has_mask, has_segments, has_lengths) -> str | None:
     """Why the Pallas Triton flash kernel cannot serve this call, or None."""
-    reason = _common_reason(is_causal, window, soft_cap, has_bias, has_mask, has_segments,
-                            has_lengths)
+    reason = _common_reason(has_bias, has_mask, has_segments, has_lengths)
     if reason:
         return reason
     if window is not None:
