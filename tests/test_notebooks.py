@@ -90,6 +90,7 @@ def test_quickstart_notebook():
     assert "jfuse fusion report: train_step" in text
     assert "at Cell In[" in text  # report locations name the notebook cell, as tracebacks do
     assert "step.report.fused =" in text and "glu" in text and "add_rms_norm" in text
+    assert "'attention': 2" in text and "'linear_cross_entropy': 1" in text
     assert "memory ratio" in text and "time ratio" in text
     assert figures == 1  # the loss curves
 
