@@ -36,13 +36,16 @@ def rms_norm(x, w, eps=1e-6):
     return n.astype(x.dtype) * w
 
 
-def attention(x, p, n_heads):
+def attention(x, p, n_heads, *, rotate=None, mask_value=-1e9):
+    """Causal multi-head attention as hand-written Llama/GPT code has it (``rotate``: RoPE)."""
     b, s, d = x.shape
     split = lambda t: t.reshape(b, s, n_heads, d // n_heads)
     q, k, v = split(x @ p["wq"]), split(x @ p["wk"]), split(x @ p["wv"])
+    if rotate is not None:
+        q, k = rotate(q), rotate(k)
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(d // n_heads)
     mask = jnp.tril(jnp.ones((s, s), bool))
-    scores = jnp.where(mask, scores.astype(jnp.float32), -1e9)
+    scores = jnp.where(mask, scores.astype(jnp.float32), mask_value)
     probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, s, d) @ p["wo"]
 
@@ -54,14 +57,20 @@ def swiglu(x, p):
 N_HEADS = 4
 
 
-def llama_loss(params, tokens):
+def _decoder_loss(params, tokens, attend):
     x = params["embed"][tokens[:, :-1]]
     for p in params["layers"]:
-        x = x + attention(rms_norm(x, p["attn_norm"]), p, N_HEADS)
+        x = x + attend(rms_norm(x, p["attn_norm"]), p, N_HEADS)
         x = x + swiglu(rms_norm(x, p["mlp_norm"]), p)
     logits = rms_norm(x, params["final_norm"]) @ params["embed"].T
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+
+
+def llama_loss(params, tokens):
+    """A Llama-style language model without positions: token embedding, RMSNorm, causal
+    attention (mask value -1e9), SwiGLU, tied LM head and next-token cross-entropy."""
+    return _decoder_loss(params, tokens, attention)
 
 
 def sgd_step(loss):
@@ -86,27 +95,13 @@ def rope(x, base=10000.0):
 
 
 def rope_attention(x, p, n_heads):
-    """Causal multi-head attention with RoPE, as Llama code writes it."""
-    b, s, d = x.shape
-    split = lambda t: t.reshape(b, s, n_heads, d // n_heads)
-    q, k, v = rope(split(x @ p["wq"])), rope(split(x @ p["wk"])), split(x @ p["wv"])
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(d // n_heads)
-    mask = jnp.tril(jnp.ones((s, s), bool))
-    scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, s, d) @ p["wo"]
+    """Causal multi-head attention with RoPE and a ``finfo.min`` mask, as Llama code writes it."""
+    return attention(x, p, n_heads, rotate=rope, mask_value=jnp.finfo(jnp.float32).min)
 
 
 def llama_rope_loss(params, tokens):
-    """A Llama-style language model: token embedding, RMSNorm, causal attention with RoPE,
-    SwiGLU, tied LM head and next-token cross-entropy."""
-    x = params["embed"][tokens[:, :-1]]
-    for p in params["layers"]:
-        x = x + rope_attention(rms_norm(x, p["attn_norm"]), p, N_HEADS)
-        x = x + swiglu(rms_norm(x, p["mlp_norm"]), p)
-    logits = rms_norm(x, params["final_norm"]) @ params["embed"].T
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+    """:func:`llama_loss` with RoPE in the attention (the long-context benchmark's model)."""
+    return _decoder_loss(params, tokens, rope_attention)
 
 
 def init_swiglu_mlp(key, n_layers=4, d_model=512, d_ff=1376, dtype=jnp.float32):
