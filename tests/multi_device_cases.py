@@ -204,10 +204,53 @@ def run_attention() -> dict:
     return result
 
 
+def run_lm_head() -> dict:
+    """The LM head's loss (rms_norm -> h @ W -> optax cross-entropy, ignored tokens masked) in a
+    training step: W split over the vocabulary (tensor parallel) and tokens over 'data'; tokens
+    only; and h split on K (declined). Each against jax.jit: answers, report, collectives."""
+    import optax
+
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+    rng = np.random.default_rng(3)
+    tokens, d, vocab = 64, 64, 1000  # a ragged last vocabulary block per shard (500 = 256 + 244)
+
+    def put(value, spec):
+        return jax.device_put(jnp.asarray(value), NamedSharding(mesh, spec))
+
+    def loss(params, x, y):
+        h = rms_norm(x, params["norm"])  # a final norm, then the head
+        nll = optax.softmax_cross_entropy_with_integer_labels(h @ params["head"], y)
+        mask = y != -100
+        return jnp.sum(jnp.where(mask, nll, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+
+    step = train_step(loss)
+    labels = rng.integers(-vocab, vocab, tokens).astype(np.int32)  # negative labels wrap (optax)
+    labels[::7] = -100
+    result = {"case": "lm_head"}
+    for name, x_spec, head_spec in (("vocab", P("data", None), P(None, "model")),
+                                    ("tokens", P("data", None), P()),
+                                    ("declined", P(None, "model"), P(None, "model"))):
+        params = {"norm": put(1 + rng.standard_normal(d) / 4, P()),
+                  "head": put(rng.standard_normal((d, vocab)) / 8, head_spec)}
+        params = jax.tree.map(lambda a: a.astype(jnp.float32), params)
+        x = put(rng.standard_normal((tokens, d)).astype(np.float32), x_spec)
+        y = put(labels, P("data"))
+        fused = jfuse.jit(step, patterns=("linear_cross_entropy",))
+        result[f"{name}_error"] = max_error(fused(params, x, y), jax.jit(step)(params, x, y))
+        result[f"{name}_fused"] = fused.report.fused
+        result[f"{name}_sharding"] = [[c.pattern, c.partitioned, c.detail]
+                                      for c in fused.report.sharding]
+        result[f"{name}_collectives"] = COLLECTIVE.findall(
+            fused.lower(params, x, y).compile().as_text())
+        result[f"{name}_collectives_jit"] = COLLECTIVE.findall(
+            jax.jit(step).lower(params, x, y).compile().as_text())
+    return result
+
+
 def main(which: str) -> None:
     assert jax.device_count() == 8, jax.devices()
-    names = list(CASES) + ["declined", "attention"] if which == "all" else [which]
-    special = {"declined": run_declined, "attention": run_attention}
+    names = list(CASES) + ["declined", "attention", "lm_head"] if which == "all" else [which]
+    special = {"declined": run_declined, "attention": run_attention, "lm_head": run_lm_head}
     for name in names:
         result = special[name]() if name in special else run_case(name)
         print(json.dumps(result), flush=True)

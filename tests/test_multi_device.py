@@ -112,3 +112,40 @@ def test_attention_runs_per_shard_over_batch_and_heads(results):
     (pattern, partitioned, detail), = case["declined_sharding"]
     assert pattern == "attention" and not partitioned and "along the sequence" in detail, case
     assert case["declined_error"] < 1e-5, case
+
+
+def _no_more_of_any_kind(got: list, jit: list) -> bool:
+    return all(got.count(kind) <= jit.count(kind) for kind in set(got))
+
+
+def test_lm_head_loss_runs_vocabulary_parallel(results):
+    """The LM head with W split over the vocabulary on 'model' and tokens on 'data': forward and
+    backward per shard, partial log-sum-exps combined exactly; jax.jit's answers (f32, blockwise
+    vs dense: rounding only, ~1e-7 measured, so 1e-5 as the other cases) and no collective of any
+    kind beyond jax.jit's (an XLA-partitioned blockwise loss would all-gather W)."""
+    case = results["lm_head"]
+    assert case["vocab_fused"] == {"linear_cross_entropy": 1}, case
+    (fwd, bwd) = case["vocab_sharding"]
+    assert fwd[:2] == ["linear_cross_entropy", True] and bwd[:2] == ["linear_cross_entropy", True]
+    assert "tokens over 'data'" in fwd[2] and "vocabulary-parallel over 'model'" in fwd[2], fwd
+    assert bwd[2].startswith("backward: ") and "vocabulary-parallel over 'model'" in bwd[2], bwd
+    assert case["vocab_error"] < 1e-5, case
+    assert _no_more_of_any_kind(case["vocab_collectives"], case["vocab_collectives_jit"]), case
+
+
+def test_lm_head_loss_with_tokens_split_runs_per_shard(results):
+    case = results["lm_head"]
+    assert case["tokens_sharding"] == [["linear_cross_entropy", True, "tokens over 'data'"],
+                                       ["linear_cross_entropy", True,
+                                        "backward: tokens over 'data'"]], case
+    assert case["tokens_error"] < 1e-5, case
+    assert _no_more_of_any_kind(case["tokens_collectives"], case["tokens_collectives_jit"]), case
+
+
+def test_lm_head_loss_with_a_split_contraction_is_declined(results):
+    case = results["lm_head"]
+    assert case["declined_fused"] == {"linear_cross_entropy": 1}, case
+    for pattern, partitioned, detail in case["declined_sharding"]:
+        assert pattern == "linear_cross_entropy" and not partitioned, case
+        assert "contraction dim K (64) is split over 'model'" in detail, detail
+    assert case["declined_error"] < 1e-5, case

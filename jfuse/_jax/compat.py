@@ -53,6 +53,9 @@ CALL_BODY_PARAMS = {
     **{name: "jaxpr" for name in CALL_PRIMITIVES | REMAT_PRIMITIVES},
     **{name: "call_jaxpr" for name in PLAIN_CALL_PRIMITIVES},
     CUSTOM_JVP_PRIMITIVE: "call_jaxpr",
+    # jax.custom_derivatives.linear_call: its callee takes every operand (consts, residuals,
+    # linear inputs); the LM-head loss's backward on a mesh is one (see ops/linear_cross_entropy)
+    "linear_call": "callee",
     "custom_vjp_call": "call_jaxpr",
     "custom_vjp_call_jaxpr": "fun_jaxpr",
 }
@@ -124,3 +127,12 @@ def jit_inlined_at_lowering(fn):
 def inlined_at_lowering(eqn: jex_core.JaxprEqn) -> bool:
     """True for a ``jit`` equation that lowering inlines (see :func:`jit_inlined_at_lowering`)."""
     return getattr(eqn.params.get("inline"), "value", None) == "jax_late"
+
+
+def is_batched(values: Any) -> bool:
+    """True when any leaf of ``values`` is being batched by ``jax.vmap`` (directly or under other
+    tracers). ``jax.custom_derivatives.linear_call`` has no batching rule, so an op that would
+    emit one must not while it is vmapped."""
+    from jax._src.interpreters.batching import BatchTracer  # no public name
+
+    return any(isinstance(leaf, BatchTracer) for leaf in jax.tree_util.tree_leaves(values))

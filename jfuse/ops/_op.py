@@ -131,6 +131,12 @@ class FusedOp:
     # own ``(call, operand specs, output avals, mesh) -> Layout | reason``.
     layout_rule: Callable[..., Any] | None = None
 
+    def layout_rule_for(self, spec: OpSpec) -> Callable[..., Any] | None:
+        """The layout rule of one call (default: :attr:`layout_rule`). An op whose per-shard
+        program depends on its spec (the LM-head loss builds its collectives from it) binds the
+        spec here."""
+        return self.layout_rule
+
     def pattern(self, spec: OpSpec) -> str:
         """The report's name for a call (a norm with a residual is ``add_rms_norm``)."""
         return self.name
@@ -243,7 +249,7 @@ def _forward(op: FusedOp, spec: OpSpec, operands: tuple, full: bool) -> tuple:
         # The replay is written for the global shapes; one shard runs the generic reference.
         local_reference=reference_with(spec.generic()),
         kernel=lambda backend, interpret: _traced_kernel(op, spec, backend, interpret, full),
-        layout_rule=op.layout_rule,
+        layout_rule=op.layout_rule_for(spec),
     ))
 
 

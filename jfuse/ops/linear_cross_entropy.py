@@ -35,16 +35,22 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.custom_derivatives import linear_call
 
+from jfuse._jax import compat
+from jfuse.ops import _partitionable
 from jfuse.ops._autodiff import recompute_in_backward
-from jfuse.ops._dispatch import check_implementation
+from jfuse.ops._dispatch import OpCall, check_implementation, dispatch
 from jfuse.ops._op import Benchmark, FusedOp, OpSpec, apply, is_zero
+from jfuse.sharding.rules import Layout
+from jfuse.sharding.vocabulary_rule import operand_spec, vocabulary_split
 
 __all__ = ["linear_cross_entropy"]
 
@@ -78,11 +84,12 @@ OPERANDS = ("h", "w", "labels", "bias")
 @dataclasses.dataclass
 class _Problem:
     h: Any  # (T, K)
-    w: Any  # (K, V) or (V, K)
-    labels: Any  # (T,) int32, as indices into [0, V) (out of range: no column matches)
-    valid: Any  # (T,) bool: the label picks a column
+    w: Any  # (K, V) or (V, K): this call's vocabulary (one shard's slice on a split vocabulary)
+    labels: Any  # (T,) int32, as indices into this call's columns (out of range: none matches)
+    valid: Any  # (T,) bool: the label picks a column of the whole vocabulary
     bias: Any  # (V,) or None
-    vocab: int
+    vocab: int  # this call's columns
+    vocab_total: int  # the whole vocabulary's (z_mean divides by it)
     block: int
     acc: Any  # the accumulation scalar type: f32 (f64 for f64 inputs)
 
@@ -93,16 +100,23 @@ class _Problem:
         return self.vocab // self.block, self.vocab % self.block
 
 
-def _problem(spec: LinearCrossEntropySpec, operands) -> _Problem:
+def _problem(spec: LinearCrossEntropySpec, operands, vocab_total: int | None = None,
+             vocab_start: Any = 0) -> _Problem:
+    """The call's arrays and sizes. On a shard of a split vocabulary, ``vocab_total`` is the whole
+    vocabulary and ``vocab_start`` the shard's first column: labels are read (wrapped, checked)
+    against the whole vocabulary, then shifted to the shard's columns."""
     h, w, labels, bias = operands
     vocab = w.shape[0] if spec.transpose_w else w.shape[1]
+    vocab_total = vocab if vocab_total is None else vocab_total
     labels = labels.astype(jnp.int32)
     if spec.label_mode == "take":
-        labels = jnp.where(labels < 0, labels + vocab, labels)
-    valid = (labels >= 0) & (labels < vocab)
+        labels = jnp.where(labels < 0, labels + vocab_total, labels)
+    valid = (labels >= 0) & (labels < vocab_total)
+    # An invalid label must match no column of any shard (a shifted -1 could match one).
+    labels = jnp.where(valid, labels - vocab_start, -1)
     acc = np.dtype(jnp.promote_types(jnp.float32, jnp.promote_types(h.dtype, w.dtype))).type
     return _Problem(h=h, w=w, labels=labels, valid=valid, bias=bias, vocab=vocab,
-                    block=min(spec.block_v, vocab), acc=acc)
+                    vocab_total=vocab_total, block=min(spec.block_v, vocab), acc=acc)
 
 
 def _w_block(spec, w, start, size):
@@ -142,16 +156,19 @@ def _is_label(p: _Problem, start, size):
     return columns == p.labels[:, None]
 
 
-def _forward_xla(spec: LinearCrossEntropySpec, operands):
-    """(lse, z_label, z_mean or None): an online log-sum-exp over vocabulary blocks."""
-    p = _problem(spec, operands)
+def _partial_statistics(spec: LinearCrossEntropySpec, p: _Problem):
+    """(log-sum-exp, Σ z[label], Σ z) over this call's columns: an online log-sum-exp over
+    vocabulary blocks."""
     t = p.h.shape[0]
 
     def step(carry, start, size):
         m, s, zl, zsum = carry
         _, z = _logits(spec, p, start, size)
         m_new = jnp.maximum(m, jnp.max(z, axis=-1))
-        s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(z - m_new[:, None]), axis=-1)
+        # Columns all -inf so far (a masked slice, maybe a whole shard's): shift by 0, so the
+        # sum stays 0 and the log-sum-exp -inf (as jax.nn.logsumexp), not NaN.
+        shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        s = s * jnp.exp(m - shift) + jnp.sum(jnp.exp(z - shift[:, None]), axis=-1)
         zl = zl + jnp.sum(jnp.where(_is_label(p, start, size), z, 0.0), axis=-1)
         if spec.with_mean:
             zsum = zsum + jnp.sum(z, axis=-1)
@@ -166,15 +183,27 @@ def _forward_xla(spec: LinearCrossEntropySpec, operands):
     if ragged:
         carry = step(carry, whole * p.block, ragged)
     m, s, zl, zsum = carry
-    lse = m + jnp.log(s)
+    return m + jnp.log(s), zl, zsum
+
+
+def _finish(spec: LinearCrossEntropySpec, p: _Problem, lse, zl, zsum):
+    """The op's outputs from the whole vocabulary's statistics."""
     if spec.label_mode == "take":  # take_along_axis fills an out-of-range gather with NaN
         zl = jnp.where(p.valid, zl, jnp.nan)
-    return lse, zl, (zsum / p.acc(p.vocab) if spec.with_mean else None)
+    return lse, zl, (zsum / p.acc(p.vocab_total) if spec.with_mean else None)
 
 
-def _tangent_xla(spec: LinearCrossEntropySpec, operands, tangents, lse):
-    """(d lse, d z_label, d z_mean or None): one checkpointed scan over vocabulary blocks."""
+def _forward_xla(spec: LinearCrossEntropySpec, operands):
+    """(lse, z_label, z_mean or None) over the whole vocabulary."""
     p = _problem(spec, operands)
+    return _finish(spec, p, *_partial_statistics(spec, p))
+
+
+def _tangent_xla(spec: LinearCrossEntropySpec, operands, tangents, lse, vocab_total=None,
+                 vocab_start=0):
+    """(d lse, d z_label, d z_mean or None): one checkpointed scan over vocabulary blocks. On a
+    shard of a split vocabulary (see :func:`_problem`), each is this shard's part of the sum."""
+    p = _problem(spec, operands, vocab_total, vocab_start)
     dh, dw, db = tangents
     # dh enters every block: its cotangent is summed across blocks, in f32 (not in h's dtype).
     dh = None if dh is None else dh.astype(p.acc)
@@ -220,13 +249,163 @@ def _tangent_xla(spec: LinearCrossEntropySpec, operands, tangents, lse):
             None if db is None else lax.dynamic_slice_in_dim(db, start, ragged)))
         carry = add(carry, ragged_block(jnp.int32(start)))
     dlse, dzl, dzsum = carry
-    return dlse, dzl, (dzsum / p.acc(p.vocab) if spec.with_mean else None)
+    return dlse, dzl, (dzsum / p.acc(p.vocab_total) if spec.with_mean else None)
 
 
-def _declined_on_a_mesh(call, specs, out_avals, mesh):
-    # The op's XLA body is correct under any sharding (XLA partitions it); without a kernel there
-    # is nothing to lay out per shard.
-    return NO_KERNEL
+# --- on a mesh ----------------------------------------------------------------------------------
+# The op has no kernel, but XLA cannot partition its blockwise scans well over a split vocabulary
+# (it gathers W and every device reduces the whole vocabulary). So while jfuse lays a program out
+# (jfuse.sharding.partition), the forward and the backward each leave a marker, and the layout
+# rule (jfuse.sharding.vocabulary_rule) runs them per shard with the exact combine below. The
+# backward is its own marker because the partition pass sees the program after autodiff: the
+# tangent is a ``linear_call`` whose transpose is that marker.
+
+_BACKWARD_OUTPUTS = ("dh", "dw", "db")
+_COTANGENTS = ("ct_lse", "ct_z_label", "ct_z_mean")
+
+
+def _psum(x, axes):
+    return lax.psum(x, axes) if axes and x is not None else x
+
+
+def _shard_start(split, local_vocab):
+    """This shard's first vocabulary column (0 when the vocabulary is whole)."""
+    if not split.vocabulary:
+        return 0
+    return lax.axis_index(split.vocabulary) * local_vocab
+
+
+def _local_vocab(spec, w):
+    return w.shape[0] if spec.transpose_w else w.shape[1]
+
+
+def _per_shard_forward(spec, split, names):
+    """One shard's forward: its vocabulary slice's statistics, combined across the slices."""
+
+    def run(*shards):
+        ops = dict(zip(names, shards))
+        operands = (ops["h"], ops["w"], ops["labels"], ops.get("bias"))
+        p = _problem(spec, operands, split.vocab_size,
+                     _shard_start(split, _local_vocab(spec, ops["w"])))
+        lse, zl, zsum = _partial_statistics(spec, p)
+        axes = split.vocabulary
+        if axes:
+            m = lax.pmax(lse, axes)
+            m = jnp.where(jnp.isfinite(m), m, 0.0)  # every slice -inf: the sum below is 0
+            lse = m + jnp.log(lax.psum(jnp.exp(lse - m), axes))
+            zl, zsum = lax.psum(zl, axes), lax.psum(zsum, axes)
+        return tuple(out for out in _finish(spec, p, lse, zl, zsum) if out is not None)
+
+    return run
+
+
+def _backward(spec, operands, lse, cotangents, present, split=None):
+    """Cotangents of the ``present`` differentiated operands (of ``("dh", "dw", "db")``) from
+    those of ``(lse, z_label, z_mean)``: the transpose of :func:`_tangent_xla`. On a shard
+    (``split``), that of its vocabulary slice, summed across the shards."""
+    h, w, _, bias = operands
+    vocab_total = None if split is None else split.vocab_size
+    start = 0 if split is None else _shard_start(split, _local_vocab(spec, w))
+    acc = jnp.promote_types(jnp.float32, jnp.promote_types(h.dtype, w.dtype))
+    # Summed across blocks and shards: in f32, cast to the operands' dtypes once at the end.
+    dtypes = {"dh": h.dtype, "dw": w.dtype, "db": None if bias is None else bias.dtype}
+    avals = {"dh": jax.ShapeDtypeStruct(h.shape, acc), "dw": jax.ShapeDtypeStruct(w.shape, acc),
+             "db": None if bias is None else jax.ShapeDtypeStruct(bias.shape, acc)}
+
+    def tangent(lin):
+        return _tangent_xla(spec, operands, tuple(lin.get(k) for k in _BACKWARD_OUTPUTS), lse,
+                            vocab_total, start)
+
+    lin_avals = {k: avals[k] for k in present}
+    cts = tuple(cotangents)
+    (grads,) = jax.linear_transpose(tangent, lin_avals)(cts)
+    if split is not None:
+        grads = {k: _psum(g, split.vocabulary if k == "dh" else split.tokens)
+                 for k, g in grads.items()}
+    return {k: g.astype(dtypes[k]) for k, g in grads.items()}
+
+
+def _per_shard_backward(spec, split, names, present):
+    def run(*shards):
+        ops = dict(zip(names, shards))
+        operands = (ops["h"], ops["w"], ops["labels"], ops.get("bias"))
+        cts = tuple(ops.get(name) for name in _COTANGENTS)
+        grads = _backward(spec, operands, ops["lse"], cts, present, split)
+        return tuple(grads[k] for k in present)
+
+    return run
+
+
+def _layout(spec, call, specs, out_avals, mesh, present=None):
+    """The forward's (``present`` None) or the backward's layout rule (see the mesh section)."""
+    names = [role.split("/")[0] for role in call.roles]
+    split = vocabulary_split(names, specs, call.operand_avals, mesh, spec.transpose_w)
+    if isinstance(split, str):
+        return split
+    in_specs = tuple(operand_spec(name, len(aval.shape), split, spec.transpose_w)
+                     for name, aval in zip(names, call.operand_avals))
+    if present is None:
+        out_specs = tuple((split.tokens,) for _ in out_avals)
+        per_shard = _per_shard_forward(spec, split, names)
+    else:
+        out_specs = tuple(operand_spec(k, len(a.shape), split, spec.transpose_w)
+                          for k, a in zip(present, out_avals))
+        per_shard = _per_shard_backward(spec, split, names, present)
+    return Layout(in_specs, out_specs, split.describe(backward=present is not None),
+                  per_shard=per_shard)
+
+
+def _no_kernel(backend, interpret):
+    raise NotImplementedError(NO_KERNEL)
+
+
+def _laid_out_on_a_mesh(spec, operands, tangents) -> bool:
+    """Whether this call's derivative must leave its own marker: while jfuse lays a program out
+    on a mesh (as the forward does), unless vmapped (``linear_call`` cannot be batched: the
+    derivative then runs XLA's partitioned ops, still exact)."""
+    return (spec.implementation != "xla"
+            and _partitionable.partitioning_active()
+            and _partitionable.mesh_of(jax.tree_util.tree_leaves(operands)) is not None
+            and not compat.is_batched((operands, tangents)))
+
+
+def _tangent_on_a_mesh(spec, operands, tangents, lse):
+    """The tangent as a ``linear_call`` whose transpose (what ``grad`` runs) is a marker the
+    partition pass lays out per shard."""
+    h, w, labels, bias = operands
+    lin = {k: t for k, t in zip(_BACKWARD_OUTPUTS, tangents) if t is not None}
+    present = tuple(lin)
+    res = (h, w, labels, bias, lse)
+
+    def tangent(res, lin):
+        h, w, labels, bias, lse = res
+        return _tangent_xla(spec, (h, w, labels, bias),
+                            tuple(lin.get(k) for k in _BACKWARD_OUTPUTS), lse)
+
+    def transpose(res, cts):
+        h, w, labels, bias, lse = res
+        flat = (h, w, labels, bias, lse) + tuple(cts)
+        names = ("h", "w", "labels", "bias", "lse") + _COTANGENTS
+
+        def global_backward(*ops):
+            ops = dict(zip(names, ops))
+            grads = _backward(spec, (ops["h"], ops["w"], ops["labels"], ops["bias"]),
+                              ops["lse"], tuple(ops[n] for n in _COTANGENTS), present)
+            return {k: grads[k] for k in present}
+
+        with jax.numpy_rank_promotion("allow"):  # traced when grad transposes, not in _internal
+            return dispatch(spec.implementation, OpCall(
+                pattern=LinearCrossEntropy.name,
+                operands=flat,
+                roles=tuple(f"{n}/linear_cross_entropy" for n in names),
+                contracts_features=True,
+                reference=global_backward,
+                local_reference=global_backward,
+                kernel=_no_kernel,
+                layout_rule=functools.partial(_layout, spec, present=present),
+            ))
+
+    return linear_call(tangent, transpose, res, lin)
 
 
 class LinearCrossEntropy(FusedOp):
@@ -249,6 +428,8 @@ class LinearCrossEntropy(FusedOp):
         if dh is None and dw is None and db is None:
             zero = jnp.zeros(lse.shape, lse.dtype)
             return zero, zero, (zero if zm is not None else None)
+        if _laid_out_on_a_mesh(spec, operands, (dh, dw, db)):
+            return _tangent_on_a_mesh(spec, operands, (dh, dw, db), lse)
         return _tangent_xla(spec, operands, (dh, dw, db), lse)
 
     def kernel(self, spec, inputs, backend, interpret, full):
@@ -260,7 +441,8 @@ class LinearCrossEntropy(FusedOp):
     def roles(self, spec, operands):
         return tuple(f"{name}/linear_cross_entropy" for name in OPERANDS)
 
-    layout_rule = staticmethod(_declined_on_a_mesh)
+    def layout_rule_for(self, spec):
+        return functools.partial(_layout, spec)
 
 
 LINEAR_CROSS_ENTROPY = LinearCrossEntropy()

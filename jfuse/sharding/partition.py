@@ -118,6 +118,10 @@ class Partitioner:
                 replaced[key] = tuple(self._body(b, body_specs) for b in value)
             else:
                 replaced[key] = self._body(value, body_specs)
+        callee = replaced.get("callee")
+        if name == "linear_call" and callee is not None and callee.consts:
+            # linear_call evaluates its callee's open jaxpr only: constants would be dropped
+            del replaced["callee"]
         if replaced and name == compat.CUSTOM_JVP_PRIMITIVE:
             # its bind params are functions built from call_jaxpr
             return eqn.primitive.get_bind_params({**eqn.params, **replaced})
@@ -175,6 +179,9 @@ class Partitioner:
                                    out_specs=out_specs, check_vma=False)
             return lambda: list(mapped(*values))
 
+        if layout.per_shard is not None:  # plain JAX with its own collectives: every platform
+            return list(jax.shard_map(layout.per_shard, mesh=self.mesh, in_specs=in_specs,
+                                      out_specs=out_specs, check_vma=False)(*values))
         if call.implementation == "interpret":
             return sharded("tpu", True, False)()
         fall_back = call.implementation is None

@@ -165,6 +165,46 @@ def _sharding_constraint(eqn, specs):
     return from_partition_spec(getattr(sharding, "spec", None), len(_shape(eqn.outvars[0])))
 
 
+def _gather(eqn, specs):
+    """A gather that takes whole slices (``x[..., 0]``, what ``jnp.take`` of a constant index
+    lowers to): each operand dim it keeps whole keeps its layout. Other gathers: unknown."""
+    spec, operand, out = specs[0], eqn.invars[0], eqn.outvars[0]
+    dn = eqn.params["dimension_numbers"]
+    if spec is None or len(dn.offset_dims) != len(_shape(out)):
+        return None
+    kept = [d for d in range(len(_shape(operand))) if d not in dn.collapsed_slice_dims]
+    dims = []
+    for d in kept:
+        whole = eqn.params["slice_sizes"][d] == _shape(operand)[d]
+        if spec[d] and not whole:
+            return None
+        dims.append(spec[d])
+    return tuple(dims)
+
+
+def _scatter_add(eqn, specs):
+    """The transpose of :func:`_gather`: whole-slice updates into an operand."""
+    (spec, _, updates_spec), operand = specs, eqn.invars[0]
+    dn = eqn.params["dimension_numbers"]
+    updates = eqn.invars[2]
+    if spec is None or updates_spec is None or len(dn.update_window_dims) != len(_shape(updates)):
+        return None
+    window = [d for d in range(len(_shape(operand))) if d not in dn.inserted_window_dims]
+    dims = list(spec)
+    for i, d in enumerate(window):
+        if updates_spec[i]:
+            if _shape(updates)[i] != _shape(operand)[d] or (dims[d] and dims[d] != updates_spec[i]):
+                return None
+            dims[d] = updates_spec[i]
+    return without_repeats(dims)
+
+
+def _reshard(eqn, specs):
+    # jax.sharding.reshard; autodiff emits one for the seed cotangent of a sharded output
+    sharding = eqn.params.get("dst_sharding")
+    return from_partition_spec(getattr(sharding, "spec", None), len(_shape(eqn.outvars[0])))
+
+
 def _device_put(eqn, specs):
     outs = []
     for spec, device, var in zip(specs, eqn.params.get("devices", ()), eqn.outvars):
@@ -194,6 +234,10 @@ _RULES: dict[str, Rule] = {
     "concatenate": _concatenate,
     "sharding_constraint": _sharding_constraint,
     "device_put": _device_put,
+    "reshard": _reshard,
+    "gather": _gather,
+    "scatter-add": _scatter_add,
+    "scatter_add": _scatter_add,
     "iota": _replicated_output,
     "optimization_barrier": _identity,
     **{name: _reduce for name in compat.REDUCTION_PRIMITIVES},

@@ -17,7 +17,7 @@ normalized dim (``K``, ``H``) cannot, because the kernel needs the whole row.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from jfuse.core import markers as roles
 from jfuse.sharding.specs import MaybeSpec, Spec, describe, shard_count
@@ -30,6 +30,12 @@ class Layout:
     in_specs: tuple[Spec, ...]
     out_specs: tuple[Spec, ...]
     description: str
+    # The op's own per-shard program, for an op whose shards must talk (the LM-head loss combines
+    # partial log-sum-exps across a split vocabulary): plain JAX over the flat operand shards,
+    # free to use collectives over the mesh axes the specs name. It runs on every platform; None:
+    # the op's kernel (or its local XLA reference) per shard on TPU/GPU, the global XLA
+    # implementation elsewhere.
+    per_shard: Callable[..., Any] | None = None
 
 
 _WEIGHTS = {roles.WEIGHT_KN: (0, 1), roles.WEIGHT_NK: (1, 0)}  # role -> (K dim, N dim)
