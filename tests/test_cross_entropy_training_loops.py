@@ -1,6 +1,7 @@
 """The LM-head loss fuses in real training steps: Flax linen (``nn.Dense`` head and tied
 ``Embed.attend``) with an optax loss and an optax optimizer inside ``jfuse.jit``, and Equinox
-(``eqx.filter_value_and_grad``, a known gap: see the xfail's reason)."""
+(``eqx.filter_value_and_grad``; a per-example ``eqx.nn.Linear`` head under ``vmap`` computes its
+logits as ``W·xᵀ`` moved back to (tokens, vocab))."""
 
 from __future__ import annotations
 
@@ -55,11 +56,6 @@ def test_flax_linen_training_step_fuses_the_loss(tied):
     assert _max_error(got, jax.jit(step)(params, opt, TOKENS, LABELS)) < 1e-6
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known gap: eqx.filter_value_and_grad is not intercepted by jfuse.differentiation (only "
-    "jax.grad/value_and_grad/vjp are), so the loss is traced as the joint forward+backward and "
-    "the LM head cannot fuse; workaround: jax.value_and_grad(jfuse.fuse(loss)) or "
-    "eqx.filter_value_and_grad(jfuse.fuse(loss))"))
 def test_equinox_training_step_fuses_the_loss():
     eqx = pytest.importorskip("equinox")
 

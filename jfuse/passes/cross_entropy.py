@@ -51,7 +51,7 @@ from jfuse.debug import reject
 from jfuse.graph import Graph, literal_value
 from jfuse.ops.linear_cross_entropy import linear_cross_entropy_refusals, logit_statistics
 from jfuse.passes._matmul import bias_source, is_float, is_miss, look_through_weight_transpose
-from jfuse.passes._matmul import matmul_orientation
+from jfuse.passes._matmul import matmul_orientation, moves_first_axis_last
 from jfuse.passes.base import AUTODIFF_HINT, MatchResult, Pattern, Site
 from jfuse.report import MissedFusion, MissReason
 
@@ -166,6 +166,12 @@ def _logits(graph: Graph, dot: jx.JaxprEqn):
         if name == "convert_element_type" and is_float(user.outvars[0].aval):
             found.eqns.append(user)
             found.z = user.outvars[0]
+        elif found.vocab_axis == 0 and moves_first_axis_last(user):
+            # `W·xᵀ` (a per-example `W @ x` under vmap: Equinox's Linear) moved back to
+            # (tokens..., vocab): the same logits as `x @ Wᵀ`, which the op computes.
+            found.eqns.append(user)
+            found.z = user.outvars[0]
+            found.vocab_axis = user.outvars[0].aval.ndim - 1
         elif (name in compat.RESHAPE_PRIMITIVES and found.vocab_axis == z.aval.ndim - 1
               and user.outvars[0].aval.shape[-1:] == (vocab,)
               and not user.params.get("dimensions")):
