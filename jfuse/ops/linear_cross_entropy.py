@@ -24,8 +24,11 @@ Label semantics follow the code being matched (``label_mode``): ``"take"`` is
 logit, one in ``[-V, 0)`` wraps to ``label + V``, anything else gives NaN; ``"one_hot"`` is a
 contraction with ``jax.nn.one_hot(label, V)``: an out-of-range label picks 0.
 
-There is no Pallas kernel yet: the chunked XLA version runs on every platform, and the fusion
-report says so per platform.
+The chunked XLA version runs on every platform, and the fusion report says so per platform. A
+Pallas kernel would fuse each block's matmul with its log-sum-exp, but the block matmul does 2K
+flops per logit it writes, so it is compute-bound and XLA already hands it to the vendor's GEMM
+(cuBLAS, the MXU): fusing saves only the block's logits round trip through memory. A kernel goes
+in when a device run (``benchmarks.device_check``) measures one faster than this version.
 
 Example::
 
@@ -62,7 +65,8 @@ Array = jax.Array
 BLOCK_V = 1024
 LABEL_MODES = ("take", "one_hot")
 REDUCTIONS = ("none", "mean", "sum")
-NO_KERNEL = "no Pallas kernel yet: the chunked XLA version runs"
+NO_KERNEL = ("the chunked XLA version: its block matmuls are compute-bound vendor GEMMs, and "
+             "no Pallas kernel is measured faster yet")
 
 
 @dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
