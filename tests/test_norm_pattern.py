@@ -1,6 +1,7 @@
 """The norm patterns on real layers and hand-written styles: each fuses once, matches jax.jit
 forward and backward, pre-norm residual stacks fuse as add_* with both outputs, each fused norm
-lowers to one kernel, and a norm over another axis is a miss."""
+lowers to one kernel, a norm over one other axis fuses with that axis moved last, and a norm over
+several axes (or with a traced eps) is a miss."""
 
 from __future__ import annotations
 
@@ -138,13 +139,87 @@ def test_add_layer_norm_post_norm_style(rng):
     assert_same_answers(block, *args)
 
 
-def test_norm_over_another_axis_is_a_miss(rng):
-    f = lambda x, w: x * lax.rsqrt(jnp.mean(x * x, axis=1, keepdims=True) + 1e-6)
-    x = _x(rng)
-    report = jfuse.explain(f)(x, _vec(rng))
+def _rms_over(axis):
+    def f(x, w):
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        return x * lax.rsqrt(jnp.mean(x * x, axis=axis, keepdims=True) + 1e-6) * w.reshape(shape)
+    return f
+
+
+def _layer_over(axis):
+    def f(x, g, b):
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        c = x - x.mean(axis, keepdims=True)
+        return c * lax.rsqrt(x.var(axis, keepdims=True) + 1e-5) * g.reshape(shape) + b.reshape(shape)
+    return f
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_norm_over_one_other_axis_fuses_with_the_axis_moved(axis, dtype, rng):
+    """The op normalizes its last axis: the emitted code moves the normalized axis there and the
+    result back (exact transposes), so the answers are jax.jit's."""
+    shape = (24, 5, 16)
+    x = _x(rng, shape, dtype)
+    for f, args, pattern in ((_rms_over(axis), (x, _vec(rng, shape[axis], dtype)), "rms_norm"),
+                             (_layer_over(axis), (x, _vec(rng, shape[axis], dtype),
+                                                  _vec(rng, shape[axis], dtype)), "layer_norm")):
+        report = jfuse.explain(f)(*args)
+        assert report.fused == {pattern: 1}, str(report)
+        assert f"axis {axis} of" in report.sites[0].detail, report.sites[0].detail
+        assert_same_answers(f, *args, dtype=dtype)
+
+
+def test_norm_over_another_axis_with_the_residual_add_returns_the_sum(rng):
+    def block(x, y, w):
+        h = x + y
+        n = h * lax.rsqrt(jnp.mean(h * h, axis=0, keepdims=True) + 1e-6) * w[:, None]
+        return n, h * 2.0
+
+    args = (_x(rng, (32, 6)), _x(rng, (32, 6)), _vec(rng, 32))
+    report = jfuse.explain(block)(*args)
+    assert report.fused == {"add_rms_norm": 1}, str(report)
+    assert "sum also returned" in report.sites[0].detail
+    assert_same_answers(block, *args)
+
+
+def test_norm_whose_output_is_transposed_fuses(rng):
+    """penzai's spelling: the block itself moves the normalized axis last before scaling."""
+    def f(x, w):
+        r = lax.rsqrt(jnp.mean(x * x, axis=0) + 1e-6)
+        return jnp.transpose(x, (1, 2, 0)) * r[..., None] * w
+
+    args = (_x(rng, (16, 3, 5)), _vec(rng, 16))
+    report = jfuse.explain(f)(*args)
+    assert report.fused == {"rms_norm": 1}, str(report)
+    assert_same_answers(f, *args)
+
+
+def test_norm_over_several_axes_is_a_miss(rng):
+    f = lambda x: x * lax.rsqrt(jnp.mean(x * x, axis=(1, 2), keepdims=True) + 1e-6)
+    report = jfuse.explain(f)(_x(rng))
     assert report.fused == {}
     assert [m.reason for m in report.missed] == [MissReason.NORMALIZED_AXIS]
     assert "test_norm_pattern.py" in report.missed[0].where
+
+
+def test_eps_held_as_a_constant_fuses_and_a_traced_eps_is_a_miss(rng):
+    """An eps captured as an array (penzai's ``epsilon`` leaf, closed over) is a constant of the
+    jaxpr: the norm fuses with its value. Passed as an argument it is traced: the op cannot take
+    it as a number, and the report says so."""
+    eps = jnp.float32(1e-5)
+    closed = lambda x, w: x * lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + eps) * w
+    x, w = _x(rng), _vec(rng)
+    report = jfuse.explain(closed)(x, w)
+    assert report.fused == {"rms_norm": 1} and "eps=1e-05" in report.sites[0].detail, str(report)
+    assert_same_answers(closed, x, w)
+
+    traced = lambda x, w, eps: x * lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + eps) * w
+    report = jfuse.explain(traced)(x, w, eps)
+    assert report.fused == {}
+    assert [m.reason for m in report.missed] == [MissReason.TRACED_CONSTANT], str(report)
 
 
 def test_a_look_alike_that_is_not_a_norm_stays_unfused(rng):
