@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +17,7 @@ from jax import lax
 import jfuse
 from jfuse import MissReason
 
-from conftest import assert_same_answers
+from conftest import assert_same_answers, tolerance
 from lowering import count_kernel_calls, lower_for
 
 
@@ -315,3 +316,51 @@ def test_one_pass_layer_norm_gradients_are_as_accurate_as_jax_jit(dtype):
         err_plain = np.max(np.abs(np.asarray(plain[name], np.float64) - r))
         floor = 8 * np.finfo(np.float32).eps * np.max(np.abs(r))
         assert err_fused <= 1.25 * err_plain + floor, (name, err_fused, err_plain)
+
+
+def _penzai_llamalike():
+    pz = pytest.importorskip("penzai.pz", reason="penzai is not installed (test extra)")
+    from penzai.models.transformer.variants import llamalike_common
+    config = llamalike_common.LlamalikeTransformerConfig(
+        num_kv_heads=2, query_head_multiplier=2, embedding_dim=24, projection_dim=8,
+        mlp_hidden_dim=32, num_decoder_blocks=1, vocab_size=16, mlp_variant="swiglu",
+        tie_embedder_and_logits=False)
+    model = llamalike_common.build_llamalike_transformer(config, init_base_rng=jax.random.key(0))
+
+    def run(model, tokens):
+        logits = model(pz.nx.wrap(tokens).tag("batch", "seq"),
+                       token_positions=pz.nx.arange("seq", tokens.shape[1]))
+        return logits.untag("batch", "seq", "vocabulary").unwrap()
+
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 16, (2, 8)), jnp.int32)
+    return pz, model, run, tokens
+
+
+def test_penzai_llamalike_norms_and_glus_fuse(rng):
+    """penzai normalizes over a named axis that is not always last, holds eps as a captured
+    array, scales through a batch-only dot_general and puts copies between the GLU's matmuls and
+    its product: all three norms and the GLU fuse, with jax.jit's answers."""
+    pz, model, run, tokens = _penzai_llamalike()
+    unbound, params = pz.unbind_params(model, freeze=True)
+    f = lambda params, tokens: run(pz.bind_variables(unbound, params), tokens)
+    report = jfuse.explain(f)(params, tokens)
+    assert report.fused == {"rms_norm": 3, "glu": 1, "attention": 1}, str(report)
+    assert not report.missed, str(report)
+    assert any("axis 0 of" in s.detail for s in report.sites if s.pattern == "rms_norm")
+    # Without attention, whose blockwise op differs from the dense code by rounding, the CPU
+    # replay of the norms and GLUs gives jax.jit's forward exactly.
+    fused = jfuse.fuse(f, patterns=("norm", "glu"))
+    np.testing.assert_array_equal(jax.jit(fused)(params, tokens), jax.jit(f)(params, tokens))
+    grad = lambda fn: jax.jit(jax.grad(lambda p, t: jnp.sum(jnp.sin(fn(p, t)))))
+    chex.assert_trees_all_close(grad(fused)(params, tokens), grad(f)(params, tokens),
+                                **tolerance(jnp.float32))
+
+
+def test_penzai_model_passed_whole_reports_its_traced_eps():
+    """Passed whole, a penzai model carries eps as an array leaf, traced like the weights: the
+    norms are reported (TRACED_CONSTANT), not silently left alone."""
+    pz, model, run, tokens = _penzai_llamalike()
+    report = jfuse.explain(run)(pz.freeze_params(model), tokens)
+    assert "rms_norm" not in report.fused
+    assert [m.reason for m in report.missed if m.pattern == "rms_norm"] == (
+        [MissReason.TRACED_CONSTANT] * 3), str(report)
