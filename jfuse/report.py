@@ -22,6 +22,7 @@ class MissReason(str, enum.Enum):
     UNSUPPORTED_ACTIVATION = "unsupported activation"
     BIAS_SHAPE = "bias shape"
     NORMALIZED_AXIS = "normalized axis"
+    TRACED_CONSTANT = "a constant of the block is traced"  # e.g. a norm's eps passed as an array
     OPAQUE_CUSTOM_VJP = "inside an opaque custom_vjp"
     PATTERN_DISABLED = "pattern disabled"
     NO_KERNEL = "no kernel for this backend"  # under implementation="pallas"

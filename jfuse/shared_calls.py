@@ -56,6 +56,18 @@ def _literal_token(atom: Any) -> Hashable:
     return ("literal", str(atom.aval), value.dtype.str, value.shape, value.tobytes())
 
 
+def _scalar_constant(graph: Any, atom: Any) -> Hashable | None:
+    """A token for a single-element constant of the jaxpr read by the block (penzai's eps): the
+    replay uses its trace-time value, so two blocks share a function only when it is equal."""
+    if graph is None or not isinstance(atom, jx.Var) or atom.aval.size != 1:
+        return None
+    value = graph.constant(atom)
+    if value is None:
+        return None
+    value = np.asarray(value)
+    return ("constant", str(atom.aval), value.dtype.str, value.tobytes())
+
+
 def block_signature(site: Any) -> Hashable | None:
     """A key equal for two sites exactly when their blocks compute the same thing the same way
     from inputs of the same types; None when the block cannot be described (then it is emitted
@@ -71,6 +83,9 @@ def block_signature(site: Any) -> Hashable | None:
             return _literal_token(atom)
         if atom in tokens:
             return tokens[atom]
+        constant = _scalar_constant(graph, atom)
+        if constant is not None:  # baked into the block by its replay: part of the signature
+            return constant
         producer = graph.producer(atom) if graph is not None else None
         if producer is None or depth > _MAX_DEPTH or producer.effects:
             raise _Unshareable

@@ -104,6 +104,48 @@ def test_geglu_with_torch_style_weights_and_up_first(gelu, rng):
     assert_same_answers(mlp, *args)
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["no bias", "bias"])
+def test_equinox_features_first_glu_vmapped(bias, rng):
+    """Equinox's per-example Linear is ``W · x``; under vmap the products have the features first
+    (without a bias) or are transposed back before the bias add. Either way one GLU fuses."""
+    eqx = pytest.importorskip("equinox")
+
+    class SwiGLU(eqx.Module):
+        gate: eqx.nn.Linear
+        up: eqx.nn.Linear
+
+        def __init__(self, key):
+            a, b = jax.random.split(key)
+            self.gate = eqx.nn.Linear(16, 24, use_bias=bias, key=a)
+            self.up = eqx.nn.Linear(16, 24, use_bias=bias, key=b)
+
+        def __call__(self, x):
+            return jax.nn.silu(self.gate(x)) * self.up(x)
+
+    f = lambda m, x: jax.vmap(m)(x)
+    args = (SwiGLU(jax.random.key(0)), jnp.asarray(rng.standard_normal((7, 16)), jnp.float32))
+    report = jfuse.explain(f)(*args)
+    assert report.fused == {"glu": 1} and not report.missed, str(report)
+    assert "W·x" in report.sites[0].detail, report.sites[0].detail
+    assert ("bias_gate+bias_up" in report.sites[0].detail) == bias
+    assert_same_answers(f, *args)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_features_first_glu_on_columns(dtype, rng):
+    """``W @ x`` with the tokens as columns of x (K, T): the op takes xᵀ and the result is
+    transposed back, both exact."""
+    def mlp(x, wg, wu):
+        return jax.nn.gelu(wg @ x) * (wu @ x)
+
+    args = (jnp.asarray(rng.standard_normal((16, 5)), dtype), _w(rng, 24, 16).astype(dtype),
+            _w(rng, 24, 16).astype(dtype))
+    report = jfuse.explain(mlp)(*args)
+    assert report.fused == {"glu": 1} and not report.missed, str(report)
+    assert "W·x (features first)" in report.sites[0].detail, report.sites[0].detail
+    assert_same_answers(mlp, *args, dtype=dtype)
+
+
 def test_scan_over_layers_with_remat(rng):
     n_layers, d, f = 3, 16, 32
     # Stacked per-layer weights, scaled by their fan-in so activations stay O(1) through layers.

@@ -4,7 +4,8 @@ The passes recognise an activation or a norm by what it computes, not by how it 
 evaluate the candidate block on probe values in float64 and compare it with each known reference
 (see :mod:`jfuse.passes._elementwise` and :mod:`jfuse.passes.norm`). This module is the
 evaluator they share: one table of float64 rules per primitive (elementwise math, ``reduce_sum``,
-broadcasts and unit-dim reshapes) and :func:`probe`, which runs a block through it.
+broadcasts, transposes, batch-only products and unit-dim reshapes) and :func:`probe`, which runs
+a block through it.
 
 Broadcasts stay lazy: a value broadcast along a dim keeps size 1 there and numpy broadcasting
 does the rest, so a probe of a (rows, hidden) block costs what the rows cost. A primitive outside
@@ -70,6 +71,11 @@ ELEMENTWISE = frozenset(UNARY) | frozenset(BINARY) | {"integer_pow", "select_n",
                                                       "convert_element_type"}
 # The shape primitives it evaluates (lazily, see the module docstring).
 SHAPE = frozenset({"broadcast_in_dim"}) | compat.RESHAPE_PRIMITIVES
+# What moves axes or scales along them without mixing values: ``transpose``, and a
+# ``dot_general`` with batch dimensions only (penzai applies a norm's scale this way: an
+# elementwise product whose batch dims come first in the result). Passes that admit these into a
+# block say so; they are not in ``SHAPE``.
+LAYOUT = frozenset({"transpose", "dot_general"})
 
 
 class _Unknown(Exception):
@@ -125,8 +131,33 @@ def _unit_dim_reshape(eqn, args):
     return np.reshape(value, [next(sizes) if d != 1 else 1 for d in out_shape])
 
 
+def _transpose(eqn, args):
+    value = np.asarray(args[0], np.float64)
+    if value.ndim != len(eqn.params["permutation"]):
+        raise _Unknown
+    return np.transpose(value, eqn.params["permutation"])
+
+
+def _batch_only_product(eqn, args):
+    """A ``dot_general`` that contracts nothing: an elementwise product laid out as (batch dims,
+    lhs free dims, rhs free dims). Sizes kept at 1 by lazy broadcasting broadcast as usual."""
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    lhs, rhs = (np.asarray(a, np.float64) for a in args)
+    if lc or rc or lhs.ndim != eqn.invars[0].aval.ndim or rhs.ndim != eqn.invars[1].aval.ndim:
+        raise _Unknown
+    lfree = [i for i in range(lhs.ndim) if i not in lb]
+    rfree = [i for i in range(rhs.ndim) if i not in rb]
+    lhs = np.transpose(lhs, list(lb) + lfree)
+    rhs = np.transpose(rhs, list(rb) + rfree)
+    lhs = np.reshape(lhs, lhs.shape + (1,) * len(rfree))
+    rhs = np.reshape(rhs, rhs.shape[:len(rb)] + (1,) * len(lfree) + rhs.shape[len(rb):])
+    return lhs * rhs
+
+
 _RULES: dict[str, Callable[[Any, list], np.ndarray]] = {
     "reduce_sum": _reduce_sum,
+    "transpose": _transpose,
+    "dot_general": _batch_only_product,
     "broadcast_in_dim": _broadcast_in_dim,
     **{name: _unit_dim_reshape for name in compat.RESHAPE_PRIMITIVES},
 }
@@ -166,7 +197,7 @@ def probe(
                 rule = _RULES.get(eqn.primitive.name)
                 try:
                     out = rule(eqn, args) if rule is not None else evaluate_elementwise(eqn, args)
-                except _Unknown:
+                except (_Unknown, ValueError):  # ValueError: operands that do not broadcast
                     return None
             if out is None:
                 return None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Sequence
 
+import numpy as np
 
 from jfuse._jax import jaxpr as jx
 from jfuse.config import FuseOptions
@@ -178,6 +179,15 @@ def plan_rewrites(graph: Graph, patterns: Sequence[Pattern], options: FuseOption
     return Plan(emit_before, claimed, sites, misses)
 
 
+def small_constant(graph: Graph | None, atom: Any) -> np.ndarray | None:
+    """The trace-time value of a single-element constant of the jaxpr (not a literal: a scalar
+    array captured by the user's function), in its own dtype; None for anything else."""
+    if graph is None or not isinstance(atom, jx.Var) or atom.aval.size != 1:
+        return None
+    value = graph.constant(atom)
+    return None if value is None else np.asarray(value, atom.aval.dtype)
+
+
 def replay_block(
     eqns: Sequence[jx.JaxprEqn],
     inputs: Sequence[Any],
@@ -198,6 +208,11 @@ def replay_block(
         # A value the block reads but left in the graph (a constant, or a convert of an input
         # that other code reads too): recompute it here from its own equation.
         if atom in env:
+            return
+        constant = small_constant(graph, atom)
+        if constant is not None:
+            # A scalar the jaxpr holds as a constant (penzai's eps): its trace-time value.
+            env.write([atom], [constant])
             return
         producer = graph.producer(atom) if graph is not None else None
         if producer is None or producer.effects or jx.jaxpr_params(producer) or depth > 8:

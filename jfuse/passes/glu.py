@@ -8,6 +8,14 @@ must be a recognized activation of its branch (the gate, see ``_elementwise``); 
 is used as it is. Both must read the same ``x``. Trailing float converts of the product are
 included, so bf16 models with f32 gates match.
 
+Features-first layouts match too: ``W · x`` with ``W`` of shape (N, K) or (K, N) and the
+features on any axis of ``x`` (Equinox's per-example ``eqx.nn.Linear`` under ``vmap``, with or
+without the transpose back that a bias add brings), and any contracted axis of ``x`` in the usual
+order. The emitted code moves ``x``'s contracted axis last for the op and the output features
+back to where the block has them (exact transposes, fused by XLA). When both operands of the
+matmuls are 2-D either could be the activations; the one the gate and up matmuls share is.
+``penzai``'s ``copy`` steps between the matmuls and the product are read through.
+
 Near-misses, with their reasons: a product (gate or up) read by anything else, and a gate computed
 from a different input than the up branch.
 """
@@ -29,12 +37,14 @@ from jfuse.graph import Graph
 from jfuse.ops.glu import fused_glu, glu_refusals
 from jfuse.passes._elementwise import match_activation
 from jfuse.passes._matmul import bias_source, is_float, is_miss, look_through_weight_transpose
-from jfuse.passes._matmul import matmul_orientation, other_operand
+from jfuse.passes._matmul import moves_first_axis_last, other_operand
 from jfuse.passes.base import AUTODIFF_HINT, MatchResult, Pattern, Site, replay_block
 from jfuse.report import MissedFusion, MissReason
 
 NAME = "glu"
 _MAX_GATE_DEPTH = 48
+# Identity steps some libraries put between a matmul and its reader (penzai's named axes).
+_COPIES = ("copy", "copy_p")
 
 
 @dataclasses.dataclass
@@ -51,16 +61,22 @@ class _Branch:
     bias: Any = None
     bias_select: Callable[[Any], Any] | None = None
     layout: str = "separate"
+    x_axis: int = -1  # the axis of x the matmul contracts
+    # W · x: the weight is the matmul's left operand; the value then has the features first,
+    # unless a transpose back (absorbed in eqns) put them last.
+    weight_first: bool = False
+    features_first: bool = False
 
 
 def _strip_converts(graph: Graph, var: Any) -> tuple[Any, list[jx.JaxprEqn]]:
-    """Walk back through float-to-float converts read only by the next step."""
+    """Walk back through float-to-float converts and copies read only by the next step."""
     eqns = []
     while isinstance(var, jx.Var):
         producer = graph.producer(var)
         if (
             producer is None
-            or producer.primitive.name != "convert_element_type"
+            or producer.primitive.name not in ("convert_element_type",) + _COPIES
+            or not isinstance(producer.invars[0], jx.Var)
             or not is_float(producer.invars[0].aval)
             or len(graph.users(var)) != 1
         ):
@@ -68,6 +84,32 @@ def _strip_converts(graph: Graph, var: Any) -> tuple[Any, list[jx.JaxprEqn]]:
         eqns.append(producer)
         var = producer.invars[0]
     return var, eqns
+
+
+def _strip_copies(graph: Graph, var: Any) -> tuple[Any, list[jx.JaxprEqn]]:
+    """Walk back through copies read only by the next step."""
+    eqns = []
+    while isinstance(var, jx.Var):
+        producer = graph.producer(var)
+        if (producer is None or producer.primitive.name not in _COPIES
+                or len(graph.users(var)) != 1 or graph.is_output(var)):
+            break
+        eqns.append(producer)
+        var = producer.invars[0]
+    return var, eqns
+
+
+def _transposed_back(graph: Graph, var: Any) -> jx.JaxprEqn | None:
+    """The transpose that makes ``var`` from a features-first matmul output, moving the
+    features last (Equinox's vmapped Linear, before its bias), if that is how ``var`` is made."""
+    producer = graph.producer(var)
+    if producer is None or producer.primitive.name != "transpose" or not moves_first_axis_last(
+            producer):
+        return None
+    source, _ = _strip_copies(graph, producer.invars[0])
+    if graph.sole_user(producer.invars[0]) is not producer or not _is_dot(graph, source):
+        return None
+    return producer
 
 
 @dataclasses.dataclass
@@ -141,22 +183,35 @@ def _slice_of_fused_product(graph: Graph, var: Any) -> _Half | None:
     return _Half(source, [producer], lo=lo, hi=hi)
 
 
-def _linear_branch(graph: Graph, var: Any) -> _Branch | None:
-    """Describe ``var`` as a linear branch, or None."""
+def _feature_axis(graph: Graph, var: Any, weight_first: bool) -> int:
+    """Where the output features sit in ``var``, a matmul output (through copies) or its
+    transpose back: first for ``W · x`` not transposed back, else last."""
+    if weight_first and _transposed_back(graph, var) is None:
+        return 0
+    return var.aval.ndim - 1
+
+
+def _linear_branch(graph: Graph, var: Any, weight_first: bool = False) -> _Branch | None:
+    """Describe ``var`` as a linear branch, or None. ``weight_first``: read the matmul as
+    ``W · x`` (the weight its left operand) rather than ``x · W``."""
     eqns: list[jx.JaxprEqn] = []
     value = var
     bias = bias_select = None
     producer = graph.producer(var)
     if producer is not None and producer.primitive.name == "add":
         for operand in producer.invars:
+            if not isinstance(operand, jx.Var) or not _reaches_dot(graph, operand):
+                continue
             found = bias_source(graph, other_operand(producer, operand), producer, operand,
-                                operand.aval.ndim - 1) if isinstance(operand, jx.Var) else None
-            if found is not None and not is_miss(found) and _reaches_dot(graph, operand):
+                                _feature_axis(graph, operand, weight_first))
+            if found is not None and not is_miss(found):
                 bias, bias_eqns = found
                 eqns += [producer] + bias_eqns
                 var = operand
                 break
-    half = _slice_of_fused_product(graph, var)
+    var, copies = _strip_copies(graph, var)
+    eqns += copies
+    half = None if weight_first else _slice_of_fused_product(graph, var)
     layout = "separate"
     if half is not None:
         var, layout = half.source, half.layout
@@ -175,30 +230,53 @@ def _linear_branch(graph: Graph, var: Any) -> _Branch | None:
                     eqns += [producer] + bias_eqns
                     var = operand
                     break
+    back = _transposed_back(graph, var) if weight_first else None
+    if back is not None:
+        eqns.append(back)
+        var, copies = _strip_copies(graph, back.invars[0])
+        eqns += copies
     dot = graph.producer(var)
     if dot is None or dot.primitive.name != "dot_general":
         return None
     if layout == "(K, 2, N)":
         oriented = _tokamax_orientation(dot)
     else:
-        oriented = matmul_orientation(graph, dot)
-    if oriented is None or oriented[3]:  # features-first (Equinox) layouts are not handled here
+        oriented = _orientation(dot, weight_first)
+    if oriented is None:
         return None
-    x, w, w_is_nk, _ = oriented
+    x, w, w_is_nk, x_axis = oriented
     w, w_is_nk, weight_eqns = look_through_weight_transpose(graph, dot, w, w_is_nk)
     eqns += [dot] + weight_eqns
     weight_select = None if half is None else half.weight_select(w_is_nk)
-    return _Branch(dot, x, w, w_is_nk, value, eqns, weight_select, bias, bias_select, layout)
+    return _Branch(dot, x, w, w_is_nk, value, eqns, weight_select, bias, bias_select, layout,
+                   x_axis, weight_first, weight_first and back is None)
+
+
+def _orientation(dot: jx.JaxprEqn, weight_first: bool):
+    """(x, w, w_is_nk, x_axis) for a matmul of activations ``x`` (any rank, contracted on
+    ``x_axis``) with a 2-D weight, read as ``x · W`` or, with ``weight_first``, ``W · x``."""
+    (lc, rc), (lb, rb) = dot.params["dimension_numbers"]
+    if lb or rb or len(lc) != 1:
+        return None
+    if not all(is_float(a.aval) for a in (*dot.invars, dot.outvars[0])):
+        return None
+    lhs, rhs = dot.invars
+    (x, x_axis), (w, w_axis) = ((rhs, rc[0]), (lhs, lc[0])) if weight_first else (
+        (lhs, lc[0]), (rhs, rc[0]))
+    if w.aval.ndim != 2:
+        return None
+    return x, w, w_axis == 1, int(x_axis)
 
 
 def _is_dot(graph: Graph, var: Any) -> bool:
-    producer = graph.producer(var)
+    producer = graph.producer(_strip_copies(graph, var)[0])
     return producer is not None and producer.primitive.name == "dot_general"
 
 
 def _reaches_dot(graph: Graph, var: Any) -> bool:
-    """``var`` is a matmul output, or a slice of one (a fused-weight half)."""
-    if _is_dot(graph, var):
+    """``var`` is a matmul output (through copies, or a features-first one transposed back), or
+    a slice of one (a fused-weight half)."""
+    if _is_dot(graph, var) or _transposed_back(graph, var) is not None:
         return True
     half = _slice_of_fused_product(graph, var)
     if half is None:
@@ -217,7 +295,7 @@ def _tokamax_orientation(dot: jx.JaxprEqn):
         return None
     if lc[0] != x.aval.ndim - 1 or w.aval.shape[1] != 2:
         return None
-    return x, w, False, False
+    return x, w, False, int(lc[0])  # (x, w, w_is_nk, x_axis), as _orientation
 
 
 def _gate(graph: Graph, operand: Any):
@@ -273,12 +351,18 @@ def match_glu(graph: Graph, mul: jx.JaxprEqn, options: FuseOptions) -> MatchResu
             why.append("the other operand is not a recognized activation of a matmul")
             continue
         gate_pre, activation = gate
-        gate_branch = _linear_branch(graph, gate_pre)
-        up_branch = _linear_branch(graph, up_var)
-        if gate_branch is None or up_branch is None:
-            why.append("a branch is not x times a 2-D weight (features-first layouts are not "
-                       "handled)")
+        readings = []
+        for weight_first in (False, True):
+            gate_branch = _linear_branch(graph, gate_pre, weight_first)
+            up_branch = _linear_branch(graph, up_var, weight_first)
+            if gate_branch is not None and up_branch is not None:
+                readings.append((gate_branch, up_branch))
+        if not readings:
+            why.append("a branch is not x times a 2-D weight (or W times x)")
             continue
+        # Two 2-D operands read either way: the activations are what both matmuls share.
+        shared = [r for r in readings if r[0].x is r[1].x] or readings
+        gate_branch, up_branch = shared[0]
         return _check_and_build(graph, mul, gate_branch, up_branch, activation, up_converts,
                                 options)
     if debug_enabled(NAME) and any("matmul" in w for w in why[1:] + why[:1]):
@@ -296,6 +380,8 @@ def _check_and_build(graph, mul, gate: _Branch, up: _Branch, activation, up_conv
             "the gate and up matmuls read different inputs"))
         return result
     if gate.layout != up.layout or gate.w_is_nk != up.w_is_nk or (
+        gate.x_axis != up.x_axis or gate.features_first != up.features_first
+    ) or (
         gate.layout == "separate" and tuple(gate.w.aval.shape) != tuple(up.w.aval.shape)
     ) or (gate.layout != "separate" and gate.w is not up.w):
         reject(NAME, mul, "gate and up weights differ in layout or shape")
@@ -356,10 +442,18 @@ def _site(graph, mul, eqns, gate: _Branch, up: _Branch, activation, out, options
     block_replay = replay_block(eqns, inputs, [out, gate.value, up.value], graph)
     dot = gate.dot
     out_dtype = out.aval.dtype
+    # The op takes x with its contracted axis last and gives the features last.
+    x_axis = gate.x_axis % gate.x.aval.ndim
+    move_x = x_axis != gate.x.aval.ndim - 1
+    features_first = gate.features_first and out.aval.ndim > 1
+
+    def replay(x_, *param_values):  # the op's layout in and out, the user's equations inside
+        results = block_replay(jnp.moveaxis(x_, -1, x_axis) if move_x else x_, *param_values)
+        return tuple(jnp.moveaxis(r, 0, -1) for r in results) if features_first else results
 
     def emit(x, *param_values):
-        return [fused_glu(
-            x,
+        y = fused_glu(
+            jnp.moveaxis(x, x_axis, -1) if move_x else x,
             tuple(param_values),
             activation=activation.activation,
             sources=sources,
@@ -368,12 +462,15 @@ def _site(graph, mul, eqns, gate: _Branch, up: _Branch, activation, out, options
             preactivation_dtype=gate.value.aval.dtype,
             precision=dot.params.get("precision"),
             implementation=options.implementation,
-            replay=block_replay,
-        )]
+            replay=replay,
+        )
+        return [jnp.moveaxis(y, -1, 0) if features_first else y]
 
-    k = gate.x.aval.shape[-1]
-    n = out.aval.shape[-1]
-    m = int(np.prod(gate.x.aval.shape[:-1], dtype=np.int64))
+    x_shape = list(gate.x.aval.shape)
+    k = x_shape.pop(x_axis)
+    x_aval = gate.x.aval.update(shape=tuple(x_shape) + (k,))
+    n = out.aval.shape[0 if features_first else -1]
+    m = int(np.prod(x_shape, dtype=np.int64))
     biases = "+".join(b for b, v in (("bias_gate", gate.bias), ("bias_up", up.bias)) if v is not None)
     detail = (f"{activation.activation} gate{', ' + biases if biases else ''} "
               f"({m}x{k})@({k}x{n})x2 {np.dtype(out_dtype).name}")
@@ -381,8 +478,10 @@ def _site(graph, mul, eqns, gate: _Branch, up: _Branch, activation, out, options
         detail += f", fused {gate.layout} weight"
     if gate.w_is_nk:
         detail += ", W as (N, K)"
+    if gate.weight_first:
+        detail += ", W·x" + (" (features first)" if features_first else "")
     refusals = glu_refusals(
-        gate.x.aval, [p.aval for p in params], activation=activation.activation, sources=sources,
+        x_aval, [p.aval for p in params], activation=activation.activation, sources=sources,
         weights_transposed=gate.w_is_nk, out_dtype=out_dtype,
         preactivation_dtype=gate.value.aval.dtype, precision=dot.params.get("precision"),
         implementation=options.implementation)

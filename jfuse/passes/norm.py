@@ -15,16 +15,24 @@ Every library spells a norm differently (``mean(x*x)``, ``square``, ``x**2``, ``
    which the bias, scale offset 0 or 1, ``eps`` among the block's constants. The first exact match
    (relative error < 1e-6) is the fused op's configuration.
 
-A norm over any other axis is a miss (``NORMALIZED_AXIS``). When ``h = x + y`` of two full
-arrays, the add joins the block; if ``h`` is read elsewhere (the next residual add) the fused op
-returns it as a second output.
+A norm over one axis that is not last (a features-first array, penzai's named axes) fuses too:
+the emitted code moves that axis last for the op and the result back to the block's layout
+(transposes XLA fuses into its neighbours). The block may itself move axes and apply its scale
+through a batch-only ``dot_general`` (penzai does both); its output may be any permutation of
+``h``. A norm over several axes is a miss (``NORMALIZED_AXIS``), as is one whose ``eps`` is a
+traced value rather than a constant (``TRACED_CONSTANT``: the op takes ``eps`` as a number).
+A scalar the jaxpr holds as a constant (penzai's ``epsilon``, an array captured at trace time)
+counts as a constant. When ``h = x + y`` of two full arrays, the add joins the block; if ``h`` is
+read elsewhere (the next residual add) the fused op returns it as a second output.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from jfuse._jax import jaxpr as jx
@@ -36,7 +44,7 @@ from jfuse.graph import Graph, literal_value
 from jfuse.ops.norm import fused_norm, norm_refusals
 from jfuse.passes._matmul import is_float
 from jfuse.passes.base import AUTODIFF_HINT, MatchResult, Pattern, Site
-from jfuse.passes.base import replay_block
+from jfuse.passes.base import replay_block, small_constant
 from jfuse.report import MissedFusion, MissReason
 
 # The pass's name, which stands for all four patterns in patterns=, JFUSE_DISABLE and JFUSE_DEBUG.
@@ -45,7 +53,9 @@ NAMES = ("rms_norm", "layer_norm", "add_rms_norm", "add_layer_norm")
 _MAX_REGION = 64
 _SHAPE_OPS = probe.SHAPE
 # What a norm block is made of: exactly what the float64 probe can evaluate.
-_REGION_OPS = probe.ELEMENTWISE | probe.SHAPE | {"reduce_sum"}
+_REGION_OPS = probe.ELEMENTWISE | probe.SHAPE | probe.LAYOUT | {"reduce_sum"}
+# A block's output is compared against every layout of the norm with these many axes at most.
+_MAX_RANK = 6
 
 
 def _scalar_constant(graph: Graph, atom: Any, depth: int = 8) -> float | None:
@@ -57,6 +67,9 @@ def _scalar_constant(graph: Graph, atom: Any, depth: int = 8) -> float | None:
     value = literal_value(atom)
     if value is not None or depth == 0 or not isinstance(atom, jx.Var):
         return value
+    constant = small_constant(graph, atom)
+    if constant is not None and jnp.issubdtype(constant.dtype, jnp.number):
+        return float(constant.reshape(()))
     producer = graph.producer(atom)
     if producer is None or producer.effects or len(producer.outvars) != 1:
         return None
@@ -86,9 +99,9 @@ def _strip_converts(graph: Graph, var: Any) -> Any:
     return var
 
 
-def _reduced_base(graph: Graph, t: Any) -> Any:
-    """What a row reduction reduces, seen through ``x*x``, ``x**2``, ``square``, ``x - mean``
-    and the float converts libraries put around reductions of narrow dtypes."""
+def _reduced_base(graph: Graph, t: Any, axis: int) -> Any:
+    """What a row reduction over ``axis`` reduces, seen through ``x*x``, ``x**2``, ``square``,
+    ``x - mean`` and the float converts libraries put around reductions of narrow dtypes."""
     t = _strip_converts(graph, t)
     producer = graph.producer(t)
     if producer is not None:
@@ -105,7 +118,8 @@ def _reduced_base(graph: Graph, t: Any) -> Any:
     producer = graph.producer(t)
     if producer is not None and producer.primitive.name == "sub":
         a, b = producer.invars
-        if isinstance(b, jx.Var) and tuple(b.aval.shape)[-1:] == (1,) or _scalar_constant(graph, b) is not None:
+        keeps_axis = isinstance(b, jx.Var) and b.aval.ndim == a.aval.ndim and b.aval.shape[axis] == 1
+        if keeps_axis or _scalar_constant(graph, b) is not None:
             t = a
         elif isinstance(b, jx.Var) and graph.producer(b) is not None and graph.producer(b).primitive.name == "broadcast_in_dim":
             t = a
@@ -131,12 +145,14 @@ def _reductions_behind(graph: Graph, var: Any) -> list[jx.JaxprEqn]:
 
 
 class _Region:
-    """Equations computed from the root ``h``, statistics, hidden-dim vectors and constants."""
+    """Equations computed from the root ``h``, statistics, hidden-dim vectors and constants;
+    ``axis`` is the normalized axis of ``h``."""
 
-    def __init__(self, graph: Graph, root: jx.Var):
+    def __init__(self, graph: Graph, root: jx.Var, axis: int):
         self.graph = graph
         self.root = root
-        self.hidden = root.aval.shape[-1]
+        self.axis = axis
+        self.hidden = root.aval.shape[axis]
         self.eqns: list[jx.JaxprEqn] = []
         self.params: list[Any] = []  # vectors over the hidden dim entering the block
         self.constants: dict[Any, float] = {}
@@ -156,6 +172,9 @@ class _Region:
                     continue
                 if user.primitive.name == "convert_element_type" and not is_float(user.outvars[0].aval):
                     continue
+                if user.primitive.name == "dot_general" and any(
+                        user.params["dimension_numbers"][0]):
+                    continue  # a contraction mixes rows: the next layer, not this norm
                 seen.add(id(user))
                 self.eqns.append(user)
                 members.add(user.outvars[0])
@@ -166,7 +185,11 @@ class _Region:
 
     def _is_vector(self, atom: Any) -> bool:
         shape = tuple(atom.aval.shape)
-        return bool(shape) and shape[-1] == self.hidden and all(d == 1 for d in shape[:-1])
+        if self.axis == self.root.aval.ndim - 1:
+            return bool(shape) and shape[-1] == self.hidden and all(d == 1 for d in shape[:-1])
+        # The block may move axes, so a vector may lie along any one axis; the probe checks
+        # that it scales the normalized one.
+        return self.hidden in shape and sum(d != 1 for d in shape) <= (self.hidden != 1)
 
     def _operand(self, atom: Any, members: set) -> bool:
         if isinstance(atom, jx.Literal):
@@ -201,11 +224,13 @@ class _Region:
         source = producer.invars[0]
         if not isinstance(source, jx.Var) or not is_float(source.aval) or not self._is_vector(source):
             return None
-        out_rank = len(tuple(atom.aval.shape))
-        if out_rank > len(self.root.aval.shape) or tuple(atom.aval.shape)[-1:] != (self.hidden,):
+        shape = tuple(atom.aval.shape)
+        # where the normalized axis sits in ``atom``, which broadcasts against h from the right
+        target = self.axis - (len(self.root.aval.shape) - len(shape))
+        if target < 0 or shape[target] != self.hidden or source.aval.shape[-1] != self.hidden:
             return None
-        # the vector's hidden dim (its last) must land on the last axis, not on a row axis
-        if tuple(producer.params["broadcast_dimensions"])[-1] != out_rank - 1:
+        # the vector's hidden dim (its last) must land on the normalized axis, not on a row axis
+        if tuple(producer.params["broadcast_dimensions"])[-1] != target:
             return None
         return producer
 
@@ -238,25 +263,48 @@ def _reference_norm(h, subtract_mean, eps, scale, offset, bias):
     return n
 
 
-def _identify(region: _Region, eqns, eps_candidates, rng):
-    """(subtract_mean, eps, scale index, offset, bias index) the block computes, or None."""
-    hidden = region.hidden
+def output_layouts(root_shape: tuple, out_shape: tuple) -> list[tuple[int, ...]]:
+    """Every permutation ``perm`` with ``out = transpose(h, perm)`` possible by shape alone
+    (identity first): the layouts a norm's output may have relative to its input ``h``."""
+    rank = len(root_shape)
+    if len(out_shape) != rank or sorted(root_shape) != sorted(out_shape) or rank > _MAX_RANK:
+        return []
+    return [perm for perm in itertools.permutations(range(rank))
+            if tuple(root_shape[i] for i in perm) == tuple(out_shape)]
+
+
+def _identify(region: _Region, eqns, out, eps_candidates, rng):
+    """(subtract_mean, eps, scale index, offset, bias index, layout) the block computes, or
+    None; ``layout`` is the permutation of ``h``'s axes that is the output's."""
+    hidden, axis = region.hidden, region.axis
     rows = _probe_rows(hidden, rng)
     rank = len(region.root.aval.shape)
+    layouts = output_layouts(tuple(region.root.aval.shape), tuple(out.aval.shape))
     lead = {1: [(1,)] * 0, 2: (6,), 3: (2, 3)}.get(rank, (1,) * (rank - 3) + (2, 3))
     if rank == 1:
         root_values = [rows[i] for i in range(6)]
-    else:
-        root_values = [rows.reshape(tuple(lead) + (hidden,))]
+    else:  # probe rows along the normalized axis
+        root_values = [np.moveaxis(rows.reshape(tuple(lead) + (hidden,)), -1, axis)]
     params = [p for p in region.params if any(p in e.invars for e in eqns)]
     param_values = {p: rng.standard_normal(tuple(p.aval.shape)) + 1.5 for p in params}
     got = []
     for value in root_values:
-        out = probe.probe(eqns, {region.root: value, **param_values}, region.constants)
-        if out is None or np.shape(out)[-1:] not in ((hidden,), (1,)):
+        value_out = probe.probe(eqns, {region.root: value, **param_values}, region.constants)
+        if value_out is None:
             return None
-        got.append(np.broadcast_to(out, value.shape))
+        got.append(value_out)
     vectors = {p: np.reshape(v, (-1,)) for p, v in param_values.items()}
+
+    def matches(value_out, want, layout) -> bool:
+        # the reference, normalized along the last axis, in h's layout and then the output's
+        want = np.transpose(np.moveaxis(want, -1, axis), layout)
+        try:
+            value_out = np.broadcast_to(value_out, want.shape)
+        except ValueError:
+            return False
+        err = np.max(np.abs(value_out - want) / (1.0 + np.abs(want)))
+        return bool(np.isfinite(err) and err <= 1e-6)
+
     options = [None] + params
     for subtract_mean, eps in itertools.product((False, True), eps_candidates):
         for scale, bias in itertools.product(options, options):
@@ -266,17 +314,14 @@ def _identify(region: _Region, eqns, eps_candidates, rng):
             if used != set(params):  # every parameter the block reads must play a role
                 continue
             for offset in ((0.0, 1.0) if scale is not None else (0.0,)):
-                ok = True
-                for value, out in zip(root_values, got):
-                    want = _reference_norm(value, subtract_mean, eps,
-                                           None if scale is None else vectors[scale], offset,
-                                           None if bias is None else vectors[bias])
-                    err = np.max(np.abs(out - want) / (1.0 + np.abs(want)))
-                    if not np.isfinite(err) or err > 1e-6:
-                        ok = False
-                        break
-                if ok:
-                    return subtract_mean, eps, scale, offset, bias
+                wants = [_reference_norm(np.moveaxis(value, axis, -1), subtract_mean, eps,
+                                         None if scale is None else vectors[scale], offset,
+                                         None if bias is None else vectors[bias])
+                         for value in root_values]
+                for layout in layouts:
+                    if all(matches(value_out, want, layout)
+                           for value_out, want in zip(got, wants)):
+                        return subtract_mean, eps, scale, offset, bias, layout
     return None
 
 
@@ -317,14 +362,15 @@ def _param_chain(graph: Graph, atom: Any, block_ids: set[int]):
 
 
 def _root_aliases(graph: Graph, root: Any, eqns) -> set:
-    """Float converts of the root (``h.astype(f32)``), which CSE may share with other code."""
+    """Float converts and transposes of the root (``h.astype(f32)``, penzai's move of the
+    normalized axis), which CSE may share with other code."""
     aliases = set()
     frontier = [root]
     ids = {id(e) for e in eqns}
     while frontier:
         var = frontier.pop()
         for user in graph.users(var):
-            if (id(user) in ids and user.primitive.name == "convert_element_type"
+            if (id(user) in ids and user.primitive.name in ("convert_element_type", "transpose")
                     and user.outvars[0] not in aliases):
                 aliases.add(user.outvars[0])
                 frontier.append(user.outvars[0])
@@ -367,27 +413,42 @@ def match_norm(graph: Graph, anchor: jx.JaxprEqn, options: FuseOptions) -> Match
     if not reductions:
         _reject(anchor, "no row reduction (reduce_sum) feeds this root")
         return None
-    for red in reductions:
-        in_rank = len(red.invars[0].aval.shape)
-        if tuple(red.params["axes"]) != (in_rank - 1,):
-            return MatchResult(misses=[MissedFusion(
-                "layer_norm" if len(reductions) > 1 else "rms_norm",
-                MissReason.NORMALIZED_AXIS,
-                user_source_line(anchor),
-                "jfuse's norms normalize the last (hidden) axis; move the normalized axis last "
-                "(jnp.moveaxis) or leave this norm to XLA",
-                f"normalizes over axes {tuple(red.params['axes'])} of a rank-{in_rank} array",
-            )])
-    roots = {id(_reduced_base(graph, red.invars[0])): _reduced_base(graph, red.invars[0])
-             for red in reductions}
+    axes = {tuple(int(a) for a in red.params["axes"]) for red in reductions}
+    if len(axes) != 1 or len(next(iter(axes))) != 1:
+        in_rank = len(reductions[0].invars[0].aval.shape)
+        return MatchResult(misses=[MissedFusion(
+            "layer_norm" if len(reductions) > 1 else "rms_norm",
+            MissReason.NORMALIZED_AXIS,
+            user_source_line(anchor),
+            "jfuse's norms normalize one axis; reshape the normalized axes into one (or leave "
+            "this norm to XLA)",
+            f"normalizes over axes {' and '.join(map(str, sorted(axes)))} of a rank-{in_rank} "
+            "array",
+        )])
+    ((axis,),) = axes
+    roots = {id(_reduced_base(graph, red.invars[0], axis)):
+             _reduced_base(graph, red.invars[0], axis) for red in reductions}
     if len(roots) != 1:
         _reject(anchor, f"the reductions behind it reduce {len(roots)} different arrays")
         return None
     (root,) = roots.values()
     if not isinstance(root, jx.Var) or not is_float(root.aval) or not root.aval.shape:
         return None
-    region = _Region(graph, root)
+    if root.aval.ndim != reductions[0].invars[0].aval.ndim:
+        _reject(anchor, "the reduced array and the normalized one differ in rank")
+        return None
+    region = _Region(graph, root, axis)
     if id(anchor) not in {id(e) for e in region.eqns}:
+        traced = _traced_scalar(graph, v, region)
+        if traced is not None:
+            return MatchResult(misses=[MissedFusion(
+                "layer_norm" if len(reductions) > 1 else "rms_norm",
+                MissReason.TRACED_CONSTANT, user_source_line(anchor),
+                "jfuse's norm takes eps as a number known at trace time, and this one arrives as "
+                "a traced value (a model passed whole into the jitted function carries eps as an "
+                "array leaf): pass only the parameters and close over the rest "
+                "(pz.unbind_params, eqx.partition), or leave this norm to XLA",
+                f"eps (or another scalar of the block) is the traced {traced.aval.str_short()}")])
         _reject(anchor, f"the statistic is not computed from {root.aval.str_short()} and "
                "per-row reductions alone")
         return None
@@ -400,7 +461,7 @@ def match_norm(graph: Graph, anchor: jx.JaxprEqn, options: FuseOptions) -> Match
     hidden_by_autodiff = False
     for candidate in reversed(region.eqns):
         out = candidate.outvars[0]
-        if tuple(out.aval.shape) != full:
+        if not output_layouts(full, tuple(out.aval.shape)):
             continue
         eqns = region.ancestors(out)
         ids = {id(e) for e in eqns}
@@ -414,7 +475,7 @@ def match_norm(graph: Graph, anchor: jx.JaxprEqn, options: FuseOptions) -> Match
                    "outside the block")
             hidden_by_autodiff = hidden_by_autodiff or _read_by_autodiff(graph, eqns, out, aliases)
             continue
-        found = _identify(region, eqns, eps_candidates, rng)
+        found = _identify(region, eqns, out, eps_candidates, rng)
         if found is None:
             _reject(anchor, f"candidate output {out.aval.str_short()} at "
                    f"{user_source_line(candidate)} does not compute an RMS/Layer norm of "
@@ -425,7 +486,8 @@ def match_norm(graph: Graph, anchor: jx.JaxprEqn, options: FuseOptions) -> Match
             # replay recomputes it.
             absorbed = [e for e in eqns if e.outvars[0] not in aliases
                         or graph.read_only_within(e.outvars[0], eqns)]
-            return MatchResult(site=_site(graph, anchor, root, absorbed, out, found, options))
+            return MatchResult(site=_site(graph, anchor, root, axis, absorbed, out, found,
+                                          options))
     if hidden_by_autodiff:
         return MatchResult(misses=[MissedFusion(
             "rms_norm" if len(reductions) == 1 else "layer_norm", MissReason.INTERMEDIATE_ESCAPES,
@@ -437,14 +499,70 @@ def match_norm(graph: Graph, anchor: jx.JaxprEqn, options: FuseOptions) -> Match
     return None
 
 
+def _traced_scalar(graph: Graph, v: Any, region: _Region) -> jx.Var | None:
+    """A float scalar input of the jaxpr that is traced (not a constant) and that the statistic
+    ``v`` reads: a norm whose eps the op cannot take as a number."""
+    stack, seen = [v], set()
+    while stack and len(seen) < _MAX_REGION:
+        var = stack.pop()
+        if not isinstance(var, jx.Var) or var in seen or var in region.members:
+            continue
+        seen.add(var)
+        producer = graph.producer(var)
+        if producer is None:
+            if var.aval.size == 1 and is_float(var.aval) and var not in region.constants:
+                return var
+            continue
+        if producer.primitive.name in _REGION_OPS and producer.primitive.name != "reduce_sum":
+            stack.extend(producer.invars)
+    return None
+
+
 def _read_by_autodiff(graph: Graph, eqns, out, aliases) -> bool:
     return any(graph.hidden_by_autodiff(reader)
                for e in eqns if e.outvars[0] is not out and e.outvars[0] not in aliases
                for reader in graph.readers_outside(e.outvars[0], eqns))
 
 
-def _site(graph, anchor, root, eqns, out, found, options) -> Site:
-    subtract_mean, eps, scale, offset, bias = found
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """How the op's layout (normalized axis last) relates to the block's: ``h`` normalizes its
+    ``axis``, and the block's output is that norm, in ``h``'s layout, transposed by ``perm``.
+    Transposes are exact, so moving the axes changes no value."""
+
+    axis: int
+    rank: int
+    perm: tuple[int, ...]
+
+    @property
+    def identity(self) -> bool:
+        return self.axis == self.rank - 1 and self.perm == tuple(range(self.rank))
+
+    def _op_axes(self) -> list[int]:
+        return [i for i in range(self.rank) if i != self.axis] + [self.axis]
+
+    def h_to_op(self, h):
+        return h if self.identity else jnp.moveaxis(h, self.axis, -1)
+
+    def h_from_op(self, h):
+        return h if self.identity else jnp.moveaxis(h, -1, self.axis)
+
+    def out_from_op(self, y):
+        order = self._op_axes()
+        return y if self.identity else jnp.transpose(y, [order.index(p) for p in self.perm])
+
+    def out_to_op(self, out):
+        order = self._op_axes()
+        forward = [order.index(p) for p in self.perm]
+        return out if self.identity else jnp.transpose(out, list(np.argsort(forward)))
+
+    def op_shape(self, shape) -> tuple[int, ...]:
+        return tuple(shape[i] for i in self._op_axes())
+
+
+def _site(graph, anchor, root, axis, eqns, out, found, options) -> Site:
+    subtract_mean, eps, scale, offset, bias, perm = found
+    layout = _Layout(axis, root.aval.ndim, tuple(perm))
     block_ids = {id(e) for e in eqns}
     residual_add = None
     producer = graph.producer(root)
@@ -490,22 +608,28 @@ def _site(graph, anchor, root, eqns, out, found, options) -> Site:
         s_val = values.pop(0) if scale_src is not None else None
         b_val = values.pop(0) if bias_src is not None else None
 
-        def replay(x_, r_, s_, b_):
-            args = [x_] + ([r_] if has_residual else []) + [a for a in (s_, b_) if a is not None]
-            return block_replay(*args)
+        def replay(x_, r_, s_, b_):  # the op's layout in and out, the user's equations inside
+            args = [layout.h_from_op(x_)] + ([layout.h_from_op(r_)] if has_residual else [])
+            args += [a for a in (s_, b_) if a is not None]
+            y, h = block_replay(*args)
+            return layout.out_to_op(y), layout.h_to_op(h)
 
-        result = fused_norm(x_val, r_val, s_val, b_val, subtract_mean=subtract_mean, eps=eps,
-                            scale_offset=offset, out_dtype=out_dtype,
-                            implementation=options.implementation, replay=replay)
+        result = fused_norm(layout.h_to_op(x_val),
+                            None if r_val is None else layout.h_to_op(r_val), s_val, b_val,
+                            subtract_mean=subtract_mean, eps=eps, scale_offset=offset,
+                            out_dtype=out_dtype, implementation=options.implementation,
+                            replay=replay)
         if not has_residual:
-            return [result]
+            return [layout.out_from_op(result)]
         y, h = result
-        return [y, h] if len(outputs) == 2 else [y]
+        y = layout.out_from_op(y)
+        return [y, layout.h_from_op(h)] if len(outputs) == 2 else [y]
 
     base = "layer_norm" if subtract_mean else "rms_norm"
     name = ("add_" + base) if has_residual else base
-    hidden = root.aval.shape[-1]
-    rows = int(np.prod(root.aval.shape[:-1], dtype=np.int64))
+    op_aval = root.aval.update(shape=layout.op_shape(root.aval.shape))
+    hidden = op_aval.shape[-1]
+    rows = int(np.prod(op_aval.shape[:-1], dtype=np.int64))
     parts = [f"eps={eps:.3g}"]
     if scale is not None:
         parts.append("scale" + (" (1 + w)" if offset else ""))
@@ -513,10 +637,12 @@ def _site(graph, anchor, root, eqns, out, found, options) -> Site:
         parts.append("bias")
     if has_residual:
         parts.append("sum also returned" if len(outputs) == 2 else "sum not needed")
+    if not layout.identity:
+        parts.append(f"axis {axis} of {root.aval.str_short()} moved last")
     dtype = root.aval.dtype
     detail = (f"{rows}x{hidden} {np.dtype(dtype).name}->{np.dtype(out_dtype).name}, "
               + ", ".join(parts))
-    refusals = norm_refusals(root.aval, subtract_mean=subtract_mean, has_residual=has_residual,
+    refusals = norm_refusals(op_aval, subtract_mean=subtract_mean, has_residual=has_residual,
                              eps=eps, scale_offset=offset, out_dtype=out_dtype,
                              implementation=options.implementation)
     # Unfused in training XLA writes the f32 statistics and re-reads the rows for them (one extra
