@@ -23,8 +23,10 @@ def is_float(aval) -> bool:
 
 
 def moves_first_axis_last(eqn: jx.JaxprEqn) -> bool:
+    if eqn.primitive.name != "transpose":
+        return False
     perm = tuple(eqn.params["permutation"])
-    return eqn.primitive.name == "transpose" and perm == tuple(range(1, len(perm))) + (0,)
+    return perm == tuple(range(1, len(perm))) + (0,)
 
 
 def matmul_orientation(graph: Graph, dot: jx.JaxprEqn):
