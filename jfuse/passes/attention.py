@@ -51,7 +51,7 @@ from jfuse.debug import reject
 from jfuse.graph import Graph, literal_value
 from jfuse.ops.attention import ATTENTION, DEFAULT_MASK_VALUE, AttentionSpec, fused_attention
 from jfuse.passes._matmul import is_float
-from jfuse.passes.base import AUTODIFF_HINT, MatchResult, Pattern, Site
+from jfuse.passes.base import AUTODIFF_HINT, MatchResult, Pattern, Site, scalar_value
 from jfuse.report import MissedFusion, MissReason
 
 NAME = "attention"
@@ -76,38 +76,6 @@ def _miss(reason: MissReason, anchor: jx.JaxprEqn, hint: str, detail: str) -> Ma
 
 
 # --- constants --------------------------------------------------------------------------------
-
-def _scalar(graph: Graph, atom: Any, depth: int = 8) -> float | None:
-    """The value of a scalar computed from literals and scalar constants alone (rounded to each
-    step's dtype), else None: ``1/sqrt(d)`` in the model's dtype, a broadcast masking constant."""
-    value = literal_value(atom)
-    if value is not None or depth == 0 or not isinstance(atom, jx.Var):
-        return value
-    if atom.aval.shape == () and (const := graph.constant(atom)) is not None:
-        return float(const)  # a scalar array captured at trace time (penzai's masked_out_value)
-    producer = graph.producer(atom)
-    if producer is None or producer.effects or len(producer.outvars) != 1:
-        return None
-    args = [_scalar(graph, a, depth - 1) for a in producer.invars]
-    if any(a is None for a in args):
-        return None
-    name = producer.primitive.name
-    out = None
-    with np.errstate(all="ignore"):
-        if name in ("broadcast_in_dim", "convert_element_type", "copy", "copy_p") or (
-                name in compat.RESHAPE_PRIMITIVES):
-            out = args[0]
-        elif name in probe.UNARY and len(args) == 1:
-            out = probe.UNARY[name](np.float64(args[0]))
-        elif name in probe.BINARY and len(args) == 2:
-            out = probe.BINARY[name](np.float64(args[0]), np.float64(args[1]))
-    if out is None:
-        return None
-    try:
-        return float(np.asarray(out).astype(np.dtype(producer.outvars[0].aval.dtype)))
-    except (TypeError, ValueError):
-        return None
-
 
 # --- a small numpy evaluator for masks ----------------------------------------------------------
 
@@ -376,7 +344,7 @@ def _softmax(graph: Graph, p: Any, normalized: bool = True) -> _Softmax | None:
             for a in user.invars:
                 if isinstance(a, jx.Literal) or a in members:
                     continue
-                c = _scalar(graph, a)
+                c = scalar_value(graph, a)
                 if c is None:
                     ok = False
                     break
@@ -444,7 +412,7 @@ def _chain_operand(graph: Graph, eqn: jx.JaxprEqn, depth: int = 12) -> int | Non
     for i, a in enumerate(eqn.invars):
         if not isinstance(a, jx.Var) or tuple(a.aval.shape) != tuple(eqn.outvars[0].aval.shape):
             continue
-        if _scalar(graph, a) is not None or not is_float(a.aval):
+        if scalar_value(graph, a) is not None or not is_float(a.aval):
             continue
         atom, d = a, depth
         while d and isinstance(atom, jx.Var):
@@ -488,7 +456,7 @@ def _scores_chain(graph: Graph, s: jx.Var) -> _Chain:
             nxt = producer.invars[0]
         elif name in ("mul", "div"):
             a, b = producer.invars
-            cb, ca = _scalar(graph, b), _scalar(graph, a)
+            cb, ca = scalar_value(graph, b), scalar_value(graph, a)
             if cb is not None and isinstance(a, jx.Var):
                 tokens.append(("scale", cb if name == "mul" else 1.0 / cb))
                 nxt = a
@@ -508,7 +476,7 @@ def _scores_chain(graph: Graph, s: jx.Var) -> _Chain:
                 chain.stop = "an add of two arrays neither of which comes from the QK product"
                 break
             other = producer.invars[1 - i]
-            if _scalar(graph, other) is not None:
+            if scalar_value(graph, other) is not None:
                 chain.stop = "a constant is added to the scores"
                 break
             if not is_float(other.aval):
@@ -518,7 +486,7 @@ def _scores_chain(graph: Graph, s: jx.Var) -> _Chain:
             nxt = producer.invars[i]
         elif name == "select_n" and len(producer.invars) == 3:
             pred, c0, c1 = producer.invars
-            k0, k1 = _scalar(graph, c0), _scalar(graph, c1)
+            k0, k1 = scalar_value(graph, c0), scalar_value(graph, c1)
             if pred.aval.dtype != np.bool_:
                 chain.stop = "a select on a non-boolean predicate"
                 break

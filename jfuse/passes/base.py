@@ -21,7 +21,8 @@ import numpy as np
 
 from jfuse._jax import jaxpr as jx
 from jfuse.config import FuseOptions
-from jfuse.graph import Graph
+from jfuse.core import probe
+from jfuse.graph import Graph, literal_value
 from jfuse.report import KERNEL_PLATFORMS, FusedSite, MissedFusion, MissReason
 
 
@@ -186,6 +187,44 @@ def small_constant(graph: Graph | None, atom: Any) -> np.ndarray | None:
         return None
     value = graph.constant(atom)
     return None if value is None else np.asarray(value, atom.aval.dtype)
+
+
+def scalar_value(graph: Graph, atom: Any, depth: int = 8) -> float | None:
+    """The value of a scalar computed from literals and scalar constants alone, else None.
+
+    Folds what libraries emit around a block's constants: ``1/sqrt(d)`` in the model's dtype,
+    ``jnp.var``'s ``n - ddof`` and its ``where(n > 0, ..., nan)``, a broadcast masking constant,
+    a scalar array captured at trace time (penzai's ``eps`` and ``masked_out_value``). Each step
+    is rounded to its own dtype, as the user's program computes it.
+    """
+    value = literal_value(atom)
+    if value is not None or depth == 0 or not isinstance(atom, jx.Var):
+        return value
+    constant = small_constant(graph, atom)
+    if constant is not None:
+        return float(constant.reshape(())) if np.issubdtype(constant.dtype, np.number) else None
+    producer = graph.producer(atom)
+    if producer is None or producer.effects or len(producer.outvars) != 1:
+        return None
+    args = [scalar_value(graph, a, depth - 1) for a in producer.invars]
+    if not args or any(a is None for a in args):
+        return None
+    name = producer.primitive.name
+    with np.errstate(all="ignore"):
+        if name in probe.SHAPE or name in ("convert_element_type", "copy", "copy_p"):
+            out = args[0]
+        elif name == "select_n":
+            out = args[1 + int(args[0])]
+        elif name in probe.UNARY and len(args) == 1:
+            out = probe.UNARY[name](np.float64(args[0]))
+        elif name in probe.BINARY and len(args) == 2:
+            out = probe.BINARY[name](np.float64(args[0]), np.float64(args[1]))
+        else:
+            return None
+    try:
+        return float(np.asarray(out).astype(np.dtype(producer.outvars[0].aval.dtype)))
+    except (TypeError, ValueError):
+        return None
 
 
 def replay_block(

@@ -52,7 +52,7 @@ from jfuse.graph import Graph, literal_value
 from jfuse.ops.linear_cross_entropy import linear_cross_entropy_refusals, logit_statistics
 from jfuse.passes._matmul import bias_source, is_float, is_miss, look_through_weight_transpose
 from jfuse.passes._matmul import matmul_orientation, moves_first_axis_last
-from jfuse.passes.base import AUTODIFF_HINT, MatchResult, Pattern, Site
+from jfuse.passes.base import AUTODIFF_HINT, MatchResult, Pattern, Site, scalar_value
 from jfuse.report import MissedFusion, MissReason
 
 NAME = "linear_cross_entropy"
@@ -79,35 +79,6 @@ def _miss(reason: MissReason, anchor: jx.JaxprEqn, hint: str, detail: str) -> Ma
     return MatchResult(misses=[MissedFusion(NAME, reason, user_source_line(anchor), hint, detail)])
 
 
-def _scalar(graph: Graph, atom: Any, depth: int = 8) -> float | None:
-    """The value of an atom computed from literals alone, else None."""
-    value = literal_value(atom)
-    if value is not None or depth == 0 or not isinstance(atom, jx.Var):
-        return value
-    producer = graph.producer(atom)
-    if producer is None or producer.effects or len(producer.outvars) != 1:
-        return None
-    args = [_scalar(graph, a, depth - 1) for a in producer.invars]
-    if any(a is None for a in args) or not args:
-        return None
-    name = producer.primitive.name
-    with np.errstate(all="ignore"):
-        if name in probe.SHAPE or name in ("convert_element_type", "copy", "copy_p"):
-            out = args[0]
-        elif name == "select_n":
-            out = args[1 + int(args[0])]
-        elif name in probe.UNARY and len(args) == 1:
-            out = probe.UNARY[name](np.float64(args[0]))
-        elif name in probe.BINARY and len(args) == 2:
-            out = probe.BINARY[name](np.float64(args[0]), np.float64(args[1]))
-        else:
-            return None
-    try:
-        return float(np.asarray(out).astype(np.dtype(producer.outvars[0].aval.dtype)))
-    except (TypeError, ValueError):
-        return None
-
-
 # --- step 1: the logits -----------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -130,7 +101,7 @@ def _soft_cap(graph: Graph, value: Any):
         return None
     if first.invars[0] is not value:
         return None
-    c = _scalar(graph, first.invars[1])
+    c = scalar_value(graph, first.invars[1])
     if c is None or c == 0:
         return None
     cap = c if first.primitive.name == "div" else 1.0 / c
@@ -141,7 +112,7 @@ def _soft_cap(graph: Graph, value: Any):
     if out is None or out.primitive.name != "mul" or graph.is_output(th.outvars[0]):
         return None
     other = out.invars[1] if out.invars[0] is th.outvars[0] else out.invars[0]
-    c2 = _scalar(graph, other)
+    c2 = scalar_value(graph, other)
     if c2 is None or not np.isclose(c2, cap, rtol=1e-6):
         return None
     return float(c2), [first, th, out], out.outvars[0]
@@ -265,7 +236,7 @@ def _region(graph: Graph, logits: _Logits) -> _Region:
                 continue
             ok, hot_here = True, None
             for a in user.invars:
-                if isinstance(a, jx.Literal) or a in members or _scalar(graph, a) is not None:
+                if isinstance(a, jx.Literal) or a in members or scalar_value(graph, a) is not None:
                     continue
                 if name == "gather" and a is user.invars[1]:
                     continue  # the label index
@@ -737,7 +708,7 @@ def _labels(graph: Graph, region: _Region):
 
 def _constant_of(graph: Graph, xp):
     def constant(atom):
-        value = _scalar(graph, atom)
+        value = scalar_value(graph, atom)
         if value is None:
             raise _Unsupported(f"{atom} is not a constant")
         return xp.full(tuple(atom.aval.shape), value, np.dtype(atom.aval.dtype))

@@ -43,8 +43,8 @@ from jfuse.core import probe
 from jfuse.graph import Graph, literal_value
 from jfuse.ops.norm import fused_norm, norm_refusals
 from jfuse.passes._matmul import is_float
-from jfuse.passes.base import AUTODIFF_HINT, MatchResult, Pattern, Site
-from jfuse.passes.base import replay_block, small_constant
+from jfuse.passes.base import AUTODIFF_HINT, MatchResult, Pattern, Site, scalar_value
+from jfuse.passes.base import replay_block
 from jfuse.report import MissedFusion, MissReason
 
 # The pass's name, which stands for all four patterns in patterns=, JFUSE_DISABLE and JFUSE_DEBUG.
@@ -56,37 +56,6 @@ _SHAPE_OPS = probe.SHAPE
 _REGION_OPS = probe.ELEMENTWISE | probe.SHAPE | probe.LAYOUT | {"reduce_sum"}
 # A block's output is compared against every layout of the norm with these many axes at most.
 _MAX_RANK = 6
-
-
-def _scalar_constant(graph: Graph, atom: Any, depth: int = 8) -> float | None:
-    """The value of an atom computed from literals alone (a constant of the block), else None.
-
-    Folds the small scalar computations libraries emit, such as ``jnp.var``'s ``n - ddof`` and
-    its ``where(n > 0, ..., nan)``, and broadcasts of a scalar to any shape.
-    """
-    value = literal_value(atom)
-    if value is not None or depth == 0 or not isinstance(atom, jx.Var):
-        return value
-    constant = small_constant(graph, atom)
-    if constant is not None and jnp.issubdtype(constant.dtype, jnp.number):
-        return float(constant.reshape(()))
-    producer = graph.producer(atom)
-    if producer is None or producer.effects or len(producer.outvars) != 1:
-        return None
-    name = producer.primitive.name
-    args = [_scalar_constant(graph, a, depth - 1) for a in producer.invars]
-    if any(a is None for a in args):
-        return None
-    with np.errstate(all="ignore"):
-        if (name in _SHAPE_OPS or name == "convert_element_type") and len(args) == 1:
-            return float(args[0])
-        if name in probe.UNARY and len(args) == 1:
-            return float(probe.UNARY[name](np.float64(args[0])))
-        if name in probe.BINARY and len(args) == 2:
-            return float(probe.BINARY[name](np.float64(args[0]), np.float64(args[1])))
-        if name == "select_n":
-            return float(args[1 + int(args[0])])
-    return None
 
 
 def _strip_converts(graph: Graph, var: Any) -> Any:
@@ -119,7 +88,7 @@ def _reduced_base(graph: Graph, t: Any, axis: int) -> Any:
     if producer is not None and producer.primitive.name == "sub":
         a, b = producer.invars
         keeps_axis = isinstance(b, jx.Var) and b.aval.ndim == a.aval.ndim and b.aval.shape[axis] == 1
-        if keeps_axis or _scalar_constant(graph, b) is not None:
+        if keeps_axis or scalar_value(graph, b) is not None:
             t = a
         elif isinstance(b, jx.Var) and graph.producer(b) is not None and graph.producer(b).primitive.name == "broadcast_in_dim":
             t = a
@@ -196,7 +165,7 @@ class _Region:
             return literal_value(atom) is not None
         if atom in members:
             return True
-        constant = _scalar_constant(self.graph, atom)
+        constant = scalar_value(self.graph, atom)
         if constant is not None:
             self.constants[atom] = constant
             return True
