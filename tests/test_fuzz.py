@@ -6,7 +6,7 @@ fused ops replay the user's equations); f32 gradients must agree with jax.jit's 
 and the accuracy rule holds: against the same program in float64, jfuse's gradients are no
 further off than jax.jit's, beyond a small floor of the activations' dtype.
 
-Budget: ``JFUSE_FUZZ_EXAMPLES`` examples (default 20, CI-sized). The long run
+Budget: ``JFUSE_FUZZ_EXAMPLES`` examples (default 12, CI-sized). The long run
 (``test_long_run``, a slow case: ``JFUSE_SLOW=1``) draws ``JFUSE_FUZZ_LONG_EXAMPLES`` (default 500).
 Every failure it finds becomes a named regression test in this file.
 """
@@ -28,7 +28,7 @@ import jfuse
 
 from conftest import tolerance
 
-EXAMPLES = int(os.environ.get("JFUSE_FUZZ_EXAMPLES", "20"))
+EXAMPLES = int(os.environ.get("JFUSE_FUZZ_EXAMPLES", "12"))
 
 ACTIVATIONS = {
     "none": None,
@@ -216,15 +216,17 @@ def _loss(f, cot):
 # The accuracy rule's floor, in eps of the activations' dtype times the gradient's scale (at least
 # the cotangents' scale, 1): two correct computations of one gradient in that dtype round
 # differently, and a gradient that is exactly 0 in float64 (saturated activations) can come out
-# as the rounding of O(1) terms (see assert_accurate_as_jax_jit).
+# as the rounding of O(1) terms (see assert_accurate_as_jax_jit). The scale is the larger of the
+# reference's and jax.jit's: where jax.jit's own bf16 gradient is far off (14.6 against a
+# reference of 0.3, found by the long run), its values, not the reference's, set the rounding.
 FLOOR_EPS = 4
 
 
 def assert_accurate_as_jax_jit(blocks, dtype, wrapper, params, x, grads_fused, grads_plain, cot):
     """The accuracy rule: against the same program in float64 (same rounded inputs, every dtype
     float64), each gradient of jfuse is no further off than jax.jit's, beyond ``FLOOR_EPS`` eps of
-    the activations' dtype times the reference gradient's largest magnitude (at least 1, the
-    scale of the cotangents)."""
+    the activations' dtype times the largest magnitude of the reference's or jax.jit's gradient
+    (at least 1, the scale of the cotangents)."""
     with jax.enable_x64(True):
         f64 = lambda t: jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float64)), t)
         reference = _program(blocks, jnp.float64, wrapper)
@@ -235,10 +237,11 @@ def assert_accurate_as_jax_jit(blocks, dtype, wrapper, params, x, grads_fused, g
     for (path, r), g, u in zip(paths, jax.tree.leaves(grads_fused), jax.tree.leaves(grads_plain)):
         g, u = np.asarray(g, np.float64), np.asarray(u, np.float64)
         err_fused, err_plain = np.max(np.abs(g - r)), np.max(np.abs(u - r))
-        floor = FLOOR_EPS * eps * max(np.max(np.abs(r)), 1.0)
+        scale = max(np.max(np.abs(r)), np.max(np.abs(u)), 1.0)
+        floor = FLOOR_EPS * eps * scale
         assert err_fused <= err_plain + floor, (
             f"gradient {jax.tree_util.keystr(path)}: jfuse is {err_fused:.3g} off the float64 "
-            f"reference, jax.jit {err_plain:.3g} (floor {floor:.3g}, scale {np.max(np.abs(r)):.3g})")
+            f"reference, jax.jit {err_plain:.3g} (floor {floor:.3g}, scale {scale:.3g})")
 
 
 def check_program(program_spec):
@@ -301,3 +304,14 @@ def test_scan_glu_then_gelu_exact_linear_on_large_inputs():
     blocks = [_glu_block(_drawn("silu", "separate", "other input"), d),
               _linear_block(_drawn("gelu_exact", "vector", False, False), d)]
     check_program((d, (1, 5), jnp.float32, jnp.float32, blocks, 44144, "scan", "large"))
+
+
+def test_bf16_glu_near_miss_on_large_inputs_rounds_like_jax_jit():
+    """Found by the long run: on 1e3-scale bf16 inputs the saturated tanh after ``y @ wd`` makes
+    jax.jit's ``wd`` gradient 14.6 off a float64 reference of 0.3, and jfuse's 14.7: one bf16
+    ulp (0.0625) of those values apart. The floor scales with the values rounded."""
+    d = 5
+    blocks = [_glu_block(_drawn("sin (not an activation)", "up first", "other input"), d),
+              _linear_block(_drawn("relu", "vector", True, False), d),
+              _norm_block(_drawn("rms x/sqrt", "add", -1, True), d)]
+    check_program((d, (4,), jnp.bfloat16, jnp.bfloat16, blocks, 9805, "none", "large"))
