@@ -109,9 +109,16 @@ def _as_grouped_bnts(a, kv_heads):
 
 
 def _block_slice(a, start, size, axis=-1):
-    """``size`` entries of ``a`` along ``axis`` from ``start``, or ``a`` if broadcast there."""
+    """``size`` entries of ``a`` along ``axis`` from ``start``, or ``a`` if broadcast there.
+    A static ``start`` (the one block of a short sequence) slices statically, and not at all
+    when the block is the whole axis: a model has one such call per layer, and every op left out
+    of them is compile time saved."""
     if a is None or a.shape[axis] == 1:
         return a
+    if isinstance(start, int):
+        if start == 0 and size == a.shape[axis]:
+            return a
+        return lax.slice_in_dim(a, start, start + size, axis=axis)
     return lax.dynamic_slice_in_dim(a, start, size, axis=axis)
 
 
@@ -162,12 +169,13 @@ def _problem(spec: AttentionSpec, operands) -> _Problem:
 
 def _keep(spec: AttentionSpec, p: _Problem, start):
     """Which (query, key) pairs of the key block at ``start`` are attended, as a boolean
-    broadcastable to (B, K, G, T, block); padding keys are never attended. Also returns the
-    padding-only mask (keys that exist)."""
+    broadcastable to (B, K, G, T, block) (None: all of them); padding keys are never attended.
+    Also returns the padding-only mask (keys that exist), or None where it is left out."""
     t = p.q.shape[3]
     q_pos = lax.broadcasted_iota(jnp.int32, (t, p.block), 0)
-    kv_pos = start + lax.broadcasted_iota(jnp.int32, (t, p.block), 1)
-    exists = (kv_pos < p.seq_k)[None, None, None]
+    kv_pos = lax.broadcasted_iota(jnp.int32, (t, p.block), 1)
+    if not (isinstance(start, int) and start == 0):
+        kv_pos = start + kv_pos
     keep = None
 
     def both(a, b):
@@ -191,6 +199,13 @@ def _keep(spec: AttentionSpec, p: _Problem, start):
         keep = both(keep, valid[:, None, None, None, :])
     if p.mask is not None:
         keep = both(keep, _block_slice(p.mask, start, p.block))
+    # Every key exists when S has no padding. The always-true mask is left out only where that
+    # changes no result: one block, and another mask's select in its place. Without any select
+    # there (or in the scan), XLA regroups the scores' arithmetic and results move by an ulp.
+    padded = p.k.shape[2] != p.seq_k
+    exists = None
+    if padded or p.blocks > 1 or keep is None:
+        exists = (kv_pos < p.seq_k)[None, None, None]
     return keep, exists
 
 
@@ -209,22 +224,30 @@ def _scores(spec: AttentionSpec, p: _Problem, q, kj, start):
     keep, exists = _keep(spec, p, start)
     if keep is not None:
         s = jnp.where(keep, s, acc(spec.mask_value))
-    s = jnp.where(exists, s, -jnp.inf)
+    if exists is not None:
+        s = jnp.where(exists, s, -jnp.inf)
     return t, s, keep, exists
 
 
-def _over_blocks(body, init, blocks: int, xs=None):
-    """``lax.scan(body, init, xs)`` (``xs`` default: the block indices), or ``body`` once when
-    there is one block: a one-step loop gains nothing and costs XLA compile time (a model has
-    one per layer)."""
-    xs = jnp.arange(blocks) if xs is None else xs
+def _over_blocks(body, init, blocks: int, block: int, per_block=None):
+    """``body(carry, xs)`` scanned over the key blocks, ``xs`` holding the block index ``"j"``
+    and each ``per_block`` entry ``(array, axis)`` cut to that block along ``axis``; returns the
+    final carry.
+
+    With one block, ``body`` runs once on the whole arrays with the static index 0: a one-step
+    loop gains nothing, and its slices, its iotas offset by a traced start and the scan's
+    linearization and transposition all cost compile time, once per layer of a model."""
+    per_block = per_block or {}
     if blocks == 1:
-        return body(init, jax.tree.map(lambda a: a[0], xs))
-    return lax.scan(body, init, xs)
+        return body(init, {"j": 0, **{name: a for name, (a, _) in per_block.items()}})
+    xs = {"j": jnp.arange(blocks), **{name: _split_blocks(a, axis, block)
+                                      for name, (a, axis) in per_block.items()}}
+    return lax.scan(lambda carry, x: (body(carry, x), None), init, xs)[0]
 
 
 def _split_blocks(a, axis: int, block: int):
     """``a`` with ``axis`` split into whole blocks, the block index moved first."""
+    axis = axis % a.ndim
     shape = a.shape[:axis] + (a.shape[axis] // block, block) + a.shape[axis + 1:]
     return jnp.moveaxis(jnp.reshape(a, shape), axis, 0)
 
@@ -244,23 +267,31 @@ def _forward_xla(spec: AttentionSpec, operands):
     hv = p.v.shape[-1]
     probs_dtype, acc = spec.probs_dtype or p.v.dtype, p.acc
 
-    def body(carry, j):
-        m, l, o = carry
-        start = j * p.block
-        kj = lax.dynamic_slice_in_dim(p.k, start, p.block, axis=2)
-        vj = lax.dynamic_slice_in_dim(p.v, start, p.block, axis=2)
+    def body(carry, xs):
+        start = xs["j"] * p.block
+        kj = _block_slice(p.k, start, p.block, axis=2)
+        vj = _block_slice(p.v, start, p.block, axis=2)
         _, s, _, _ = _scores(spec, p, p.q, kj, start)
-        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-        alpha = jnp.exp(m - _safe(m_new))
+        m_new = jnp.max(s, axis=-1)
+        if carry is not None:
+            m_new = jnp.maximum(carry[0], m_new)
         e = jnp.exp(s - _safe(m_new)[..., None])
-        l = l * alpha + jnp.sum(e, axis=-1)
-        pv = jnp.einsum("bkgts,bksh->bkgth", e.astype(probs_dtype), vj,
-                        preferred_element_type=acc)
-        return (m_new, l, o * alpha[..., None] + pv), None
+        l = jnp.sum(e, axis=-1)
+        o = jnp.einsum("bkgts,bksh->bkgth", e.astype(probs_dtype), vj,
+                       preferred_element_type=acc)
+        if carry is not None:  # rescale what the earlier blocks summed
+            m, l_before, o_before = carry
+            alpha = jnp.exp(m - _safe(m_new))
+            l = l_before * alpha + l
+            o = o_before * alpha[..., None] + o
+        return m_new, l, o
 
-    init = (jnp.full((b, kv, g, t), -jnp.inf, acc), jnp.zeros((b, kv, g, t), acc),
-            jnp.zeros((b, kv, g, t, hv), acc))
-    (m, l, o), _ = _over_blocks(body, init, p.blocks)
+    # One block has nothing to rescale: it starts from no carry (the online softmax's first step
+    # from m = -inf, l = 0, o = 0 gives the same values).
+    init = None if p.blocks == 1 else (
+        jnp.full((b, kv, g, t), -jnp.inf, acc), jnp.zeros((b, kv, g, t), acc),
+        jnp.zeros((b, kv, g, t, hv), acc))
+    m, l, o = _over_blocks(body, init, p.blocks, p.block)
     # A row with every key at -inf has l = 0: 0/0 is NaN, as the dense softmax gives.
     out = o / l[..., None]
     out_dtype = spec.out_dtype or operands[0].dtype
@@ -284,21 +315,21 @@ def _tangent_xla(spec: AttentionSpec, operands, tangents, out, m, l):
     dk = None if dk is None else padded.k
     dv = None if dv is None else padded.v
     dbias = padded.bias
-    blocked = {}  # the key-side tangents as (blocks, ..., block, ...)
+    per_block = {}  # the key-side tangents, each cut into key blocks along its S axis
     if dk is not None:
-        blocked["dk"] = _split_blocks(dk, 2, p.block)
+        per_block["dk"] = (dk, 2)
     if dv is not None:
-        blocked["dv"] = _split_blocks(dv, 2, p.block)
+        per_block["dv"] = (dv, 2)
     if dbias is not None and dbias.shape[-1] != 1:
-        blocked["dbias"] = _split_blocks(dbias, dbias.ndim - 1, p.block)
+        per_block["dbias"] = (dbias, -1)
     probs_dtype, acc = spec.probs_dtype or p.v.dtype, p.acc
     b, kv, g, t, _ = p.q.shape
     hv = p.v.shape[-1]
 
     def block(j, xs):
         start = j * p.block
-        kj = lax.dynamic_slice_in_dim(p.k, start, p.block, axis=2)
-        vj = lax.dynamic_slice_in_dim(p.v, start, p.block, axis=2)
+        kj = _block_slice(p.k, start, p.block, axis=2)
+        vj = _block_slice(p.v, start, p.block, axis=2)
         tj, s, keep, exists = _scores(spec, p, p.q, kj, start)
         probs = jnp.exp(s - m[..., None]) / l[..., None]
         ds = jnp.zeros(s.shape, acc)
@@ -317,7 +348,8 @@ def _tangent_xla(spec: AttentionSpec, operands, tangents, out, m, l):
             ds = ds + dbias_j.astype(acc)
         if keep is not None:
             ds = jnp.where(keep, ds, 0.0)
-        ds = jnp.where(exists, ds, 0.0)
+        if exists is not None:
+            ds = jnp.where(exists, ds, 0.0)
         pds = probs * ds
         a = jnp.einsum("bkgts,bksh->bkgth", pds.astype(probs_dtype), vj,
                        preferred_element_type=acc)
@@ -328,15 +360,19 @@ def _tangent_xla(spec: AttentionSpec, operands, tangents, out, m, l):
                                preferred_element_type=acc)
         return a, c
 
-    block = recompute_in_backward(block)
-
     def body(carry, xs):
-        a, c = carry
-        da, dc = block(xs["j"], xs)
-        return (a + da, c + dc), None
+        j, per_block_xs = xs["j"], {name: x for name, x in xs.items() if name != "j"}
+        if isinstance(j, int):  # one block: its static index stays static inside the remat
+            da, dc = recompute_in_backward(lambda x: block(j, x))(per_block_xs)
+        else:
+            da, dc = recompute_in_backward(block)(j, per_block_xs)
+        if carry is None:
+            return da, dc
+        return carry[0] + da, carry[1] + dc
 
-    init = (jnp.zeros((b, kv, g, t, hv), acc), jnp.zeros((b, kv, g, t), acc))
-    (a, c), _ = _over_blocks(body, init, p.blocks, {"j": jnp.arange(p.blocks), **blocked})
+    init = None if p.blocks == 1 else (
+        jnp.zeros((b, kv, g, t, hv), acc), jnp.zeros((b, kv, g, t), acc))
+    a, c = _over_blocks(body, init, p.blocks, p.block, per_block)
     o32 = _grouped(out, operands[1], operands[2], spec.layout)[0].astype(acc)
     dout = a - c[..., None] * o32
     return _ungrouped(dout, spec.layout).astype(out.dtype), c

@@ -123,8 +123,18 @@ def _problem(spec: LinearCrossEntropySpec, operands, vocab_total: int | None = N
                     vocab_total=vocab_total, block=min(spec.block_v, vocab), acc=acc)
 
 
+def _slice(a, start, size, axis):
+    """``size`` entries of ``a`` along ``axis`` from ``start``: static for a static start (the
+    first block), and no slice at all when that block is the whole axis."""
+    if isinstance(start, int):
+        if start == 0 and size == a.shape[axis]:
+            return a
+        return lax.slice_in_dim(a, start, start + size, axis=axis)
+    return lax.dynamic_slice_in_dim(a, start, size, axis=axis)
+
+
 def _w_block(spec, w, start, size):
-    return lax.dynamic_slice_in_dim(w, start, size, axis=0 if spec.transpose_w else 1)
+    return _slice(w, start, size, axis=0 if spec.transpose_w else 1)
 
 
 def _whole_w_blocks(spec, w, whole, block):
@@ -147,7 +157,7 @@ def _logits(spec, p: _Problem, start, size):
     """(raw, z): one block's logits before and after the soft cap, (T, size) f32."""
     raw = _matmul(spec, p.h, _w_block(spec, p.w, start, size), p.acc)
     if p.bias is not None:
-        raw = raw + lax.dynamic_slice_in_dim(p.bias, start, size).astype(p.acc)[None, :]
+        raw = raw + _slice(p.bias, start, size, axis=0).astype(p.acc)[None, :]
     z = raw
     if spec.soft_cap is not None:
         cap = p.acc(spec.soft_cap)
@@ -156,7 +166,9 @@ def _logits(spec, p: _Problem, start, size):
 
 
 def _is_label(p: _Problem, start, size):
-    columns = start + lax.broadcasted_iota(jnp.int32, (1, size), 1)
+    columns = lax.broadcasted_iota(jnp.int32, (1, size), 1)
+    if not (isinstance(start, int) and start == 0):
+        columns = start + columns
     return columns == p.labels[:, None]
 
 
@@ -181,7 +193,9 @@ def _partial_statistics(spec: LinearCrossEntropySpec, p: _Problem):
     zeros = jnp.zeros((t,), p.acc)
     carry = (jnp.full((t,), -jnp.inf, p.acc), zeros, zeros, zeros)
     whole, ragged = p.blocks
-    if whole:
+    if whole == 1:  # a one-step loop gains nothing and costs compile time: the block, static
+        carry = step(carry, 0, p.block)
+    elif whole:
         carry, _ = lax.scan(lambda c, j: (step(c, j * p.block, p.block), None), carry,
                             jnp.arange(whole, dtype=jnp.int32))
     if ragged:
@@ -237,7 +251,12 @@ def _tangent_xla(spec: LinearCrossEntropySpec, operands, tangents, lse, vocab_to
     zeros = jnp.zeros((t,), p.acc)
     carry = (zeros, zeros, zeros)
     whole, ragged = p.blocks
-    if whole:
+    if whole == 1:  # one whole block: no loop (as in the forward), its slices static
+        first_block = recompute_in_backward(lambda dw_j, db_j: block(0, p.block, dw_j, db_j))
+        carry = add(carry, first_block(
+            None if dw is None else _w_block(spec, dw, 0, p.block),
+            None if db is None else _slice(db, 0, p.block, axis=0)))
+    elif whole:
         # dW's and db's blocks enter the scan as its per-step inputs: sliced inside the body,
         # the transposed scan would add a full-size (K, V) update at every step.
         xs = {"j": jnp.arange(whole, dtype=jnp.int32),
@@ -250,7 +269,7 @@ def _tangent_xla(spec: LinearCrossEntropySpec, operands, tangents, lse, vocab_to
         start = whole * p.block
         ragged_block = recompute_in_backward(lambda start: block(
             start, ragged, None if dw is None else _w_block(spec, dw, start, ragged),
-            None if db is None else lax.dynamic_slice_in_dim(db, start, ragged)))
+            None if db is None else _slice(db, start, ragged, axis=0)))
         carry = add(carry, ragged_block(jnp.int32(start)))
     dlse, dzl, dzsum = carry
     return dlse, dzl, (dzsum / p.acc(p.vocab_total) if spec.with_mean else None)
