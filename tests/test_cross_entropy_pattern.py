@@ -242,6 +242,25 @@ def test_near_misses_are_reported_and_exact(case, rng):
     chex.assert_trees_all_equal(jfuse.jit(f)(*args), jax.jit(f)(*args))
 
 
+def test_a_gradient_taken_outside_jfuse_names_the_backward_pass(rng):
+    """``jfuse.jit(jax.value_and_grad(loss))``: jfuse sees the joint forward and backward, whose
+    softmax-minus-one-hot reads the logits. The miss says so and how to fix it; it is not
+    mistaken for soft labels (the backward multiplies the probabilities by a cotangent)."""
+    optax = pytest.importorskip("optax")
+    h, w, y = _inputs(rng, ignore=False)
+
+    def loss(h, w):
+        return optax.softmax_cross_entropy_with_integer_labels(h @ w, y).mean()
+
+    report = jfuse.explain(jax.value_and_grad(loss, argnums=(0, 1)))(h, w)
+    misses = [m for m in report.missed if m.pattern == "linear_cross_entropy"]
+    assert [m.reason for m in misses] == [MissReason.LOGITS_ESCAPE], str(report)
+    assert "backward pass" in misses[0].detail and "jax.grad(jfuse.fuse(loss))" in misses[0].hint
+    # Differentiated inside the traced function, as the hint says, it fuses.
+    inside = jfuse.explain(lambda h, w: jax.value_and_grad(loss, argnums=(0, 1))(h, w))(h, w)
+    assert inside.fused == {"linear_cross_entropy": 1}, str(inside)
+
+
 def test_a_plain_matmul_is_not_a_miss(rng):
     h, w, _ = _inputs(rng)
     report = jfuse.explain(lambda h, w: jax.nn.softmax(h @ w).sum())(h, w)

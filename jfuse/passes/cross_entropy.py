@@ -628,6 +628,11 @@ def match_cross_entropy(graph: Graph, dot: jx.JaxprEqn, options: FuseOptions) ->
         return _axis_miss(dot, logits)
     if region.soft_labels:
         eqn, operand = region.soft_labels[0]
+        if graph.hidden_by_autodiff(eqn):
+            # A gradient taken before jfuse saw the function: its backward multiplies the
+            # probabilities by a cotangent, which is no label at all.
+            read = next(a for a in eqn.invars if a is not operand)
+            return _escape_miss(graph, dot, read, [eqn])
         return _miss(MissReason.SOFT_LABELS, dot,
                      "the op takes integer labels (a one-hot of them, jax.nn.one_hot, is read "
                      "through); soft or smoothed targets need the full logits",
