@@ -57,7 +57,7 @@ def swiglu(x, p):
 N_HEADS = 4
 
 
-def _decoder_loss(params, tokens, attend):
+def _lm_loss(params, tokens, attend):
     x = params["embed"][tokens[:, :-1]]
     for p in params["layers"]:
         x = x + attend(rms_norm(x, p["attn_norm"]), p, N_HEADS)
@@ -70,7 +70,7 @@ def _decoder_loss(params, tokens, attend):
 def llama_loss(params, tokens):
     """A Llama-style language model without positions: token embedding, RMSNorm, causal
     attention (mask value -1e9), SwiGLU, tied LM head and next-token cross-entropy."""
-    return _decoder_loss(params, tokens, attention)
+    return _lm_loss(params, tokens, attention)
 
 
 def sgd_step(loss):
@@ -101,7 +101,7 @@ def rope_attention(x, p, n_heads):
 
 def llama_rope_loss(params, tokens):
     """:func:`llama_loss` with RoPE in the attention (the long-context benchmark's model)."""
-    return _decoder_loss(params, tokens, rope_attention)
+    return _lm_loss(params, tokens, rope_attention)
 
 
 def init_swiglu_mlp(key, n_layers=4, d_model=512, d_ff=1376, dtype=jnp.float32):
