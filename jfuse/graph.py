@@ -51,6 +51,12 @@ class Graph:
             for var in eqn.outvars:
                 self._producer[var] = eqn
         self._outvars = {v for v in jaxpr.outvars if isinstance(v, jx.Var)}
+        self._memos: dict[str, dict] = {}
+
+    def memo(self, name: str) -> dict:
+        """A cache, named ``name``, that lives as long as this graph: for what a pass derives
+        from the graph alone and would otherwise derive again for every candidate that asks."""
+        return self._memos.setdefault(name, {})
 
     @classmethod
     def of(cls, closed: jx.ClosedJaxpr, *, consts_as_inputs: Sequence[Any] = ()) -> "Graph":

@@ -169,21 +169,25 @@ def _with_renamed_operands(eqn: JaxprEqn, substitution: dict) -> JaxprEqn:
     return eqn
 
 
-def inline_call_equations(jaxpr: Jaxpr, should_inline, *, into_bodies: bool = True) -> Jaxpr:
+def inline_call_equations(jaxpr: Jaxpr, should_inline, *, into_bodies: bool = True,
+                          _memo: dict | None = None) -> Jaxpr:
     """``jaxpr`` with every ``jit`` equation ``should_inline(eqn)`` accepts replaced by its body
     (calls inside an inlined body included), and with ``into_bodies`` also inside the bodies of
     scans, conds, remat regions and other equations that hold jaxprs.
 
     Edits the jaxpr instead of re-tracing it: fresh variables for each inlined copy, the call's
     name stack in front of each inlined equation's. A call whose body has constants is kept.
-    Returns ``jaxpr`` itself when nothing was inlined.
+    Returns ``jaxpr`` itself when nothing was inlined. A body that several equations hold (the
+    same jaxpr object: a shared fused call's branches, a layer's scan body) is edited once.
     """
+    if _memo is None:
+        _memo = {}
     substitution: dict[Var, Any] = {}
     changed = False
     eqns: list[JaxprEqn] = []
     for eqn in jaxpr.eqns:
         if into_bodies:
-            eqn = _with_inlined_bodies(eqn, should_inline)
+            eqn = _with_inlined_bodies(eqn, should_inline, _memo)
         body = eqn.params.get("jaxpr") if compat.is_call(eqn) else None
         inner = body.jaxpr if isinstance(body, ClosedJaxpr) else body
         if (body is None or not should_inline(eqn) or inner.constvars
@@ -192,7 +196,7 @@ def inline_call_equations(jaxpr: Jaxpr, should_inline, *, into_bodies: bool = Tr
             continue
         changed = True
         if not into_bodies:  # calls inside the body are inlined too (with bodies, above)
-            inner = inline_call_equations(inner, should_inline, into_bodies=False)
+            inner = inline_call_equations(inner, should_inline, into_bodies=False, _memo=_memo)
         renamed: dict[Var, Any] = dict(
             zip(inner.invars, (_renamed(a, substitution) for a in eqn.invars)))
         for inner_eqn in inner.eqns:
@@ -267,14 +271,20 @@ def replace_literals(jaxpr: Jaxpr, fold: Callable[[JaxprEqn], "Literal | None"])
     return jaxpr.replace(eqns=eqns, outvars=[_renamed(a, folded) for a in jaxpr.outvars])
 
 
-def _with_inlined_bodies(eqn: JaxprEqn, should_inline) -> JaxprEqn:
+def _with_inlined_bodies(eqn: JaxprEqn, should_inline, memo: dict) -> JaxprEqn:
+    """``eqn`` with calls inlined inside its bodies. ``memo`` maps a body already edited in this
+    walk (by identity: it holds the body, so the id is not reused) to its edited form."""
     params = {}
     for name, value in jaxpr_params(eqn):
         bodies = value if isinstance(value, tuple) else (value,)
         new = []
         for body in bodies:
             open_jaxpr, consts = open_and_consts(body)
-            inlined = inline_call_equations(open_jaxpr, should_inline, into_bodies=True)
+            hit = memo.get(id(open_jaxpr))
+            if hit is None:
+                hit = memo[id(open_jaxpr)] = (open_jaxpr, inline_call_equations(
+                    open_jaxpr, should_inline, into_bodies=True, _memo=memo))
+            inlined = hit[1]
             new.append(body if inlined is open_jaxpr else (
                 ClosedJaxpr(inlined, consts) if isinstance(body, ClosedJaxpr) else inlined))
         if any(n is not b for n, b in zip(new, bodies)):

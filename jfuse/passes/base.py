@@ -200,6 +200,15 @@ def scalar_value(graph: Graph, atom: Any, depth: int = 8) -> float | None:
     value = literal_value(atom)
     if value is not None or depth == 0 or not isinstance(atom, jx.Var):
         return value
+    # The same scalars (a norm's eps, attention's scale) are asked about by several candidates.
+    memo = graph.memo("scalar_value")
+    key = (atom, depth)
+    if key not in memo:
+        memo[key] = _folded_scalar(graph, atom, depth)
+    return memo[key]
+
+
+def _folded_scalar(graph: Graph, atom: jx.Var, depth: int) -> float | None:
     constant = small_constant(graph, atom)
     if constant is not None:
         return float(constant.reshape(())) if np.issubdtype(constant.dtype, np.number) else None
