@@ -315,3 +315,16 @@ def test_bf16_glu_near_miss_on_large_inputs_rounds_like_jax_jit():
               _linear_block(_drawn("relu", "vector", True, False), d),
               _norm_block(_drawn("rms x/sqrt", "add", -1, True), d)]
     check_program((d, (4,), jnp.bfloat16, jnp.bfloat16, blocks, 9805, "none", "large"))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="found by the long run, not yet explained: on saturated f32 inputs the fused (K, 2N) "
+           "GLU weight's gradient with an exact-GELU gate is 2.7e-5 off float64 where jax.jit's "
+           "is 2.4e-6 (likely the same exact-GELU derivative as the case above)")
+def test_sliced_glu_with_exact_gelu_gate_on_saturated_inputs():
+    d = 3
+    blocks = [_glu_block(_drawn("gelu_exact", "slice", "none"), d),
+              _linear_block(_drawn("none", "none", False, False), d),
+              _glu_block(_drawn("relu", "separate", "none"), d)]
+    check_program((d, (4,), jnp.float32, jnp.float32, blocks, 149, "none", "saturated"))
