@@ -76,7 +76,10 @@ def _gelu_exact(z: Array) -> Array:
 
 
 def _gelu_exact_derivative(z: Array) -> Array:
-    cdf = 0.5 * (1.0 + lax.erf(z * jnp.asarray(_SQRT_HALF, z.dtype)))
+    # erfc here (the derivative runs in XLA, never in a kernel): `1 + erf` cancels for negative z,
+    # an absolute error of an f32 eps where the CDF is tiny, which saturated gates multiply up
+    # (11x jax.jit's weight-gradient error in the fuzzer's long run). jax.nn.gelu uses erfc too.
+    cdf = 0.5 * lax.erfc(-z * jnp.asarray(_SQRT_HALF, z.dtype))
     pdf = jnp.exp(-0.5 * z * z) * jnp.asarray(_INV_SQRT_2PI, z.dtype)
     return cdf + z * pdf
 
