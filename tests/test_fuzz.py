@@ -222,26 +222,79 @@ def _loss(f, cot):
 FLOOR_EPS = 4
 
 
-def assert_accurate_as_jax_jit(blocks, dtype, wrapper, params, x, grads_fused, grads_plain, cot):
-    """The accuracy rule: against the same program in float64 (same rounded inputs, every dtype
-    float64), each gradient of jfuse is no further off than jax.jit's, beyond ``FLOOR_EPS`` eps of
-    the activations' dtype times the largest magnitude of the reference's or jax.jit's gradient
-    (at least 1, the scale of the cotangents)."""
+def _accuracy_errors(blocks, dtype, wrapper, draws):
+    """Per draw ``(params, x, jfuse's grads, jax.jit's grads, cotangents)``, per gradient leaf:
+    ``(path, jfuse's error, jax.jit's error, floor)`` against the same program in float64 (same
+    rounded inputs, every dtype float64). The floor is ``FLOOR_EPS`` eps of the activations' dtype
+    times the largest magnitude of the reference's or jax.jit's gradient (at least 1, the scale of
+    the cotangents). All references are computed in one float64 session."""
+    eps = float(jnp.finfo(dtype).eps)
     with jax.enable_x64(True):
         f64 = lambda t: jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float64)), t)
         reference = _program(blocks, jnp.float64, wrapper)
-        want = jax.jit(jax.grad(_loss(reference, f64(cot)), argnums=(0, 1)))(f64(params), f64(x))
-        want = jax.tree.map(np.asarray, want)
-    eps = float(jnp.finfo(dtype).eps)
-    paths = jax.tree_util.tree_leaves_with_path(want)
-    for (path, r), g, u in zip(paths, jax.tree.leaves(grads_fused), jax.tree.leaves(grads_plain)):
-        g, u = np.asarray(g, np.float64), np.asarray(u, np.float64)
-        err_fused, err_plain = np.max(np.abs(g - r)), np.max(np.abs(u - r))
-        scale = max(np.max(np.abs(r)), np.max(np.abs(u)), 1.0)
-        floor = FLOOR_EPS * eps * scale
+        grad = lambda cot: jax.jit(jax.grad(_loss(reference, f64(cot)), argnums=(0, 1)))
+        wants = [jax.tree.map(np.asarray, grad(cot)(f64(params), f64(x)))
+                 for params, x, _, _, cot in draws]
+    errors = []
+    for want, (_, _, grads_fused, grads_plain, _) in zip(wants, draws):
+        leaves = []
+        paths = jax.tree_util.tree_leaves_with_path(want)
+        for (path, r), g, u in zip(paths, jax.tree.leaves(grads_fused), jax.tree.leaves(grads_plain)):
+            g, u = np.asarray(g, np.float64), np.asarray(u, np.float64)
+            scale = max(np.max(np.abs(r)), np.max(np.abs(u)), 1.0)
+            leaves.append((jax.tree_util.keystr(path), float(np.max(np.abs(g - r))),
+                           float(np.max(np.abs(u - r))), FLOOR_EPS * eps * scale))
+        errors.append(leaves)
+    return errors
+
+
+def assert_accurate_as_jax_jit(blocks, dtype, wrapper, params, x, grads_fused, grads_plain, cot):
+    """The accuracy rule on one draw: each gradient of jfuse is no further off the float64
+    reference than jax.jit's, beyond the floor (see :func:`_accuracy_errors`)."""
+    [leaves] = _accuracy_errors(blocks, dtype, wrapper, [(params, x, grads_fused, grads_plain, cot)])
+    for path, err_fused, err_plain, floor in leaves:
         assert err_fused <= err_plain + floor, (
-            f"gradient {jax.tree_util.keystr(path)}: jfuse is {err_fused:.3g} off the float64 "
-            f"reference, jax.jit {err_plain:.3g} (floor {floor:.3g}, scale {scale:.3g})")
+            f"gradient {path}: jfuse is {err_fused:.3g} off the float64 reference, jax.jit "
+            f"{err_plain:.3g} (floor {floor:.3g})")
+
+
+# The second look. Where a gradient is ill-conditioned (a one-pass variance over two elements,
+# found by the long run), jax.jit's own error on one draw is many eps, and jfuse's, rounded in
+# another order (the fused norm returns the residual sum and accumulates its cotangents itself),
+# is as often larger as smaller: on 30 draws of that program jfuse was worse on 86 gradient
+# leaves, better on 84, equal on 70, with the same total error (0.3780 against 0.3784). One draw
+# cannot tell that noise from a systematic loss; the sum over several can: over 8 draws the ratio
+# of summed errors stayed within 1.14 for that program, while every systematic loss found so far
+# (2-7x, 11x jax.jit's error) is far outside ``SECOND_LOOK_RATIO``.
+SECOND_LOOK_DRAWS = 8
+SECOND_LOOK_RATIO = 1.25
+
+
+def assert_accurate_on_average(program_spec, draws: int = SECOND_LOOK_DRAWS):
+    """The accuracy rule over ``draws`` fresh inputs of the same program: per gradient leaf, the
+    sum of jfuse's errors is at most ``SECOND_LOOK_RATIO`` times jax.jit's plus the floors."""
+    d, lead, dtype, param_dtype, blocks, seed, wrapper, condition = program_spec
+    runs = []
+    for k in range(1, draws + 1):
+        program, params, x = _build(d, lead, dtype, param_dtype, blocks, seed + k, wrapper,
+                                    condition)
+        cot = jax.tree.map(
+            lambda o: jnp.cos(jnp.arange(o.size, dtype=jnp.float32).reshape(o.shape)),
+            jax.eval_shape(program, params, x))
+        got = jax.jit(jax.grad(_loss(jfuse.fuse(program), cot), argnums=(0, 1)))(params, x)
+        want = jax.jit(jax.grad(_loss(program, cot), argnums=(0, 1)))(params, x)
+        runs.append((params, x, got, want, cot))
+    assert_sums_within_ratio(_accuracy_errors(blocks, dtype, wrapper, runs))
+
+
+def assert_sums_within_ratio(per_draw):
+    """Per gradient leaf, over the draws of :func:`_accuracy_errors`: the sum of jfuse's errors
+    is at most ``SECOND_LOOK_RATIO`` times jax.jit's plus the floors."""
+    for leaf, (path, *_) in enumerate(per_draw[0]):
+        fused, plain, floor = (sum(leaves[leaf][i] for leaves in per_draw) for i in (1, 2, 3))
+        assert fused <= SECOND_LOOK_RATIO * plain + floor, (
+            f"gradient {path} over {len(per_draw)} draws: jfuse's errors sum to {fused:.3g}, "
+            f"jax.jit's to {plain:.3g} (floors {floor:.3g})")
 
 
 def check_program(program_spec):
@@ -261,7 +314,13 @@ def check_program(program_spec):
         want = jax.jit(jax.grad(_loss(program, cot), argnums=(0, 1)))(params, x)
         if np.dtype(dtype) == np.float32 and condition == "normal":
             chex.assert_trees_all_close(got, want, **tolerance(dtype))
-        assert_accurate_as_jax_jit(blocks, dtype, wrapper, params, x, got, want, cot)
+        try:
+            assert_accurate_as_jax_jit(blocks, dtype, wrapper, params, x, got, want, cot)
+        except AssertionError as first_look:  # noise or a loss? the sum over fresh draws decides
+            try:
+                assert_accurate_on_average(program_spec)
+            except AssertionError as second_look:
+                raise second_look from first_look
     except AssertionError as error:
         raise AssertionError(f"{description}\n{report}") from error
 
@@ -328,3 +387,36 @@ def test_sliced_glu_with_exact_gelu_gate_on_saturated_inputs():
               _linear_block(_drawn("none", "none", False, False), d),
               _glu_block(_drawn("relu", "separate", "none"), d)]
     check_program((d, (4,), jnp.float32, jnp.float32, blocks, 149, "none", "saturated"))
+
+
+def test_one_pass_variance_over_two_elements_rounds_like_jax_jit():
+    """Found by the long run: a LayerNorm written as ``E[x²]−E[x]²`` over an axis of two elements
+    (axis 0, moved last), fused with the residual add before it. One draw's ``x`` gradient was
+    2.86e-6 off float64 against jax.jit's 1.79e-6 (floor 5.9e-7): rounding order, not a loss (see
+    the second look above), so the sum over fresh draws passes."""
+    d = 3
+    blocks = [_glu_block(_drawn("relu", "separate", "none"), d),
+              _norm_block(_drawn("layer E[x2]-E[x]2", "none", 0, False), d),
+              _glu_block(_drawn("relu", "split", "none"), d)]
+    spec = (d, (2, 3), jnp.float32, jnp.float32, blocks, 0, "none", "normal")
+    program, params, x = _build(*spec)
+    cot = jax.tree.map(lambda o: jnp.cos(jnp.arange(o.size, dtype=jnp.float32).reshape(o.shape)),
+                       jax.eval_shape(program, params, x))
+    got = jax.jit(jax.grad(_loss(jfuse.fuse(program), cot), argnums=(0, 1)))(params, x)
+    want = jax.jit(jax.grad(_loss(program, cot), argnums=(0, 1)))(params, x)
+    with pytest.raises(AssertionError, match="gradient"):  # the first look alone refuses it
+        assert_accurate_as_jax_jit(blocks, jnp.float32, "none", params, x, got, want, cot)
+    check_program(spec)
+
+
+def test_second_look_refuses_a_systematic_loss():
+    """The second look passes symmetric rounding noise and refuses a gradient that is
+    consistently further off than jax.jit's (1.5x on every draw), however small."""
+    rng = np.random.default_rng(0)
+    plain = rng.uniform(1e-6, 2e-6, size=8)
+    noise = [[("[1]", p * f, p, 1e-9)] for p, f in zip(plain, rng.permutation(
+        [0.6, 0.8, 1.0, 1.2, 1.4, 1.0, 0.9, 1.1]))]
+    assert_sums_within_ratio(noise)
+    loss = [[("[1]", 1.5 * p, p, 1e-9)] for p in plain]
+    with pytest.raises(AssertionError, match="over 8 draws"):
+        assert_sums_within_ratio(loss)
