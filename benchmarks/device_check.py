@@ -10,14 +10,16 @@ network)::
 Four parts, in this order, each a section of one CSV:
 
 1. ``machine``: device kind, jax / jaxlib / plugin versions, whether the Triton and Mosaic
-   Pallas backends import.
+   Pallas backends import, the cuDNN version jaxlib has (attention's first GPU kernel).
 2. ``correctness`` (:mod:`benchmarks.kernel_checks`): every kernel code path compiled natively
    (``implementation="pallas"``) through ``jfuse.jit`` and run, forward and forward+backward,
-   f32, bf16 and f16, against float64 on the host. A compile error, a mismatch or a declined
+   f32, bf16 and f16, against float64 on the host; each row names the kernels that ran (GPU
+   attention: cuDNN for f16/bf16, Triton for f32). A compile error, a mismatch or a declined
    kernel is a row with its reason, never the end of the run.
 3. ``ops`` (:mod:`benchmarks.ops`, preset ``device``): each op's kernel against its XLA
    implementation at the sizes models run, medians of interleaved repeats, achieved TFLOP/s or
-   GB/s and the fraction of the chip's roofline.
+   GB/s and the fraction of the chip's roofline; the ``ran`` column says which kernel (GPU
+   attention: cuDNN in bf16, Triton in f32; and jfuse against jax.nn's own cuDNN attention).
 4. ``steps`` (:mod:`benchmarks.steps`, preset ``accelerator``): training steps under
    ``jfuse.jit`` against ``jax.jit`` (time, temp memory, compile time), with the kernel calls of
    each compiled step counted against its fused sites.
@@ -52,6 +54,7 @@ import jax
 from benchmarks import kernel_checks
 from benchmarks import ops as op_benchmarks
 from benchmarks import steps as step_benchmarks
+from jfuse._jax import cudnn
 from jfuse.benchmarking import chip_peak, machine_info
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "device"
@@ -154,6 +157,8 @@ def machine_rows() -> list[dict[str, Any]]:
         "pallas_triton": _importable("jax.experimental.pallas.triton"),
         "pallas_mosaic_tpu": _importable("jax.experimental.pallas.tpu"),
         "pallas_mosaic_gpu": _importable("jax.experimental.pallas.mosaic_gpu"),
+        # jaxlib's cuDNN (e.g. 91000 for 9.10): jfuse's GPU attention runs it where it serves.
+        "cudnn": str(cudnn.version() or "none"),
         "chip_peak": getattr(chip_peak(), "chip", "unknown (no roofline)"),
     }
     return [{"section": "machine", "case": key, "value": value} for key, value in facts.items()]
@@ -207,8 +212,9 @@ def run_part(part: str, cases: Iterable[Any], run_one: Callable[[Any], dict[str,
 def _describe_correctness(row: dict[str, Any]) -> str:
     verdict = f"{row['status']:9} {row['case']}"
     if "err" in row:
+        kernels = row.get("kernel_kinds", row.get("kernels"))
         verdict += (f"  err {row['err']:.2e} (jax.jit {row['jax_jit_err']:.2e}, "
-                    f"{row['worst_output']})  kernels {row.get('kernels')}")
+                    f"{row['worst_output']})  kernels {kernels}")
     if row.get("detail"):
         verdict += f"  {row['detail'][:200]}"
     return verdict
@@ -262,7 +268,8 @@ def summary(results: Results, dry_run: bool, budget_s: float, elapsed_s: float) 
              "",
              f"{machine.get('date_utc', '')} UTC; jax {machine.get('jax')}, jaxlib "
              f"{machine.get('jaxlib')}, plugins: {machine.get('plugins')}; Pallas Triton "
-             f"{machine.get('pallas_triton')}, Mosaic TPU {machine.get('pallas_mosaic_tpu')}; "
+             f"{machine.get('pallas_triton')}, Mosaic TPU {machine.get('pallas_mosaic_tpu')}, "
+             f"cuDNN {machine.get('cudnn')}; "
              f"python {machine.get('python')}; {elapsed_s:.0f} s of a {budget_s:.0f} s budget"
              + ("; DRY RUN (CPU, interpret mode, tiny sizes)" if dry_run else "") + "."]
     checks = results.section("correctness")
@@ -274,7 +281,8 @@ def summary(results: Results, dry_run: bool, budget_s: float, elapsed_s: float) 
                   ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) + ".", ""]
         lines += _table(["case", "status", "err", "jax.jit err", "kernels", "detail"],
                         [[r["case"], r["status"], r.get("err"), r.get("jax_jit_err"),
-                          r.get("kernels"), (r.get("detail") or "")[:160]] for r in checks])
+                          r.get("kernel_kinds", r.get("kernels")), (r.get("detail") or "")[:160]]
+                         for r in checks])
     op_rows = results.section("ops")
     if op_rows:
         lines += ["", "## Ops: kernel vs XLA (time ratio < 1: the kernel is faster)", ""]

@@ -12,6 +12,12 @@ Going through ``jfuse.jit`` rather than calling ``jfuse.ops`` exercises what use
 the rewrite, the kernel and, under ``vjp``, the op's derivative. It also reaches code paths the
 public ops do not take (torch-style ``(N, K)`` weights, fused gate/up weights).
 
+Attention has two GPU kernels, picked per call: cuDNN's flash attention (f16/bf16, where the
+jaxlib has cuDNN) and the Pallas Triton flash kernel (f32 there); each row records which kernels
+the compiled program calls (``kernel_kinds``, e.g. ``cudnn-fmha x1``), so the grid checks both
+against float64, the causal ``S = T/2`` cases included (top-left alignment, which only a GPU can
+confirm for cuDNN).
+
 The verdict, per output: forward values must be within the interpret-mode kernel tests'
 elementwise bound (``atol + rtol * |want|``, tolerances by dtype below), gradients within a small
 dtype floor of the largest gradient; either way a result is also accepted when it is no further
@@ -35,7 +41,7 @@ import numpy as np
 from jax import lax
 
 import jfuse
-from jfuse.benchmarking import pass_of
+from jfuse.benchmarking import implementation_label, pass_of
 from jfuse.core.kernel_calls import kernel_calls
 
 MODES = ("fwd", "fwd+bwd")
@@ -159,7 +165,8 @@ def _norm_block(subtract_mean: bool, residual: bool, scale_offset: float, eps: f
 
 def _attention_block(variant: str):
     """Causal (or unmasked) multi-head attention as Llama-style code writes it: scores in f32,
-    ``where``-masked with ``finfo.min``, softmax, probabilities cast back; GQA by ``jnp.repeat``."""
+    ``where``-masked with ``finfo.min`` (``jnp.tril`` of ``(T, S)``: top-left when S != T),
+    softmax, probabilities cast back; GQA by ``jnp.repeat``."""
 
     def block(_compute_dtype):
         def attention(q, k, v):
@@ -168,8 +175,9 @@ def _attention_block(variant: str):
             s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
             s = s.astype(jnp.float32)
             if variant != "no mask":
-                t = q.shape[1]
-                s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, jnp.finfo(jnp.float32).min)
+                t, s_len = q.shape[1], k.shape[1]
+                s = jnp.where(jnp.tril(jnp.ones((t, s_len), bool)), s,
+                              jnp.finfo(jnp.float32).min)
             p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
             return jnp.einsum("bhqk,bkhd->bqhd", p, v)
 
@@ -181,7 +189,8 @@ def _attention_block(variant: str):
 def _attention_check(variant, shape, dtype, mode) -> KernelCheck:
     b, t, n, h = shape
     kv_heads = n // 4 if variant.startswith("causal GQA") else n
-    shapes = ((b, t, n, h), (b, t, kv_heads, h), (b, t, kv_heads, h))
+    s = t // 2 if variant.endswith("S=T/2") else t
+    shapes = ((b, t, n, h), (b, s, kv_heads, h), (b, s, kv_heads, h))
     return KernelCheck("attention", variant, shape, dtype, mode, shapes, _attention_block(variant))
 
 
@@ -279,10 +288,13 @@ def checks(size: str = "device") -> list[KernelCheck]:
             out.append(_norm_check(kind, residual, offset, (1000, hidden), DTYPES[i % 3],
                                    MODES[i % 2]))
     # attention: causal, unmasked and grouped-query (kv heads repeated by the user's code), in
-    # every dtype and both passes (the GPU's Triton kernel and TPU's splash both serve these).
+    # every dtype and both passes (on GPU, cuDNN serves f16/bf16 and Triton f32; splash serves
+    # f32/bf16 on TPU); causal with half as many keys as queries, on each GPU kernel.
     for d, dtype in enumerate(DTYPES):
         for v, variant in enumerate(("causal", "no mask", "causal GQA")):
             out.append(_attention_check(variant, (2, 1024, 8, 128), dtype, MODES[(v + d) % 2]))
+    out.append(_attention_check("causal S=T/2", (2, 1024, 8, 128), "bfloat16", "fwd+bwd"))
+    out.append(_attention_check("causal S=T/2", (2, 1024, 8, 128), "float32", "fwd"))
     return _round_robin(out)
 
 
@@ -415,7 +427,9 @@ def run_check(check: KernelCheck, implementation: str) -> dict[str, Any]:
         lowered = fused.lower(*args)
         report = fused.report
         row["fused_sites"] = ", ".join(f"{k}={v}" for k, v in sorted(report.fused.items()))
-        row["kernels"] = sum(kernel_calls(lowered.as_text()).values())
+        calls = kernel_calls(lowered.as_text())
+        row["kernels"] = sum(calls.values())
+        row["kernel_kinds"] = implementation_label(calls)  # which kernels: "cudnn-fmha x1"
         if report.fallbacks or report.fused.get(check.pattern, 0) < 1:
             row["status"] = "declined" if report.fallbacks else "not fused"
             row["detail"] = "; ".join(report.fallbacks) or str(report).splitlines()[-1]

@@ -69,6 +69,7 @@ class MissedFusion:
 # The platforms whose kernel decision every fused site records: the lowering platform names
 # ``jax.jit(...).lower(lowering_platforms=...)`` takes.
 KERNEL_PLATFORMS = ("tpu", "cuda")
+_PLATFORM_LABELS = {"tpu": "TPU", "cuda": "GPU"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,8 +77,11 @@ class FusedSite:
     """A block replaced by a fused op.
 
     ``platforms`` says what the op runs on each lowering platform: ``"kernel"`` (its Pallas
-    kernel), ``"xla"`` with the reason in ``platform_reasons``, or ``"interpret"``. CPU always runs
-    XLA. It is decided when the site is fused, from the same rules the kernels apply at dispatch.
+    kernel, or cuDNN's for attention on GPU), ``"xla"`` with the reason in ``platform_reasons``,
+    or ``"interpret"``. CPU always runs XLA. It is decided when the site is fused, from the same
+    rules the kernels apply at dispatch.
+    ``kernels`` names the kernel where an op picks one of several on a platform (attention on
+    "cuda": ``"cuDNN flash attention"`` or ``"Pallas Triton flash kernel"``).
     """
 
     pattern: str
@@ -89,20 +93,32 @@ class FusedSite:
     # How many times one call of the function runs this site: the trip count of the loops
     # (lax.scan) around it; ``bytes_saved`` is per run.
     iterations: int = 1
+    kernels: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def runs_kernel_on(self, platform: str) -> bool:
         return self.platforms.get(platform) == "kernel"
 
-    def declines(self) -> str:
-        """`` [GPU: XLA (reason)]``: the platforms that run XLA instead of the kernel, or ""."""
-        labels = {"tpu": "TPU", "cuda": "GPU"}
+    def _decline_notes(self) -> list[str]:
+        labels = _PLATFORM_LABELS
         # Platforms declining for the same reason share one note ("TPU, GPU: XLA (...)").
         by_reason: dict[str, list[str]] = {}
         for p, runs in self.platforms.items():
             if runs == "xla" and p in labels:
                 by_reason.setdefault(self.platform_reasons.get(p, "declined"), []).append(
                     labels[p])
-        notes = [f"{', '.join(names)}: XLA ({reason})" for reason, names in by_reason.items()]
+        return [f"{', '.join(names)}: XLA ({reason})" for reason, names in by_reason.items()]
+
+    def declines(self) -> str:
+        """`` [GPU: XLA (reason)]``: the platforms that run XLA instead of the kernel, or ""."""
+        notes = self._decline_notes()
+        return "" if not notes else " [" + "; ".join(notes) + "]"
+
+    def platform_notes(self) -> str:
+        """What the text prints after the site: :meth:`declines`' notes, then which kernel runs
+        where the op picks one of several (`` [GPU: cuDNN flash attention]``); "" for neither."""
+        named = [f"{_PLATFORM_LABELS[p]}: {name}" for p, name in self.kernels.items()
+                 if p in _PLATFORM_LABELS and self.runs_kernel_on(p)]
+        notes = self._decline_notes() + named
         return "" if not notes else " [" + "; ".join(notes) + "]"
 
     def to_dict(self) -> dict[str, Any]:

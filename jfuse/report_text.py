@@ -72,12 +72,13 @@ def _missed_lines(report, verbose: bool) -> list[str]:
 
 def _fused_lines(report, verbose: bool) -> list[str]:
     key = (lambda s: id(s)) if verbose else (
-        lambda s: (s.pattern, s.detail, s.where, s.iterations, tuple(sorted(s.platforms.items()))))
+        lambda s: (s.pattern, s.detail, s.where, s.iterations, tuple(sorted(s.platforms.items())),
+                   tuple(sorted(s.kernels.items()))))
     groups = _grouped(report.sites, key)
     lines = [f"  fused: {_count(len(report.sites), 'site')}"
              + (f" in {_count(len(groups), 'group')}" if len(groups) < len(report.sites) else "")]
     for site, count in groups:
-        lines += _wrap(site.detail + site.declines(), _label(site.pattern, count))
+        lines += _wrap(site.detail + site.platform_notes(), _label(site.pattern, count))
         lines += _wrap(f"at {site.where}{_loop_note(site.iterations)}", "")
     return lines
 

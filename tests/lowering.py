@@ -9,7 +9,8 @@ that a rewritten model contains the expected number of kernel calls.
   rules need (Mosaic asks for the TPU generation; jax >= 0.12's Triton lowering asks for a GPU)
   and silences jax 0.12's "Pallas Triton backend is deprecated" warning, which fires at
   lowering time.
-* :func:`count_kernel_calls` counts the Pallas kernel custom calls in such text.
+* :func:`count_kernel_calls` counts the kernel custom calls in such text (Pallas, and cuDNN's
+  flash attention on "cuda").
 
 Arguments may be arrays or ``jax.ShapeDtypeStruct``s (nothing is executed). The abstract
 devices are a TPU v5e ("TPU v5 lite", 1 core) and an H100 (132 SMs); both work on jax 0.10.0
@@ -41,11 +42,11 @@ _ABSTRACT_DEVICES = {
     "cuda": ("NVIDIA H100 80GB HBM3", 132, "gpu"),
 }
 
-# Custom-call targets that are Pallas kernels, per lowering platform: Mosaic TPU; Triton and
-# Mosaic GPU.
+# Custom-call targets that are kernels, per lowering platform: Mosaic TPU; Triton and Mosaic GPU,
+# and cuDNN's flash attention (the GPU attention kernel where cuDNN serves).
 KERNEL_CALL_TARGETS = {
     "tpu": ("tpu_custom_call",),
-    "cuda": ("__gpu$xla.gpu.triton", "mosaic_gpu_v2", "mosaic_gpu"),
+    "cuda": ("__gpu$xla.gpu.triton", "mosaic_gpu_v2", "mosaic_gpu", "__cudnn$fmhaSoftmax"),
     "cpu": (),
 }
 
@@ -84,8 +85,8 @@ def lower_for(fn: Callable[..., Any], *args: Any, platform: str) -> str:
 
 
 def count_kernel_calls(text: str, platform: str) -> int:
-    """How many Pallas kernel custom calls (``tpu_custom_call`` for "tpu"; Triton or Mosaic GPU
-    for "cuda") one run of the StableHLO ``text``'s public ``main`` makes.
+    """How many kernel custom calls (``tpu_custom_call`` for "tpu"; Triton, Mosaic GPU or cuDNN
+    attention for "cuda") one run of the StableHLO ``text``'s public ``main`` makes.
 
     Kernels inside private functions count once per call of the function
     (:func:`jfuse.benchmarking.kernel_calls` does the counting).

@@ -79,8 +79,12 @@ def test_the_device_grid_covers_every_kernel_path(device_check):
     assert {c.dtype for c in grid} == set(kernel_checks.DTYPES)
     assert len({c.name for c in grid}) == len(grid)
     attention = [c for c in grid if c.pattern == "attention"]
-    assert {c.variant for c in attention} == {"causal", "no mask", "causal GQA"}
+    assert {c.variant for c in attention} == {"causal", "no mask", "causal GQA", "causal S=T/2"}
     assert {c.dtype for c in attention} == set(kernel_checks.DTYPES)
+    # Fewer keys than queries (top-left causal) on each GPU kernel: cuDNN (bf16), Triton (f32).
+    cross = [c for c in attention if c.variant == "causal S=T/2"]
+    assert {c.dtype for c in cross} == {"bfloat16", "float32"}
+    assert all(c.shapes[1][1] * 2 == c.shapes[0][1] for c in cross)
     # A budget-cut run still covers every kernel: the first cases take each family in turn.
     assert {c.pattern for c in grid[:7]} == {"linear", "glu", "rms_norm", "add_rms_norm",
                                              "layer_norm", "add_layer_norm", "attention"}

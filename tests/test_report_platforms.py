@@ -129,3 +129,36 @@ def test_a_precision_mosaic_lacks_runs_xla_on_tpu_only_and_says_so():
                                   "tpu") == 0
         assert count_kernel_calls(lower_for(jfuse.fuse(_mlp_block), *args, platform="cuda"),
                                   "cuda") == 2
+
+
+def _attention_block(q, k, v, cap=None):
+    s = jnp.einsum("bqnh,bknh->bnqk", q, k).astype(jnp.float32) / 8.0
+    if cap is not None:
+        s = jnp.tanh(s / cap) * cap
+    t = q.shape[1]
+    s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, -1e9)
+    return jnp.einsum("bnqk,bknh->bqnh", jax.nn.softmax(s, axis=-1).astype(v.dtype), v)
+
+
+def test_attention_names_the_gpu_kernel_or_both_refusals():
+    """GPU attention picks cuDNN, then Triton, per call: the report names the one that runs
+    (here, with no cuDNN on this machine, Triton) or, where neither serves, gives both reasons;
+    the kernel calls lowered for "cuda" agree. (With cuDNN: tests/test_attention_cudnn.py.)"""
+    q = jax.ShapeDtypeStruct((1, 256, 4, 64), jnp.bfloat16)
+    report = jfuse.explain(_attention_block)(q, q, q)
+    (site,) = report.sites
+    assert site.platforms == {"tpu": "kernel", "cuda": "kernel"}
+    assert site.kernels == {"cuda": "Pallas Triton flash kernel"}
+    assert "[GPU: Pallas Triton flash kernel]" in str(report)
+    assert json.loads(json.dumps(report.to_dict()))["sites"][0]["kernels"] == site.kernels
+    assert count_kernel_calls(lower_for(jfuse.fuse(_attention_block), q, q, q,
+                                        platform="cuda"), "cuda") == 1
+
+    capped = lambda q, k, v: _attention_block(q, k, v, cap=30.0)  # noqa: E731
+    (site,) = jfuse.explain(capped)(q, q, q).sites
+    assert site.platforms["cuda"] == "xla" and site.kernels == {}
+    assert site.platform_reasons["cuda"] == (
+        "cuDNN flash attention has no logit soft-cap; the Triton flash kernel has no logit "
+        "soft-cap")
+    assert count_kernel_calls(lower_for(jfuse.fuse(capped), q, q, q, platform="cuda"),
+                              "cuda") == 0

@@ -3,6 +3,9 @@
 Primitive names JAX renamed or split over releases, params whose layout changed, and features
 only newer JAX has. Each entry says why jfuse needs it and which releases differ. This module
 knows nothing about jfuse's passes, ops or markers.
+
+(cuDNN's fused attention entry point differs between 0.10 and 0.12 only in arguments jfuse does
+not pass: :mod:`jfuse._jax.cudnn` calls it by keyword, the same way on both.)
 """
 
 from __future__ import annotations

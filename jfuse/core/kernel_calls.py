@@ -1,21 +1,24 @@
-"""Which Pallas kernels a lowered program runs: counted from its StableHLO text.
+"""Which kernels a lowered program runs: counted from its StableHLO text.
 
 A kernel is a custom call (``tpu_custom_call`` for Mosaic TPU, the Triton or Mosaic GPU call
-targets on CUDA). Counting them tells what really runs: zero on CPU or where every kernel
-declined. Used by ``jfuse.jit``'s compile fallback, the benchmarks and the tests; it knows
-nothing else of jfuse.
+targets on CUDA, and cuDNN's flash attention, which jfuse's attention op calls on GPU). Counting
+them tells what really runs: zero on CPU or where every kernel declined. Used by ``jfuse.jit``'s
+compile fallback, the benchmarks and the tests; it knows nothing else of jfuse.
 """
 
 from __future__ import annotations
 
 import re
 
-# Custom-call targets of Pallas kernels in lowered StableHLO: Mosaic TPU; Triton and Mosaic GPU.
+# Custom-call targets of kernels in lowered StableHLO: Mosaic TPU; Triton and Mosaic GPU; cuDNN's
+# flash attention forward as jfuse emits it (no bias, no dropout: JAX names those variants
+# differently, and jfuse's derivative never calls cuDNN's backward).
 KERNEL_CALL_TARGETS = {
     "tpu_custom_call": "pallas-mosaic",
     "__gpu$xla.gpu.triton": "pallas-triton",
     "mosaic_gpu_v2": "pallas-mosaic-gpu",
     "mosaic_gpu": "pallas-mosaic-gpu",
+    "__cudnn$fmhaSoftmax": "cudnn-fmha",
 }
 _KERNEL_CALL = re.compile(
     r"custom_call\s*@({})(?=\()".format("|".join(map(re.escape, KERNEL_CALL_TARGETS)))
@@ -27,7 +30,7 @@ _CALL = re.compile(r'(?<![\w.])(?:func\.)?call\s+@("[^"]+"|[\w$.-]+)\(')
 
 
 def kernel_calls(lowered_text: str) -> dict[str, int]:
-    """Pallas kernel calls one run of a lowered program makes, by kind (``{"pallas-triton": 2}``).
+    """Kernel calls one run of a lowered program makes, by kind (``{"pallas-triton": 2}``).
 
     Empty means the program runs XLA's ops alone: on CPU, or where every kernel declined. A
     kernel inside a private function counts once per call of that function (jfuse emits repeated

@@ -8,7 +8,8 @@ In the spirit of tokamax's ``Op``: an op is a subclass of :class:`FusedOp` that 
   ``unprofitable_reason``: why it should not (it is expected to lose to XLA there), which only
   ``implementation=None`` heeds. The same answers serve dispatch (the kernel is not traced; XLA
   runs there) and the fusion report (the site says which platform runs XLA and why), so the two
-  never disagree;
+  never disagree; ``kernel_name``, where an op has several kernels on one platform and picks
+  one per call (attention on GPU: cuDNN or Triton), says which for the report;
 * ``tangents``: the derivative, in plain JAX primitives, from the operands and the forward's
   *full* outputs (the user's outputs plus what the derivative needs: a pre-activation, the GLU
   products, a norm's statistics);
@@ -167,6 +168,12 @@ class FusedOp:
         implementation is left to jfuse, ``implementation=None``), or None."""
         return None
 
+    def kernel_name(self, spec: OpSpec, platform: str, avals: Sequence[Any]) -> str | None:
+        """Which of ``platform``'s kernels serves kernel inputs of ``avals``, for an op that picks
+        one of several per call (the choice :meth:`kernel` makes, by the same rule); None for an
+        op with one kernel per platform, or none serving."""
+        return None
+
     def outputs(self, spec: OpSpec, full_outputs: tuple) -> Any:
         """The user's outputs from the full ones (by default the first)."""
         return full_outputs[0]
@@ -188,16 +195,27 @@ class FusedOp:
             reason = self.unprofitable_reason(spec, platform, kernel_avals)
         return reason
 
+    def _kernel_avals(self, spec: OpSpec, operand_avals: Sequence[Any]) -> Sequence[Any]:
+        if type(self).kernel_inputs is FusedOp.kernel_inputs:
+            return operand_avals
+        structs = [None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype)
+                   for a in operand_avals]
+        return jax.eval_shape(lambda *o: self.kernel_inputs(spec, o), *structs)
+
     def refusals(self, spec: OpSpec, operand_avals: Sequence[Any]) -> dict[str, str]:
         """Per lowering platform, why its kernel will not run this call (absent: it will): what
         the fusion report says, from the rules dispatch applies."""
-        avals = operand_avals
-        if type(self).kernel_inputs is not FusedOp.kernel_inputs:
-            structs = [None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype)
-                       for a in operand_avals]
-            avals = jax.eval_shape(lambda *o: self.kernel_inputs(spec, o), *structs)
+        avals = self._kernel_avals(spec, operand_avals)
         reasons = {platform: self.refusal(spec, platform, avals) for platform in KERNEL_BACKENDS}
         return {platform: reason for platform, reason in reasons.items() if reason}
+
+    def kernel_names(self, spec: OpSpec, operand_avals: Sequence[Any]) -> dict[str, str]:
+        """Per lowering platform whose kernel runs this call, which kernel, where the op names
+        it (:meth:`kernel_name`); what the fusion report prints beside the site."""
+        avals = self._kernel_avals(spec, operand_avals)
+        names = {platform: self.kernel_name(spec, platform, avals)
+                 for platform in KERNEL_BACKENDS if self.refusal(spec, platform, avals) is None}
+        return {platform: name for platform, name in names.items() if name}
 
 
 def _avals(operands: tuple) -> tuple:

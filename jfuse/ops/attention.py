@@ -11,8 +11,9 @@ block of them:
   ``p = exp(s - lse)`` and ``ds`` the scores' tangent, ``dO = Σ p·ds·V − (Σ p·ds)·O + Σ p·dV``.
   ``grad`` transposes that scan block by block, so the backward is O(T) as well, and jvp, vmap
   and higher derivatives keep working (a ``custom_vjp`` would refuse forward mode);
-* **kernels**: on TPU and GPU, JAX's maintained Pallas flash kernels serve the forward where their
-  conditions hold (see :meth:`Attention.unsupported_reason`); elsewhere the blockwise XLA path runs.
+* **kernels**: JAX's maintained flash kernels serve the forward where their conditions hold, chosen
+  per call (see :meth:`Attention.unsupported_reason`): splash attention on TPU; on GPU cuDNN's
+  flash attention, else the Pallas Triton flash kernel; elsewhere the blockwise XLA path runs.
 
 The masks jfuse can classify are structure, not arrays: ``is_causal``, a ``local_window_size``,
 segment ids and per-example key lengths are rebuilt per block from iotas, so a causal mask costs
@@ -383,6 +384,12 @@ class Attention(FusedOp):
     ``(out, m, l)``: each query's score max and softmax denominator, (B, K, G, T) f32."""
 
     name = "attention"
+    # The kernels each platform tries, in order (:meth:`_choice`), their refusal rules, and the
+    # names the report gives them where a platform has more than one.
+    KERNELS = {"tpu": ("splash",), "cuda": ("cudnn", "triton")}
+    _REFUSE = {"splash": kernels.tpu_unsupported_reason, "cudnn": kernels.cudnn_unsupported_reason,
+               "triton": kernels.triton_unsupported_reason}
+    KERNEL_NAMES = {"cudnn": "cuDNN flash attention", "triton": "Pallas Triton flash kernel"}
 
     def reference(self, spec: AttentionSpec, operands, full):
         out, m, l = _forward_xla(spec, operands)
@@ -398,45 +405,70 @@ class Attention(FusedOp):
         return dout, zero_m, l * dlse
 
     def kernel(self, spec: AttentionSpec, operands, backend, interpret, full):
-        if interpret:
-            # Interpret mode runs no profitability or platform check before the kernel (the
-            # other ops' kernels serve any shape); JAX's flash kernels do not, so a call they
-            # cannot take runs the blockwise XLA version, as it would on the device.
-            platform = "tpu" if backend == "tpu" else "cuda"
-            avals = [None if o is None else jax.typeof(o) for o in operands]
-            if self.unsupported_reason(spec, platform, avals):
-                return self.reference(spec, operands, full)
+        platform = "tpu" if backend == "tpu" else "cuda"
+        avals = [None if o is None else jax.typeof(o) for o in operands]
+        name, reasons = self._choice(spec, platform, avals, interpret)
+        if name is None:
+            if not interpret:  # dispatch asked unsupported_reason first: not reached
+                raise NotImplementedError("; ".join(dict.fromkeys(reasons.values())))
+            # Interpret mode runs no platform check before the kernel (the other ops' kernels
+            # serve any shape); JAX's flash kernels do not, so a call they cannot take runs the
+            # blockwise XLA version, as it would on the device.
+            return self.reference(spec, operands, full)
         q, k, v = operands[:3]
-        if spec.layout == "BTNH":  # the kernels take (B, heads, T, H)
-            q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))
-        run = kernels.flash_tpu if backend == "tpu" else kernels.flash_triton
-        out, lse = run(q, k, v, scale=spec.scale, is_causal=spec.is_causal, window=spec.window,
-                       soft_cap=spec.soft_cap, mask_value=spec.mask_value, interpret=interpret)
-        if spec.layout == "BTNH":
-            out = jnp.swapaxes(out, 1, 2)
+        fields = dict(scale=spec.scale, is_causal=spec.is_causal, window=spec.window,
+                      soft_cap=spec.soft_cap, mask_value=spec.mask_value, interpret=interpret)
+        if name == "cudnn":  # reads either layout as it is
+            out, lse = kernels.flash_cudnn(q, k, v, layout=spec.layout, **fields)
+        else:
+            if spec.layout == "BTNH":  # the Pallas kernels take (B, heads, T, H)
+                q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))
+            run = kernels.flash_tpu if name == "splash" else kernels.flash_triton
+            out, lse = run(q, k, v, **fields)
+            if spec.layout == "BTNH":
+                out = jnp.swapaxes(out, 1, 2)
         out = out.astype(spec.out_dtype or operands[0].dtype)
         if not full:
             return out, None, None
         b, n, t = lse.shape
-        kv_heads = k.shape[1]
+        kv_heads = operands[1].shape[1 if spec.layout == "BNTH" else 2]
         m = jnp.reshape(lse, (b, kv_heads, n // kv_heads, t))
         # The kernels return m + log l as one number: with l = 1 the derivative reads it as is.
         return out, m, jnp.ones(m.shape, m.dtype)
 
-    def unsupported_reason(self, spec: AttentionSpec, platform, avals):
+    def _choice(self, spec: AttentionSpec, platform, avals, interpret=False):
+        """(the first of ``platform``'s kernels that serves the call, or None; each tried
+        kernel's reason, None where it serves). GPU tries cuDNN, then Triton."""
         q, k, v, bias, mask, q_seg, _, lengths = avals
         shapes = [a.shape for a in (q, k, v)]
         if spec.layout == "BTNH":
             shapes = [(b, n, t, h) for b, t, n, h in shapes]
-        refuse = (kernels.tpu_unsupported_reason if platform == "tpu"
-                  else kernels.triton_unsupported_reason)
-        reason = refuse(*shapes, q.dtype, is_causal=spec.is_causal, window=spec.window,
-                        soft_cap=spec.soft_cap, has_bias=bias is not None,
-                        has_mask=mask is not None, has_segments=q_seg is not None,
-                        has_lengths=lengths is not None)
-        if reason is None and (k.dtype != q.dtype or v.dtype != q.dtype):
-            reason = f"q, k and v have different dtypes ({q.dtype}, {k.dtype}, {v.dtype})"
-        return reason
+        reasons = {}
+        for name in self.KERNELS[platform]:
+            if name == "cudnn" and interpret:
+                reasons[name] = "cuDNN has no interpret mode"
+                continue
+            reason = self._REFUSE[name](
+                *shapes, q.dtype, is_causal=spec.is_causal, window=spec.window,
+                soft_cap=spec.soft_cap, has_bias=bias is not None, has_mask=mask is not None,
+                has_segments=q_seg is not None, has_lengths=lengths is not None)
+            if reason is None and (k.dtype != q.dtype or v.dtype != q.dtype):
+                reason = f"q, k and v have different dtypes ({q.dtype}, {k.dtype}, {v.dtype})"
+            reasons[name] = reason
+            if reason is None:
+                return name, reasons
+        return None, reasons
+
+    def unsupported_reason(self, spec: AttentionSpec, platform, avals):
+        name, reasons = self._choice(spec, platform, avals)
+        if name is not None:
+            return None
+        # Every kernel refused: each one's reason, once (a bias stops them all alike).
+        return "; ".join(dict.fromkeys(reasons.values()))
+
+    def kernel_name(self, spec: AttentionSpec, platform, avals):
+        name, _ = self._choice(spec, platform, avals)
+        return self.KERNEL_NAMES.get(name)
 
     def roles(self, spec: AttentionSpec, operands):
         # Each operand's name and the layout, for the attention layout rule.
@@ -596,7 +628,10 @@ def attention(
 def _benchmark() -> Benchmark:
     """Variants: ``causal`` or None (unmasked) time the op against its own blockwise XLA
     version; ``causal vs dense`` and ``causal vs cudnn`` time it against what users run without
-    jfuse: jax.nn's dense XLA attention and its cuDNN flash attention (GPU, f16/bf16 only)."""
+    jfuse: jax.nn's dense XLA attention and its cuDNN flash attention (GPU, f16/bf16 only). On a
+    GPU the op's own forward is cuDNN's in f16/bf16 and Triton's in f32 (the timing row's ``ran``
+    column says which), so ``causal vs cudnn`` in bf16 compares jfuse's derivative with cuDNN's
+    backward."""
 
     def inputs(shape, dtype, normal):
         b, t, n, h = shape

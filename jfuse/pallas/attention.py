@@ -1,23 +1,30 @@
-"""Flash attention kernels: JAX's maintained Pallas kernels, called for what they serve.
+"""Flash attention kernels: JAX's maintained kernels, called for what they serve.
 
 jfuse writes no attention kernel of its own: JAX maintains flash kernels for both backends, and
-this module adapts jfuse's call to them and says what they cannot serve.
+this module adapts jfuse's call to them and says what each cannot serve.
 
 * **TPU**: splash attention (``jax.experimental.pallas.ops.tpu.splash_attention``), per example
   and vmapped over the batch. Its masks are static objects built here from the call's structure
   (causal, local window), so masked blocks are skipped; grouped-query attention is native. It
   has no scale argument (q is scaled first, as tokamax does) and no bias.
-* **GPU**: the Pallas Triton flash kernel (``jax.experimental.pallas.ops.gpu.attention.mha``).
-  It takes causal masks only, equal head counts (grouped K/V heads are repeated for it) and
-  sequence lengths that are whole blocks.
+* **GPU, first choice**: cuDNN's flash attention, the function behind
+  ``jax.nn.dot_product_attention(implementation="cudnn")`` (through :mod:`jfuse._jax.cudnn`,
+  because jax.nn casts the log-sum-exp to the output dtype). f16/bf16, head dims cuDNN takes
+  (multiples of 8 up to 128, 256 on Hopper), causal (top-left, jfuse's convention) or unmasked,
+  a left window with causal, native grouped-query attention, either layout read as it is. It
+  traces only where the installed jaxlib has cuDNN, so on a CPU-only machine GPU lowering uses
+  the Triton kernel.
+* **GPU, otherwise**: the Pallas Triton flash kernel
+  (``jax.experimental.pallas.ops.gpu.attention.mha``): causal masks only, equal head counts
+  (grouped K/V heads are repeated for it), sequence lengths that are whole blocks; f32 too.
 
-Both return each query's log-sum-exp (f32), which jfuse's derivative uses to recompute the
-probabilities block by block. cuDNN (``jax.nn.dot_product_attention(implementation="cudnn")``) is
-not used yet: jax.nn casts its log-sum-exp to the output dtype (bf16), too coarse for that
-derivative, and it can only be traced on a machine with a GPU.
+Each returns each query's log-sum-exp (f32), which jfuse's derivative uses to recompute the
+probabilities block by block: no kernel's backward runs. None of them takes a bias, a dense mask,
+segment ids or key lengths here (see :func:`_common_reason`).
 
 Shapes here: q ``(B, N, T, H)``, k and v ``(B, K, S, H)``; outputs ``(out (B, N, T, Hv),
-lse (B, N, T) f32)``.
+lse (B, N, T) f32)``. :func:`flash_cudnn` also reads and writes ``(B, T, N, H)`` when told
+(``layout="BTNH"``), so the op passes the user's layout through without transposes.
 """
 
 from __future__ import annotations
@@ -29,11 +36,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jfuse._jax import cudnn
 from jfuse.pallas._common import TRITON_DTYPES
 
 # Splash blocks are whole 128-lane tiles; the largest of these that divides a sequence is used.
 TPU_BLOCKS = (512, 256, 128)
 TRITON_BLOCK = 128  # the Triton kernel's default q and k blocks (min'd with the sequence)
+CUDNN_DTYPES = (jnp.float16, jnp.bfloat16)  # cuDNN's flash attention refuses f32 (fp8 unused)
+CUDNN_SLIDING_WINDOW_VERSION = 90200  # cuDNN frontend: no sliding window before 9.2.0
 
 
 def _common_reason(has_bias, has_mask, has_segments, has_lengths):
@@ -87,6 +97,67 @@ def triton_unsupported_reason(q_shape, k_shape, v_shape, dtype, *, is_causal, wi
     if v_shape[3] != h:
         return "the value head dim differs from the query's"
     return None
+
+
+def _cudnn_mask(is_causal: bool, window) -> tuple[bool, int | None] | str:
+    """jfuse's causal flag and window as cuDNN's (causal, sliding_window_length), or why not.
+
+    cuDNN's window is ``sliding_window_length = w``: keys ``i - w < j <= i``, and its frontend
+    accepts it only together with the (top-left) causal mask. So a window serves when its right
+    side is closed at the query, by ``is_causal`` or a right bound of 0; its left bound ``l``
+    (keys ``j >= i - l``) is ``w = l + 1``, and an open left side is plain causal."""
+    if window is None:
+        return is_causal, None
+    left, right = window
+    if not (is_causal or right == 0):
+        return "cuDNN's local window ends at the query: it needs is_causal or a right bound of 0"
+    return True, None if left is None else left + 1
+
+
+def cudnn_unsupported_reason(q_shape, k_shape, v_shape, dtype, *, is_causal, window, soft_cap,
+                             has_bias, has_mask, has_segments, has_lengths) -> str | None:
+    """Why cuDNN's flash attention cannot serve this call, or None.
+
+    The checks that need no GPU come first, so their reasons are the same on every machine; then
+    whether this machine's jaxlib has cuDNN at all (the entry point cannot be traced without it);
+    then JAX's own checks, for anything they refuse that jfuse did not foresee."""
+    # cuDNN takes a bias, and JAX turns a boolean mask into one (a materialized (T, S) array
+    # of large negatives): neither is verified to give jfuse's answer (its f32 scores, a fully
+    # masked row averaging V), so neither is passed on.
+    if has_bias:
+        return "jfuse passes no additive bias to cuDNN (not verified against its f32 scores)"
+    if has_mask:
+        return ("jfuse passes no dense mask to cuDNN (JAX would make it a (T, S) bias; a fully "
+                "masked row would differ)")
+    reason = _common_reason(False, False, has_segments, has_lengths)
+    if reason:
+        return reason
+    if soft_cap is not None:
+        return "cuDNN flash attention has no logit soft-cap"
+    if np.dtype(dtype) not in [np.dtype(d) for d in CUDNN_DTYPES]:
+        return f"cuDNN flash attention takes float16 or bfloat16, not {np.dtype(dtype).name}"
+    mask = _cudnn_mask(is_causal, window)
+    if isinstance(mask, str):
+        return mask
+    _, _, t, h = q_shape
+    s = k_shape[2]
+    if window is not None and t > s:
+        return "a local window with more queries than keys can leave a query with no key"
+    if v_shape[3] != h:
+        # cuDNN takes it from 9.10 on Hopper (JAX: "mla"); not exercised here yet.
+        return "the value head dim differs from the query's"
+    hopper = cudnn.gpu_at_least("9.0")
+    limit = 256 if hopper else 128
+    if h % 8 or h > limit:
+        where = "" if hopper else " (256 on Hopper or newer)"
+        return f"head dim {h}: cuDNN takes multiples of 8 up to {limit}{where}"
+    version = cudnn.version()
+    if version is None:
+        return "cuDNN is not available on this machine"
+    if mask[1] is not None and version < CUDNN_SLIDING_WINDOW_VERSION:
+        return f"cuDNN {version} has no sliding window (9.2 or newer)"
+    refused = cudnn.refusal(q_shape, k_shape, v_shape, dtype, cudnn_version=version)
+    return None if refused is None else f"cuDNN refuses it: {refused}"
 
 
 def _tpu_block(n: int) -> int:
@@ -146,3 +217,32 @@ def flash_triton(q, k, v, *, scale: float, is_causal: bool, interpret: bool = Fa
                                      return_residuals=True)
     # The kernel works in base 2 (exp2 of scores·log2 e): its log-sum-exp is in bits.
     return jnp.swapaxes(out, 1, 2), lse2 * jnp.float32(math.log(2.0))
+
+
+def flash_cudnn(q, k, v, *, scale: float, is_causal: bool, window=None, soft_cap=None,
+                mask_value: float | None = None, layout: str = "BNTH", interpret: bool = False,
+                **_):
+    """(out, lse) by cuDNN's flash attention; see the module docstring for shapes. ``layout``
+    is q, k, v's and the output's: "BNTH" (as :func:`flash_triton`) or "BTNH".
+
+    ``mask_value`` is not passed on: cuDNN masks with its own large negative value, and that is
+    the same answer as any other, because every query this is asked to serve attends at least
+    one key (a causal row ``i`` always has key 0; a window is refused where a row could be empty;
+    dense masks, segments and key lengths, which can empty a row, are refused), so the masked
+    scores only have to vanish under exp."""
+    del mask_value
+    if interpret:
+        raise NotImplementedError("cuDNN has no interpret mode")
+    bnth = [a.shape if layout == "BNTH" else (a.shape[0], a.shape[2], a.shape[1], a.shape[3])
+            for a in (q, k, v)]
+    reason = cudnn_unsupported_reason(
+        *bnth, q.dtype, is_causal=is_causal, window=window, soft_cap=soft_cap, has_bias=False,
+        has_mask=False, has_segments=False, has_lengths=False)
+    if reason is None and not (k.dtype == v.dtype == q.dtype):
+        reason = f"q, k and v have different dtypes ({q.dtype}, {k.dtype}, {v.dtype})"
+    if reason:
+        raise NotImplementedError(reason)
+    causal, sliding_window = _cudnn_mask(is_causal, window)
+    out, lse = cudnn.attention(q, k, v, scale=scale, causal=causal, layout=layout,
+                               sliding_window_length=sliding_window)
+    return out, lse.astype(jnp.float32)  # f32 already: cuDNN's softmax statistics

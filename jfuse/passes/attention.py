@@ -1313,7 +1313,7 @@ def _site(graph, pv, side, eqns, q, k, v, q_roles, k_roles, v_roles, out_roles, 
     # for the backward.
     saved = 2 * b * n_q * t * s * 4
     return Site(NAME, eqns, inputs, [out], emit, user_source_line(pv), detail, saved, graph,
-                refusals)
+                refusals, ATTENTION.kernel_names(spec, operand_avals))
 
 
 def _actual_sizes(x, roles) -> dict:

@@ -57,6 +57,9 @@ class Site:
     # Per lowering platform ("tpu", "cuda"), why its kernel will not serve this block (the op then
     # runs XLA there), as the op's ``refusals`` says (the rule its dispatch applies).
     kernel_refusals: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Per lowering platform, which kernel serves, where the op picks one of several there (the
+    # op's ``kernel_names``); absent for ops with one kernel per platform.
+    kernel_names: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def replay(self) -> Callable[..., tuple]:
         """The block as the user wrote it: what runs if the fused op fails."""
@@ -64,7 +67,7 @@ class Site:
 
     def to_report(self, implementation: str | None = None) -> FusedSite:
         """The report's entry, with what each platform runs under ``implementation``."""
-        platforms, reasons = {}, {}
+        platforms, reasons, kernels = {}, {}, {}
         for platform in KERNEL_PLATFORMS:
             reason = self.kernel_refusals.get(platform)
             if implementation == "xla":
@@ -75,8 +78,10 @@ class Site:
                 platforms[platform], reasons[platform] = "xla", reason
             else:
                 platforms[platform] = "kernel"
+                if platform in self.kernel_names:
+                    kernels[platform] = self.kernel_names[platform]
         return FusedSite(self.pattern, self.where, self.detail, self.bytes_saved, platforms,
-                         reasons)
+                         reasons, kernels=kernels)
 
 
 @dataclasses.dataclass
