@@ -145,6 +145,7 @@ def cases(preset: str) -> list[OpCase]:
             for dtype in PRESET_DTYPES[preset]
             for benchmark in ops.BENCHMARKS
             for shape, variant in benchmark.sizes[preset]
+            if benchmark.times(variant, dtype)
             for mode in MODES]
 
 

@@ -115,6 +115,16 @@ def test_op_cases_count_flops_and_bytes(bench):
         op_benchmarks.cases("accelerator"))
 
 
+def test_cudnn_baseline_is_timed_only_in_the_dtypes_cudnn_takes(bench):
+    """cuDNN's flash attention refuses f32: the device check times that baseline in bf16 only,
+    rather than spending device time on an error row."""
+    _, op_benchmarks, _ = bench
+    device = op_benchmarks.cases("device")
+    against_cudnn = {(c.dtype, c.mode) for c in device if c.activation == "causal vs cudnn"}
+    assert against_cudnn == {("bfloat16", "fwd"), ("bfloat16", "fwd+bwd")}
+    assert {c.dtype for c in device if c.activation == "causal vs dense"} == {"bfloat16", "float32"}
+
+
 def test_op_case_programs_run_both_passes(bench):
     _, op_benchmarks, _ = bench
     case = op_benchmarks.OpCase("add_rms_norm", (8, 32), "float32", "fwd+bwd")

@@ -102,6 +102,12 @@ class Benchmark:
     call: Callable[[str | None, str | None], Callable[..., Any]]
     sizes: dict[str, tuple[tuple[tuple, str | None], ...]]
     flops: Callable[[tuple, str | None], float] = lambda shape, variant: 0.0
+    # Variants timed only in some dtypes (a baseline that refuses the others, e.g. cuDNN's f32).
+    variant_dtypes: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+
+    def times(self, variant: str | None, dtype: str) -> bool:
+        """Whether ``variant`` is timed in ``dtype`` (every dtype unless restricted)."""
+        return dtype in self.variant_dtypes.get(variant, (dtype,))
 
     @property
     def bound(self) -> str:
