@@ -3,7 +3,9 @@
 Run: ``python benchmarks/rewrite_cost.py``. For an unrolled Llama-style training step with 8 and
 32 layers: jax.jit's trace+lower+compile time, jfuse.jit's, the difference (jfuse's tracing,
 matching and rewriting), and the growth of that difference from 8 to 32 layers (linear would be
-4x). Medians over repeats, each on a fresh function so no cache is reused. Writes
+4x). Medians over repeats, each on a fresh function so no cache is reused. Wall-clock and this
+process's CPU time (every thread, XLA's included) are both recorded: on a shared machine the wall
+clock also measures the other jobs, the CPU time much less so. Writes
 ``benchmarks/results/rewrite_cost.{csv,md}``.
 """
 
@@ -24,10 +26,11 @@ import jfuse  # noqa: E402
 from jfuse.benchmarking import machine_description, write_results  # noqa: E402
 
 
-def _compile_seconds(make_jitted, args) -> float:
-    start = time.perf_counter()
+def _compile_seconds(make_jitted, args) -> tuple[float, float]:
+    """(wall-clock, CPU) seconds of one trace + lower + compile."""
+    start, start_cpu = time.perf_counter(), time.process_time()
     make_jitted().lower(*args).compile()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - start_cpu
 
 
 def measure(n_layers: int, repeats: int) -> dict:
@@ -41,13 +44,18 @@ def measure(n_layers: int, repeats: int) -> dict:
         jax_times.append(_compile_seconds(lambda: jax.jit(fresh()), args))
         jfuse_times.append(_compile_seconds(lambda: jfuse.jit(fresh()), args))
     report = jfuse.explain(fresh())(*args)
-    jax_s, jfuse_s = statistics.median(jax_times), statistics.median(jfuse_times)
+    median = lambda times, i: statistics.median(t[i] for t in times)
+    jax_s, jfuse_s = median(jax_times, 0), median(jfuse_times, 0)
+    jax_cpu, jfuse_cpu = median(jax_times, 1), median(jfuse_times, 1)
     return {
         "layers": n_layers,
         "jax_trace_lower_compile_s": round(jax_s, 3),
         "jfuse_trace_lower_compile_s": round(jfuse_s, 3),
         "jfuse_extra_s": round(jfuse_s - jax_s, 3),
         "extra_over_jax": round((jfuse_s - jax_s) / jax_s, 3),
+        "jax_cpu_s": round(jax_cpu, 3),
+        "jfuse_cpu_s": round(jfuse_cpu, 3),
+        "extra_over_jax_cpu": round((jfuse_cpu - jax_cpu) / jax_cpu, 3),
         "fused_sites": sum(report.fused.values()),
     }
 
