@@ -50,6 +50,7 @@ from jfuse.core import probe
 from jfuse.debug import reject
 from jfuse.graph import Graph, literal_value
 from jfuse.ops.attention import ATTENTION, DEFAULT_MASK_VALUE, AttentionSpec, fused_attention
+from jfuse.passes import _mask_eval as mask_eval
 from jfuse.passes._matmul import is_float
 from jfuse.passes.base import AUTODIFF_HINT, MatchResult, Pattern, Site, scalar_value
 from jfuse.report import MissedFusion, MissReason
@@ -63,8 +64,6 @@ _RANDOM = frozenset({"random_bits", "threefry2x32", "rng_bit_generator", "random
 _SOFTMAX_OPS = frozenset({"reduce_max", "max", "broadcast_in_dim", "stop_gradient", "sub", "exp",
                           "reduce_sum", "div", "mul", "convert_element_type", "is_finite",
                           "select_n", "copy", "copy_p", "transpose"}) | compat.RESHAPE_PRIMITIVES
-# Largest mask (elements) evaluated at match time to classify it (numpy, transient).
-_MAX_MASK_ELEMENTS = 1 << 26  # T = S = 8192; larger masks are passed dense
 
 
 def _reject(anchor: jx.JaxprEqn, why: str) -> None:
@@ -73,88 +72,6 @@ def _reject(anchor: jx.JaxprEqn, why: str) -> None:
 
 def _miss(reason: MissReason, anchor: jx.JaxprEqn, hint: str, detail: str) -> MatchResult:
     return MatchResult(misses=[MissedFusion(NAME, reason, user_source_line(anchor), hint, detail)])
-
-
-# --- constants --------------------------------------------------------------------------------
-
-# --- a small numpy evaluator for masks ----------------------------------------------------------
-
-def _np_int_div(a, b):
-    return np.trunc(np.asarray(a) / np.asarray(b))
-
-
-_MASK_RULES = {
-    "and": lambda e, a, b: np.logical_and(a, b) if a.dtype == bool else np.bitwise_and(a, b),
-    "or": lambda e, a, b: np.logical_or(a, b) if a.dtype == bool else np.bitwise_or(a, b),
-    "xor": lambda e, a, b: np.logical_xor(a, b) if a.dtype == bool else np.bitwise_xor(a, b),
-    "not": lambda e, a: np.logical_not(a) if a.dtype == bool else np.invert(a),
-    "eq": lambda e, a, b: a == b, "ne": lambda e, a, b: a != b,
-    "lt": lambda e, a, b: a < b, "le": lambda e, a, b: a <= b,
-    "gt": lambda e, a, b: a > b, "ge": lambda e, a, b: a >= b,
-    "add": lambda e, a, b: a + b, "sub": lambda e, a, b: a - b, "mul": lambda e, a, b: a * b,
-    "max": lambda e, a, b: np.maximum(a, b), "min": lambda e, a, b: np.minimum(a, b),
-    "div": lambda e, a, b: _np_int_div(a, b) if np.issubdtype(a.dtype, np.integer) else a / b,
-    "rem": lambda e, a, b: np.fmod(a, b),
-    "neg": lambda e, a: -a, "abs": lambda e, a: np.abs(a), "sign": lambda e, a: np.sign(a),
-    "copy": lambda e, a: a, "copy_p": lambda e, a: a,
-    "integer_pow": lambda e, a: a ** e.params["y"],
-    "convert_element_type": lambda e, a: a,
-    "select_n": lambda e, p, *cases: np.choose(np.asarray(p, np.int64),
-                                               np.broadcast_arrays(*cases)),
-    "iota": lambda e: np.broadcast_to(np.reshape(
-        np.arange(e.params["shape"][e.params["dimension"]]),
-        [-1 if i == e.params["dimension"] else 1 for i in range(len(e.params["shape"]))]),
-        e.params["shape"]),
-    "broadcast_in_dim": lambda e, a: np.broadcast_to(np.reshape(a, [
-        a.shape[list(e.params["broadcast_dimensions"]).index(i)]
-        if i in e.params["broadcast_dimensions"] else 1
-        for i in range(len(e.params["shape"]))]), e.params["shape"]),
-    "reshape": lambda e, a: np.reshape(a, e.outvars[0].aval.shape),
-    "squeeze": lambda e, a: np.reshape(a, e.outvars[0].aval.shape),
-    "expand_dims": lambda e, a: np.reshape(a, e.outvars[0].aval.shape),
-    "transpose": lambda e, a: np.transpose(a, e.params["permutation"]),
-}
-
-
-def _mask_ancestors(graph: Graph, var: Any, limit: int = 64):
-    """(equations computing ``var``, leaves): the leaves are the vars it is computed from that
-    the evaluator cannot compute (inputs, or outputs of other primitives). None if too many."""
-    eqns, leaves, seen, stack = {}, [], set(), [var]
-    while stack:
-        atom = stack.pop()
-        if not isinstance(atom, jx.Var) or atom in seen:
-            continue
-        seen.add(atom)
-        producer = graph.producer(atom)
-        if (producer is None or producer.primitive.name not in _MASK_RULES or producer.effects
-                or len(producer.outvars) != 1 or (producer.primitive.name == "reshape"
-                                                  and producer.params.get("dimensions"))):
-            leaves.append(atom)
-            continue
-        eqns[id(producer)] = producer
-        if len(eqns) > limit:
-            return None
-        stack.extend(producer.invars)
-    return sorted(eqns.values(), key=graph.position), leaves
-
-
-def _evaluate_mask(eqns, var, leaf_values: dict) -> np.ndarray | None:
-    env = dict(leaf_values)
-    for eqn in eqns:
-        if any(int(np.prod(v.aval.shape)) > _MAX_MASK_ELEMENTS for v in eqn.outvars):
-            return None
-        args = []
-        for a in eqn.invars:
-            if isinstance(a, jx.Literal):
-                args.append(np.asarray(a.val))
-            elif a in env:
-                args.append(env[a])
-            else:
-                return None
-        with np.errstate(all="ignore"):
-            out = _MASK_RULES[eqn.primitive.name](eqn, *args)
-        env[eqn.outvars[0]] = np.asarray(out).astype(np.dtype(eqn.outvars[0].aval.dtype))
-    return env.get(var)
 
 
 # --- roles and the op's canonical layout ---------------------------------------------------------
@@ -656,7 +573,7 @@ def _classify_masks(graph: Graph, scores: _Scores, score_roles: list, roles: _Ro
     b = sizes.get(("b", 0), 1)
     constant = None
     for term in terms:
-        found = _mask_ancestors(graph, term.var)
+        found = mask_eval.ancestors(graph, term.var)
         value = None
         if found is not None:
             eqns, leaves = found
@@ -665,7 +582,7 @@ def _classify_masks(graph: Graph, scores: _Scores, score_roles: list, roles: _Ro
             known = _constant_leaves(graph, leaves)
             leaves = [leaf for leaf in leaves if leaf not in known]
             if not leaves:
-                value = _evaluate_mask(eqns, term.var, known)
+                value = mask_eval.evaluate(eqns, term.var, known)
             if value is not None:
                 if term.negate:
                     value = ~value
@@ -704,7 +621,7 @@ def _constant_leaves(graph: Graph, leaves) -> dict:
     """The values of the leaves that are the jaxpr's constants (small enough to evaluate)."""
     known = {}
     for leaf in leaves:
-        if int(np.prod(leaf.aval.shape, dtype=np.int64)) > _MAX_MASK_ELEMENTS:
+        if int(np.prod(leaf.aval.shape, dtype=np.int64)) > mask_eval.MAX_ELEMENTS:
             continue
         value = graph.constant(leaf)
         if value is not None and tuple(value.shape) == tuple(leaf.aval.shape):
@@ -724,7 +641,7 @@ def _as_lengths(eqns, term, leaves, known, groups, sizes, b, s, out: _Masks) -> 
     rng = np.random.default_rng(1)
     for _ in range(3):
         lengths = rng.integers(0, s + 1, size=b)
-        value = _evaluate_mask(eqns, term.var, {
+        value = mask_eval.evaluate(eqns, term.var, {
             **known, leaf: lengths.reshape(leaf.aval.shape).astype(leaf.aval.dtype)})
         if value is None:
             return False
@@ -760,7 +677,7 @@ def _as_segments(eqns, term, leaves, known, groups, sizes, b, t, s, out: _Masks)
             k_ids = q_ids if qv is kv else rng.integers(0, 3, size=(b, s))
             values = {**known, qv: q_ids.reshape(qv.aval.shape).astype(qv.aval.dtype),
                       kv: k_ids.reshape(kv.aval.shape).astype(kv.aval.dtype)}
-            value = _evaluate_mask(eqns, term.var, values)
+            value = mask_eval.evaluate(eqns, term.var, values)
             if value is None:
                 return False
             if term.negate:
@@ -883,7 +800,7 @@ def _is_layout(eqn: jx.JaxprEqn, broadcasts: bool) -> bool:
 def _run_layout(eqns, var, value):
     env = {var: value}
     for eqn in eqns:
-        env[eqn.outvars[0]] = np.asarray(_MASK_RULES[eqn.primitive.name](eqn, env[eqn.invars[0]]))
+        env[eqn.outvars[0]] = np.asarray(mask_eval.RULES[eqn.primitive.name](eqn, env[eqn.invars[0]]))
     return env[eqns[-1].outvars[0]] if eqns else value
 
 

@@ -50,6 +50,7 @@ from jfuse.core import probe
 from jfuse.debug import reject
 from jfuse.graph import Graph, literal_value
 from jfuse.ops.linear_cross_entropy import linear_cross_entropy_refusals, logit_statistics
+from jfuse.passes import _mask_eval as mask_eval
 from jfuse.passes._matmul import bias_source, is_float, is_miss, look_through_weight_transpose
 from jfuse.passes._matmul import matmul_orientation, moves_first_axis_last
 from jfuse.passes.base import AUTODIFF_HINT, MatchResult, Pattern, Site, scalar_value
@@ -531,12 +532,10 @@ def _label_index(graph: Graph, gather: jx.JaxprEqn, region: _Region):
 
 def _is_arange(graph: Graph, atom: Any, n: int) -> bool:
     """``atom`` (shape (n, 1)) is computed from constants alone and equals ``arange(n)``."""
-    from jfuse.passes.attention import _evaluate_mask, _mask_ancestors  # the numpy evaluator
-
-    found = _mask_ancestors(graph, atom)
+    found = mask_eval.ancestors(graph, atom)
     if found is None or found[1]:
         return False
-    value = _evaluate_mask(found[0], atom, {})
+    value = mask_eval.evaluate(found[0], atom, {})
     return value is not None and np.array_equal(np.reshape(value, (-1,)), np.arange(n))
 
 
