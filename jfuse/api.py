@@ -31,6 +31,7 @@ import numpy as np
 from jfuse._jax import jaxpr as jx
 from jfuse._jax.source import short_path
 from jfuse.config import FuseOptions, raise_internal_errors
+from jfuse.core import targets
 from jfuse.core.kernel_calls import kernel_calls
 from jfuse.core.markers import partition_context
 from jfuse.core.user_warning import warn_user
@@ -132,10 +133,14 @@ class FusedFunction:
       reports: reports of the cached signatures, most recent last.
     """
 
-    def __init__(self, fn: Callable, options: FuseOptions, inner_reports: list | None = None):
+    def __init__(self, fn: Callable, options: FuseOptions, inner_reports: list | None = None,
+                 lowering_targets: frozenset[str] | None = None):
         functools.update_wrapper(self, fn)
         self._fn = fn
         self._options = options
+        # The platforms its programs will be lowered for, where jfuse.jit knows them (see
+        # jfuse.core.targets); None: any.
+        self._lowering_targets = lowering_targets
         # Set for functions fused on the fly inside another jfuse trace: their reports are folded
         # into the outer function's report instead of being printed.
         self._inner_reports = inner_reports
@@ -209,7 +214,7 @@ class FusedFunction:
             return self._fn(*a, **k)
 
         inner_reports: list[FusionReport] = []
-        with partition_context():
+        with partition_context(), targets.lowering_for(self._lowering_targets):
             try:
                 with fusing_differentiated_functions(self._fuse_inner(inner_reports),
                                                      is_fused=_is_fused):
@@ -385,6 +390,23 @@ class JittedFusedFunction:
         # first failure: the fast path below stays jax.jit's own call).
         self._xla_signatures: set = set()
         self._xla: JittedFusedFunction | None = None
+        # Per set of platforms a concrete call runs on: the function traced for those alone
+        # (jfuse.core.targets), with its own jax.jit so its traces never serve ``.trace()``.
+        self._local: dict[frozenset[str], tuple[FusedFunction, Any]] = {}
+
+    def _for_call(self, args, kwargs) -> tuple[FusedFunction, Any]:
+        """(fused function, its jax.jit) for a call with these arguments: traced for the
+        platforms it can run on when they are known, else for every platform."""
+        if self._fused._lowering_targets is not None:
+            return self._fused, self._jitted
+        platforms = targets.platforms_of_call(jax.tree_util.tree_leaves((args, kwargs)))
+        if platforms is None:
+            return self._fused, self._jitted
+        if platforms not in self._local:
+            local = FusedFunction(self._fused._fn, self._fused._options,
+                                  lowering_targets=platforms)
+            self._local[platforms] = (local, jax.jit(local, **self._jit_kwargs))
+        return self._local[platforms]
 
     def _through_jit(self, method, args, kwargs):
         # The layouts are read only if jax.jit traces (a cache miss): the context var holds a
@@ -399,7 +421,7 @@ class JittedFusedFunction:
         if self._xla_signatures and self._signature(args, kwargs) in self._xla_signatures:
             return self._xla(*args, **kwargs)
         try:
-            return self._through_jit(self._jitted, args, kwargs)
+            return self._through_jit(self._for_call(args, kwargs)[1], args, kwargs)
         except Exception as error:
             if not self._kernel_compile_failed(args, kwargs):
                 raise
@@ -448,14 +470,15 @@ class JittedFusedFunction:
         if self._xla is None:
             options = dataclasses.replace(self._fused._options, implementation="xla",
                                           report=False)
-            xla = FusedFunction(self._fused._fn, options)
+            # No platform's kernel runs: traced for none (see jfuse.core.targets).
+            xla = FusedFunction(self._fused._fn, options, lowering_targets=frozenset())
             self._xla = JittedFusedFunction(xla, jax.jit(xla, **self._jit_kwargs),
                                             self._in_shardings, self._jit_kwargs)
         result = self._xla(*args, **kwargs)
         signature = self._signature(args, kwargs)
         if signature is not None:
             self._xla_signatures.add(signature)
-        report = self._xla._fused.last_report
+        report = self._xla._latest().last_report
         if report is not None:
             report.fallbacks.append(message)
             if self._fused._options.should_print_report():
@@ -468,19 +491,25 @@ class JittedFusedFunction:
         return self if instance is None else functools.partial(self, instance)
 
     def lower(self, *args, **kwargs):
-        return self._through_jit(self._jitted.lower, args, kwargs)
+        # Lowered for the default backend, like the call: only its kernels are traced.
+        return self._through_jit(self._for_call(args, kwargs)[1].lower, args, kwargs)
 
     def trace(self, *args, **kwargs):
+        # ``.trace(...).lower(lowering_platforms=...)`` may name any platform: all are traced.
         return self._through_jit(self._jitted.trace, args, kwargs)
 
     def eval_shape(self, *args, **kwargs):
-        return self._through_jit(self._jitted.eval_shape, args, kwargs)
+        return self._through_jit(self._for_call(args, kwargs)[1].eval_shape, args, kwargs)
+
+    def _rewrites(self) -> list[FusedFunction]:
+        """Every rewrite of ``fn`` this object holds: for every platform, per set of platforms,
+        and the XLA one after a kernel compile failure."""
+        rewrites = [self._fused] + [fused for fused, _ in self._local.values()]
+        return rewrites + (self._xla._rewrites() if self._xla is not None else [])
 
     def _latest(self) -> FusedFunction:
-        """The rewrite that traced most recently (the XLA one after a kernel compile failure)."""
-        if self._xla is not None and self._xla._fused.serial > self._fused.serial:
-            return self._xla._fused
-        return self._fused
+        """The rewrite that traced most recently."""
+        return max(self._rewrites(), key=lambda fused: fused.serial)
 
     @property
     def report(self) -> FusionReport | None:
@@ -489,12 +518,13 @@ class JittedFusedFunction:
 
     @property
     def reports(self) -> list[FusionReport]:
-        return self._fused.reports + (self._xla._fused.reports if self._xla is not None else [])
+        return [report for fused in self._rewrites() for report in fused.reports]
 
     @property
     def trace_count(self) -> int:
         """How many times jfuse traced ``fn`` (once per new signature)."""
-        return self._fused.trace_count
+        return sum(fused.trace_count for fused in self._rewrites()
+                   if self._xla is None or fused not in self._xla._rewrites())
 
 
 def _first_line(error: Exception) -> str:

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 import jax
 from jax import lax
 
+from jfuse.core import targets
 from jfuse.core.markers import derivative_policy
 from jfuse.ops import _partitionable
 from jfuse.ops._op import KERNEL_BACKENDS, FusedOp, OpSpec
@@ -59,6 +60,8 @@ def as_forward_runs(op: FusedOp, spec: OpSpec, operands: Sequence[Any],
     platforms = kernel_platforms(op, spec, operands)
     if platforms is None:
         return kernel_derivative
+    # Only the platforms this program may be lowered for (as the forward's dispatch chose).
+    platforms = frozenset(p for p in platforms if targets.wanted(p))
     if not platforms:
         return xla_derivative
 

@@ -18,6 +18,7 @@ from jax import lax
 
 from jfuse.config import IMPLEMENTATIONS
 from jfuse._jax import jaxpr as jx
+from jfuse.core import targets
 from jfuse.ops import _partitionable
 
 Impl = Callable[[], object]
@@ -100,7 +101,12 @@ def dispatch(implementation: str | None, call: OpCall):
     else:
         tpu = _or_reference(kernel("tpu"), reference)
         gpu = _or_reference(kernel("triton"), reference)
-    return lax.platform_dependent(tpu=tpu, cuda=gpu, default=reference)
+    # Only the kernels of the platforms this program may be lowered for (see jfuse.core.targets).
+    branches = {name: branch for name, branch in (("tpu", tpu), ("cuda", gpu))
+                if targets.wanted(name)}
+    if not branches:
+        return reference()
+    return lax.platform_dependent(**branches, default=reference)
 
 
 def _marker(implementation: str | None, call: OpCall):

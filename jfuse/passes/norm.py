@@ -224,7 +224,9 @@ def _probe_rows(hidden: int, rng: np.random.Generator) -> np.ndarray:
 def _reference_norm(h, subtract_mean, eps, scale, offset, bias):
     mean = h.mean(axis=-1, keepdims=True) if subtract_mean else 0.0
     centered = h - mean
-    n = centered / np.sqrt(np.mean(centered * centered, axis=-1, keepdims=True) + eps)
+    # A constant probe row with eps = 0 divides 0 by 0: that candidate simply does not match.
+    with np.errstate(invalid="ignore", divide="ignore"):
+        n = centered / np.sqrt(np.mean(centered * centered, axis=-1, keepdims=True) + eps)
     if scale is not None:
         n = n * (scale + offset)
     if bias is not None:

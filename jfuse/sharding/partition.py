@@ -26,6 +26,7 @@ from jax import lax
 from jfuse._jax import compat
 from jfuse._jax import jaxpr as jx
 from jfuse._jax.source import equation_context, user_source_line
+from jfuse.core import targets
 from jfuse.core.markers import PartitionableCall, marker_id, registered_call
 from jfuse.sharding import propagate as prop
 from jfuse.sharding.rules import Layout, plan
@@ -185,8 +186,10 @@ class Partitioner:
         if call.implementation == "interpret":
             return sharded("tpu", True, False)()
         fall_back = call.implementation is None
-        return lax.platform_dependent(
-            tpu=sharded("tpu", False, fall_back),
-            cuda=sharded("triton", False, fall_back),
-            default=lambda: list(call.reference(*values)),
-        )
+        # Only the platforms this program may be lowered for (see jfuse.core.targets).
+        branches = {name: sharded(backend, False, fall_back)
+                    for name, backend in (("tpu", "tpu"), ("cuda", "triton"))
+                    if targets.wanted(name)}
+        if not branches:
+            return list(call.reference(*values))
+        return lax.platform_dependent(**branches, default=lambda: list(call.reference(*values)))
