@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable
 import jax
 import numpy as np
 
+from jfuse._jax import compat
 from jfuse._jax import jaxpr as jx
 from jfuse._jax.source import short_path
 from jfuse.config import FuseOptions, raise_internal_errors
@@ -133,14 +134,10 @@ class FusedFunction:
       reports: reports of the cached signatures, most recent last.
     """
 
-    def __init__(self, fn: Callable, options: FuseOptions, inner_reports: list | None = None,
-                 lowering_targets: frozenset[str] | None = None):
+    def __init__(self, fn: Callable, options: FuseOptions, inner_reports: list | None = None):
         functools.update_wrapper(self, fn)
         self._fn = fn
         self._options = options
-        # The platforms its programs will be lowered for, where jfuse.jit knows them (see
-        # jfuse.core.targets); None: any.
-        self._lowering_targets = lowering_targets
         # Set for functions fused on the fly inside another jfuse trace: their reports are folded
         # into the outer function's report instead of being printed.
         self._inner_reports = inner_reports
@@ -165,10 +162,11 @@ class FusedFunction:
             (i, leaf) for i, leaf in enumerate(leaves) if i not in set(dynamic_positions)
         )
         layouts = self._input_layouts(len(leaves), dynamic_positions)
-        key = self._cache_key(treedef, dynamic, static, layouts)
+        platforms = self._lowering_platforms()
+        key = self._cache_key(treedef, dynamic, static, layouts, platforms)
         entry = self._cache.get(key) if key is not None else None
         if entry is None:
-            entry = self._build(leaves, treedef, dynamic_positions, dynamic, layouts)
+            entry = self._build(leaves, treedef, dynamic_positions, dynamic, layouts, platforms)
             if entry is None:  # could not trace: run as written (eager code, or a user error)
                 return self._fn(*args, **kwargs)
             if key is not None and entry.cacheable:
@@ -188,7 +186,16 @@ class FusedFunction:
         specs = dynamic_specs(layouts, n_leaves, dynamic_positions)
         return specs, layouts.mesh, layouts.problem
 
-    def _cache_key(self, treedef, dynamic, static, layouts) -> Any:
+    def _lowering_platforms(self) -> frozenset[str] | None:
+        """The platforms this trace's program may be lowered for (see :mod:`jfuse.core.targets`):
+        for the function a concrete jfuse.jit call runs, those it can run on; otherwise what the
+        enclosing trace said (None: any)."""
+        call = _jit_call.get()
+        if call is not None and call.owner is self:
+            return call.platforms()
+        return targets.current()
+
+    def _cache_key(self, treedef, dynamic, static, layouts, platforms) -> Any:
         try:
             key = (
                 treedef,
@@ -196,13 +203,15 @@ class FusedFunction:
                 static,
                 bool(jax.config.jax_enable_x64),
                 None if layouts is None else (layouts[0], _mesh_key(layouts[1]), layouts[2]),
+                platforms,  # a program traced for some platforms only never serves any other
             )
             hash(key)
             return key
         except TypeError:  # an unhashable non-array argument: no caching
             return None
 
-    def _build(self, leaves, treedef, dynamic_positions, dynamic, layouts) -> _Compiled | None:
+    def _build(self, leaves, treedef, dynamic_positions, dynamic, layouts,
+               platforms: frozenset[str] | None) -> _Compiled | None:
         self.trace_count += 1
         self.serial = next(_TRACE_SERIALS)
 
@@ -214,7 +223,7 @@ class FusedFunction:
             return self._fn(*a, **k)
 
         inner_reports: list[FusionReport] = []
-        with partition_context(), targets.lowering_for(self._lowering_targets):
+        with partition_context(), targets.lowering_for(platforms):
             try:
                 with fusing_differentiated_functions(self._fuse_inner(inner_reports),
                                                      is_fused=_is_fused):
@@ -357,17 +366,31 @@ def fuse(
     return FusedFunction(fn, options)
 
 
-class _LazyLayouts:
-    """The arguments of a jfuse.jit call; their layouts are read on first use only."""
+class _JitCall:
+    """A jfuse.jit call, seen by the function it runs while jax.jit traces it: its arguments'
+    layouts and the platforms it runs on, each read on first use only (a cached call pays for
+    neither)."""
 
-    def __init__(self, args, kwargs, in_shardings):
+    def __init__(self, owner, args, kwargs, in_shardings, runs_here: bool, jit_kwargs):
+        self.owner = owner  # the FusedFunction this call runs
         self._call = (args, kwargs, in_shardings)
+        self._runs_here = runs_here
+        self._jit_kwargs = jit_kwargs
         self._layouts: InputLayouts | None = None
 
     def get(self) -> InputLayouts:
         if self._layouts is None:
             self._layouts = input_layouts(*self._call)
         return self._layouts
+
+    def platforms(self) -> frozenset[str] | None:
+        """Where this call's program can run, if it runs here and now (see
+        :func:`jfuse.core.targets.platforms_of_call`); None: any platform."""
+        if not self._runs_here:
+            return None
+        args, kwargs, _ = self._call
+        return targets.platforms_of_call(jax.tree_util.tree_leaves((args, kwargs)),
+                                         self._jit_kwargs)
 
 
 class JittedFusedFunction:
@@ -384,34 +407,24 @@ class JittedFusedFunction:
         functools.update_wrapper(self, fused._fn)
         self._fused = fused
         self._jitted = jitted
+        # ``.trace()`` may be lowered for any platform: its own jax.jit (of a distinct function,
+        # so jax.jit's trace cache never hands it a program traced for this platform alone).
+        self._jitted_anywhere = jax.jit(_same_function(fused), **dict(jit_kwargs or {}))
         self._in_shardings = in_shardings
         self._jit_kwargs = dict(jit_kwargs or {})
         # Signatures whose kernels failed to compile, and what runs them instead (built on the
         # first failure: the fast path below stays jax.jit's own call).
         self._xla_signatures: set = set()
         self._xla: JittedFusedFunction | None = None
-        # Per set of platforms a concrete call runs on: the function traced for those alone
-        # (jfuse.core.targets), with its own jax.jit so its traces never serve ``.trace()``.
-        self._local: dict[frozenset[str], tuple[FusedFunction, Any]] = {}
 
-    def _for_call(self, args, kwargs) -> tuple[FusedFunction, Any]:
-        """(fused function, its jax.jit) for a call with these arguments: traced for the
-        platforms it can run on when they are known, else for every platform."""
-        if self._fused._lowering_targets is not None:
-            return self._fused, self._jitted
-        platforms = targets.platforms_of_call(jax.tree_util.tree_leaves((args, kwargs)))
-        if platforms is None:
-            return self._fused, self._jitted
-        if platforms not in self._local:
-            local = FusedFunction(self._fused._fn, self._fused._options,
-                                  lowering_targets=platforms)
-            self._local[platforms] = (local, jax.jit(local, **self._jit_kwargs))
-        return self._local[platforms]
-
-    def _through_jit(self, method, args, kwargs):
-        # The layouts are read only if jax.jit traces (a cache miss): the context var holds a
-        # lazy reader, so a cached call pays one context-var set and reset.
-        token = _jit_call.set(_LazyLayouts(args, kwargs, self._in_shardings))
+    def _through_jit(self, method, args, kwargs, runs_here: bool = True):
+        # The layouts and platforms are read only if jax.jit traces (a cache miss): the context
+        # var holds a lazy reader, so a cached call pays one context-var set and reset. A call
+        # inside another trace (tracers, or concrete arrays closed over by an outer jit) may be
+        # lowered for any platform.
+        runs_here = runs_here and compat.outside_any_trace()
+        token = _jit_call.set(_JitCall(self._fused, args, kwargs, self._in_shardings, runs_here,
+                                       self._jit_kwargs))
         try:
             return method(*args, **kwargs)
         finally:
@@ -421,7 +434,7 @@ class JittedFusedFunction:
         if self._xla_signatures and self._signature(args, kwargs) in self._xla_signatures:
             return self._xla(*args, **kwargs)
         try:
-            return self._through_jit(self._for_call(args, kwargs)[1], args, kwargs)
+            return self._through_jit(self._jitted, args, kwargs)
         except Exception as error:
             if not self._kernel_compile_failed(args, kwargs):
                 raise
@@ -470,15 +483,14 @@ class JittedFusedFunction:
         if self._xla is None:
             options = dataclasses.replace(self._fused._options, implementation="xla",
                                           report=False)
-            # No platform's kernel runs: traced for none (see jfuse.core.targets).
-            xla = FusedFunction(self._fused._fn, options, lowering_targets=frozenset())
+            xla = FusedFunction(self._fused._fn, options)
             self._xla = JittedFusedFunction(xla, jax.jit(xla, **self._jit_kwargs),
                                             self._in_shardings, self._jit_kwargs)
         result = self._xla(*args, **kwargs)
         signature = self._signature(args, kwargs)
         if signature is not None:
             self._xla_signatures.add(signature)
-        report = self._xla._latest().last_report
+        report = self._xla._fused.last_report
         if report is not None:
             report.fallbacks.append(message)
             if self._fused._options.should_print_report():
@@ -491,25 +503,20 @@ class JittedFusedFunction:
         return self if instance is None else functools.partial(self, instance)
 
     def lower(self, *args, **kwargs):
-        # Lowered for the default backend, like the call: only its kernels are traced.
-        return self._through_jit(self._for_call(args, kwargs)[1].lower, args, kwargs)
+        return self._through_jit(self._jitted.lower, args, kwargs)
 
     def trace(self, *args, **kwargs):
         # ``.trace(...).lower(lowering_platforms=...)`` may name any platform: all are traced.
-        return self._through_jit(self._jitted.trace, args, kwargs)
+        return self._through_jit(self._jitted_anywhere.trace, args, kwargs, runs_here=False)
 
     def eval_shape(self, *args, **kwargs):
-        return self._through_jit(self._for_call(args, kwargs)[1].eval_shape, args, kwargs)
-
-    def _rewrites(self) -> list[FusedFunction]:
-        """Every rewrite of ``fn`` this object holds: for every platform, per set of platforms,
-        and the XLA one after a kernel compile failure."""
-        rewrites = [self._fused] + [fused for fused, _ in self._local.values()]
-        return rewrites + (self._xla._rewrites() if self._xla is not None else [])
+        return self._through_jit(self._jitted.eval_shape, args, kwargs)
 
     def _latest(self) -> FusedFunction:
-        """The rewrite that traced most recently."""
-        return max(self._rewrites(), key=lambda fused: fused.serial)
+        """The rewrite that traced most recently (the XLA one after a kernel compile failure)."""
+        if self._xla is not None and self._xla._fused.serial > self._fused.serial:
+            return self._xla._fused
+        return self._fused
 
     @property
     def report(self) -> FusionReport | None:
@@ -518,13 +525,22 @@ class JittedFusedFunction:
 
     @property
     def reports(self) -> list[FusionReport]:
-        return [report for fused in self._rewrites() for report in fused.reports]
+        return self._fused.reports + (self._xla._fused.reports if self._xla is not None else [])
 
     @property
     def trace_count(self) -> int:
         """How many times jfuse traced ``fn`` (once per new signature)."""
-        return sum(fused.trace_count for fused in self._rewrites()
-                   if self._xla is None or fused not in self._xla._rewrites())
+        return self._fused.trace_count
+
+
+def _same_function(fused: FusedFunction) -> Callable:
+    """``fused`` as another function object (for a second jax.jit with its own trace cache)."""
+
+    @functools.wraps(fused._fn)
+    def call(*args, **kwargs):
+        return fused(*args, **kwargs)
+
+    return call
 
 
 def _first_line(error: Exception) -> str:

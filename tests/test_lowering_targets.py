@@ -83,12 +83,49 @@ def test_one_trace_per_signature_and_the_latest_report(model):
     assert f.report.fused == f.reports[0].fused
 
 
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_concrete_arguments_inside_another_trace_keep_every_platform(model, platform):
+    """An outer jit closing over concrete arrays calls jfuse.jit with them while it traces: its
+    lowering may be for any platform, so every platform's kernel is kept."""
+    params, x = model
+    f = jfuse.jit(_step)
+    with abstract_device_context(platform):
+        text = jax.jit(lambda: f(params, x)).trace().lower(lowering_platforms=(platform,)).as_text()
+    assert count_kernel_calls(text, platform) >= 2
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_a_nested_fuse_never_serves_a_restricted_trace_to_an_unrestricted_one(model, platform):
+    """A ``jfuse.fuse`` used inside a jfuse.jit step caches per signature: an entry traced for
+    this CPU alone must not answer a later ``.trace()`` for every platform."""
+    params, x = model
+    block = jfuse.fuse(_block)
+    step = jfuse.jit(lambda p, x: jax.grad(block)(p, x))
+    step(params, x)
+    with abstract_device_context(platform):
+        text = step.trace(params, x).lower(lowering_platforms=(platform,)).as_text()
+    assert count_kernel_calls(text, platform) >= 2
+
+
 def test_platforms_of_a_call():
     here = targets.platforms_of_call([jnp.ones(3), 1.0, "static"])
-    assert here == {"cpu"} if jax.default_backend() == "cpu" else here is not None
+    assert here == ({"cpu"} if jax.default_backend() == "cpu" else here)
     traced = []
     jax.jit(lambda a: traced.append(targets.platforms_of_call([a])) or a)(jnp.ones(3))
     assert traced == [None]  # a tracer: the lowering could be for any platform
+    assert targets.platforms_of_call([jnp.ones(3)], {"in_shardings": object()}) is None
+    sharding = _two_device_sharding()  # the multi-device subprocess tests cover meshes fully
+    if sharding is not None:
+        spread = jax.ShapeDtypeStruct((8,), jnp.float32, sharding=sharding)
+        assert targets.platforms_of_call([spread]) is None
+
+
+def _two_device_sharding():
+    devices = jax.devices()
+    if len(devices) < 2:
+        return None
+    mesh = jax.sharding.Mesh(np.array(devices[:2]), ("d",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
 
 
 def test_wanted_inside_and_outside_the_context():
@@ -98,3 +135,17 @@ def test_wanted_inside_and_outside_the_context():
         with targets.lowering_for(None):
             assert targets.wanted("tpu")
     assert targets.wanted("tpu")
+
+
+def test_a_concrete_call_traces_no_kernel_on_this_cpu(model):
+    """Inside the step, the loss jax.grad differentiates is fused too: it inherits the call's
+    platforms, so on a CPU no Pallas kernel is traced at all (the point of the restriction)."""
+    from jfuse.ops import _dispatch
+
+    params, x = model
+    _dispatch._TRACES.clear()
+    jfuse.jit(_step).lower(params, x)
+    assert list(_dispatch._TRACES) == []
+    jfuse.jit(_step).trace(params, x)
+    assert {key[0][:2] for key in _dispatch._TRACES} == {
+        ("linear", "tpu"), ("linear", "triton"), ("norm", "tpu"), ("norm", "triton")}

@@ -139,3 +139,10 @@ def is_batched(values: Any) -> bool:
     from jax._src.interpreters.batching import BatchTracer  # no public name
 
     return any(isinstance(leaf, BatchTracer) for leaf in jax.tree_util.tree_leaves(values))
+
+
+def outside_any_trace() -> bool:
+    """True when no JAX transformation or jit is tracing here (a call runs eagerly)."""
+    from jax._src import core  # private: trace_state_clean has no public spelling (0.10, 0.12)
+
+    return bool(core.trace_state_clean())

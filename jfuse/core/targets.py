@@ -6,12 +6,13 @@ traced program lowers for CPU, TPU or GPU: ``jax.jit(f).trace(x).lower(lowering_
 even on a machine that has none of them (0.27M Python calls, ~0.5 s per compile of a
 Llama-style step, fixed, measured in ``benchmarks/rewrite_cost.py``'s README section).
 
-A call ``jfuse.jit(f)(x)`` (or ``.lower(x)``, ``.eval_shape(x)``) with concrete arguments can
-only run where those arguments live: the default backend's platform, or the devices an argument
+A call ``jfuse.jit(f)(x)`` (or ``.lower(x)``, ``.eval_shape(x)``) made outside any trace can
+only run where its arguments live: the default backend's platform, or the devices an argument
 is committed to. There jfuse traces with :func:`lowering_for` those platforms, and the fused ops
 trace only their kernels (an XLA-only platform: no ``platform_dependent`` at all). ``.trace()``,
-``jfuse.fuse``, a call under another transformation (tracer arguments) and a call with arguments
-spread over several devices (a mesh) keep every platform.
+``jfuse.fuse`` on its own, a call inside another trace, and a call whose arguments or jit
+keywords lay it out over several devices (a mesh) keep every platform. A function fused inside
+such a trace (the loss ``jax.grad`` differentiates) inherits its platforms.
 """
 
 from __future__ import annotations
@@ -49,25 +50,41 @@ def wanted(platform: str) -> bool:
     return targets is None or platform in targets
 
 
-def platforms_of_call(leaves: Iterable[object]) -> frozenset[str] | None:
-    """The platforms a call with these argument leaves runs on, or None when that cannot be known
-    here (a tracer: the call is inside another trace, whose lowering may be for any platform)."""
+def current() -> frozenset[str] | None:
+    """The platforms the program being traced may be lowered for (None: any)."""
+    return _targets.get()
+
+
+# jax.jit keywords that place the program themselves: the arguments no longer say where it runs.
+_PLACING_KEYWORDS = ("in_shardings", "out_shardings", "device", "backend")
+
+
+def platforms_of_call(leaves: Iterable[object], jit_kwargs: dict | None = None
+                      ) -> frozenset[str] | None:
+    """The platforms a jfuse.jit call with these argument leaves runs on, or None when that
+    cannot be told here: a tracer (the call is inside another trace), an argument or jit keyword
+    laid out over several devices or placed explicitly (a mesh: the partition pass lays each
+    kernel out per shard, and inside a scan the kernels' derivatives keep their markers whole, so
+    every platform is kept, as the multi-device tests check), or a backend jfuse does not know."""
+    if any((jit_kwargs or {}).get(name) is not None for name in _PLACING_KEYWORDS):
+        return None
     backends = {jax.default_backend()}
+    default_device = jax.config.jax_default_device
+    if default_device is not None:
+        backends.add(getattr(default_device, "platform", jax.default_backend()))
     for leaf in leaves:
         if isinstance(leaf, jx.Tracer):
             return None
-        if isinstance(leaf, jax.Array):  # uncommitted arrays are on the default backend too
-            try:
-                devices = leaf.devices()
-            except Exception:  # noqa: BLE001 (a deleted or odd array: keep every platform)
-                return None
-            if len(devices) > 1:
-                # On a mesh the partition pass lays each kernel out per shard, and inside a
-                # scan the kernels' derivatives are what keep their markers whole (XLA's own
-                # derivative would let scan prune a marker's outputs): every platform, as the
-                # multi-device tests check it.
-                return None
-            backends |= {device.platform for device in devices}
+        sharding = getattr(leaf, "sharding", None)  # a jax.Array, or a ShapeDtypeStruct's
+        if sharding is None:
+            continue  # numpy or Python values: placed on the default device
+        try:
+            devices = sharding.device_set
+        except Exception:  # noqa: BLE001 (an odd sharding: keep every platform)
+            return None
+        if len(devices) > 1:
+            return None
+        backends |= {device.platform for device in devices}
     platforms: set[str] = set()
     for backend in backends:
         if backend not in _BACKEND_PLATFORMS:
