@@ -381,3 +381,17 @@ def test_this_machine_has_no_cudnn_and_says_so():
     window = AttentionSpec(scale=0.125, is_causal=True, window=(16, 0))
     assert ATTENTION.refusals(window, operands)["cuda"] == (
         "cuDNN is not available on this machine; the Triton flash kernel has no local window")
+
+
+def test_a_small_masking_constant_keeps_the_gpu_kernels_off():
+    """cuDNN and Triton mask with -inf: where the user's constant is small enough to weigh
+    (``where(mask, s, -10)``), their softmax would differ, so the GPU runs XLA; -1e9 serves."""
+    aval = jax.ShapeDtypeStruct((2, 256, 4, 64), jnp.bfloat16)
+    operands = [aval, aval, aval] + [None] * 5
+    small = AttentionSpec(scale=0.125, is_causal=True, mask_value=-10.0)
+    assert "a masked score of -10 still weighs" in ATTENTION.refusals(small, operands)["cuda"]
+    assert "tpu" not in ATTENTION.refusals(small, operands)  # splash takes the value itself
+    large = AttentionSpec(scale=0.125, is_causal=True, mask_value=-1e9)
+    assert ATTENTION.refusals(large, operands) == {}
+    unmasked = AttentionSpec(scale=0.125, mask_value=-10.0)  # nothing is masked: no difference
+    assert ATTENTION.refusals(unmasked, operands) == {}

@@ -454,6 +454,10 @@ class Attention(FusedOp):
                 has_segments=q_seg is not None, has_lengths=lengths is not None)
             if reason is None and (k.dtype != q.dtype or v.dtype != q.dtype):
                 reason = f"q, k and v have different dtypes ({q.dtype}, {k.dtype}, {v.dtype})"
+            if (reason is None and name in _MASK_WITH_NEG_INF and spec.mask_value > MASKED_LIMIT
+                    and (spec.is_causal or spec.window is not None)):
+                reason = (f"the {self.KERNEL_NAMES[name]} masks with -inf: a masked score of "
+                          f"{spec.mask_value:g} still weighs in the user's softmax")
             reasons[name] = reason
             if reason is None:
                 return name, reasons
@@ -476,6 +480,12 @@ class Attention(FusedOp):
 
     layout_rule = staticmethod(attention_layout)
 
+
+# Kernels that take no masking value (they mask with -inf) serve a user's finite one only where
+# exp(mask_value - max score) is 0 in f32 for any sane scores: at most -1e4 (-1e9, -1e30,
+# finfo.min, -0.7·max, -inf all are). Splash takes the user's value itself.
+_MASK_WITH_NEG_INF = frozenset({"cudnn", "triton"})
+MASKED_LIMIT = -1e4
 
 ATTENTION = Attention()
 
