@@ -222,6 +222,16 @@ def _loss(f, cot):
 FLOOR_EPS = 4
 
 
+def _draw(program, params, x):
+    """``(params, x, jfuse's grads, jax.jit's grads, cotangents)`` of ``sum(program · cot)``
+    with fixed f32 cotangents ``cos(0, 1, 2, ...)`` per output."""
+    cot = jax.tree.map(lambda o: jnp.cos(jnp.arange(o.size, dtype=jnp.float32).reshape(o.shape)),
+                       jax.eval_shape(program, params, x))
+    got = jax.jit(jax.grad(_loss(jfuse.fuse(program), cot), argnums=(0, 1)))(params, x)
+    want = jax.jit(jax.grad(_loss(program, cot), argnums=(0, 1)))(params, x)
+    return params, x, got, want, cot
+
+
 def _accuracy_errors(blocks, dtype, wrapper, draws):
     """Per draw ``(params, x, jfuse's grads, jax.jit's grads, cotangents)``, per gradient leaf:
     ``(path, jfuse's error, jax.jit's error, floor)`` against the same program in float64 (same
@@ -289,14 +299,8 @@ def assert_accurate_on_average(program_spec, first_draw, draws: int = SECOND_LOO
     d, lead, dtype, param_dtype, blocks, seed, wrapper, condition = program_spec
     runs = [first_draw]
     for k in range(1, draws + 1):
-        program, params, x = _build(d, lead, dtype, param_dtype, blocks, seed + k, wrapper,
-                                    condition)
-        cot = jax.tree.map(
-            lambda o: jnp.cos(jnp.arange(o.size, dtype=jnp.float32).reshape(o.shape)),
-            jax.eval_shape(program, params, x))
-        got = jax.jit(jax.grad(_loss(jfuse.fuse(program), cot), argnums=(0, 1)))(params, x)
-        want = jax.jit(jax.grad(_loss(program, cot), argnums=(0, 1)))(params, x)
-        runs.append((params, x, got, want, cot))
+        runs.append(_draw(*_build(d, lead, dtype, param_dtype, blocks, seed + k, wrapper,
+                                  condition)))
     assert_sums_within_ratio(_accuracy_errors(blocks, dtype, wrapper, runs))
 
 
@@ -321,10 +325,8 @@ def check_program(program_spec):
     try:
         fused = jfuse.jit(program)(params, x)
         chex.assert_trees_all_equal(fused, jax.jit(program)(params, x))
-        cot = jax.tree.map(
-            lambda o: jnp.cos(jnp.arange(o.size, dtype=jnp.float32).reshape(o.shape)), fused)
-        got = jax.jit(jax.grad(_loss(jfuse.fuse(program), cot), argnums=(0, 1)))(params, x)
-        want = jax.jit(jax.grad(_loss(program, cot), argnums=(0, 1)))(params, x)
+        draw = _draw(program, params, x)
+        _, _, got, want, cot = draw
         if np.dtype(dtype) == np.float32 and condition == "normal":
             chex.assert_trees_all_close(got, want, **tolerance(dtype))
         try:
@@ -333,7 +335,7 @@ def check_program(program_spec):
             raise
         except AssertionError as first_look:  # noise or a loss? the sum over more draws decides
             try:
-                assert_accurate_on_average(program_spec, (params, x, got, want, cot))
+                assert_accurate_on_average(program_spec, draw)
             except AssertionError as second_look:
                 raise second_look from first_look
     except AssertionError as error:
@@ -414,11 +416,7 @@ def test_one_pass_variance_over_two_elements_rounds_like_jax_jit():
               _norm_block(_drawn("layer E[x2]-E[x]2", "none", 0, False), d),
               _glu_block(_drawn("relu", "split", "none"), d)]
     spec = (d, (2, 3), jnp.float32, jnp.float32, blocks, 0, "none", "normal")
-    program, params, x = _build(*spec)
-    cot = jax.tree.map(lambda o: jnp.cos(jnp.arange(o.size, dtype=jnp.float32).reshape(o.shape)),
-                       jax.eval_shape(program, params, x))
-    got = jax.jit(jax.grad(_loss(jfuse.fuse(program), cot), argnums=(0, 1)))(params, x)
-    want = jax.jit(jax.grad(_loss(program, cot), argnums=(0, 1)))(params, x)
+    params, x, got, want, cot = _draw(*_build(*spec))
     with pytest.raises(AssertionError, match="gradient") as first_look:  # refused on one draw
         assert_accurate_as_jax_jit(blocks, jnp.float32, "none", params, x, got, want, cot)
     assert not isinstance(first_look.value, AccuracyLoss)  # but within the first-look limit
