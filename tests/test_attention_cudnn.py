@@ -353,6 +353,18 @@ def test_served_cases_and_the_machine_dependent_reasons(cudnn_here, monkeypatch)
     assert _reason() == "cuDNN is not available on this machine"
 
 
+def test_a_gpu_older_than_ampere_runs_triton_not_cudnn(cudnn_here, monkeypatch):
+    """cuDNN's flash attention needs sm80: on an older GPU the call is refused with the reason
+    before lowering (a failed compile would run the whole program on XLA instead of Triton)."""
+    assert cudnn.gpu_below("8.0") is False  # no GPU here: lowering assumes a current one
+    monkeypatch.setattr(cudnn, "gpu_below", lambda capability: capability == "8.0")
+    assert _reason() == "cuDNN flash attention needs compute capability 8.0 (Ampere) or newer"
+    q = _bf16(1, 256, 4, 64)
+    text = lower_for(lambda q, k, v: jfuse.ops.attention(q, k, v, is_causal=True), q, q, q,
+                     platform="cuda")
+    assert kernel_calls(text) == {"pallas-triton": 1}
+
+
 def test_jax_own_checks_back_jfuse_up():
     """The last word is JAX's (on shapes only): what it refuses, jfuse reports as refused."""
     assert cudnn.refusal((1, 4, 256, 64), (1, 2, 256, 64), (1, 2, 256, 64), jnp.bfloat16,

@@ -49,6 +49,19 @@ def gpu_at_least(capability: str) -> bool:
         return False
 
 
+def gpu_below(capability: str) -> bool:
+    """Whether this machine's default backend is a CUDA GPU of compute capability below
+    ``capability``. False where there is no CUDA GPU to ask (a CPU lowering for "cuda" cannot
+    know the GPU it will run on, and assumes a current one)."""
+    try:
+        fa = _module()
+        if "cuda" not in fa.xla_bridge.get_backend().platform_version:
+            return False
+        return not fa.check_compute_capability(capability)
+    except Exception:  # noqa: BLE001 (no GPU backend to ask)
+        return False
+
+
 def refusal(q_shape, k_shape, v_shape, dtype, *, cudnn_version: int) -> str | None:
     """What JAX's own checks say against this call (``check_layout`` and
     ``check_is_flash_attention``, on shapes only, layout BNTH), or None. jfuse checks the

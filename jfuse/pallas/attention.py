@@ -44,6 +44,9 @@ TPU_BLOCKS = (512, 256, 128)
 TRITON_BLOCK = 128  # the Triton kernel's default q and k blocks (min'd with the sequence)
 CUDNN_DTYPES = (jnp.float16, jnp.bfloat16)  # cuDNN's flash attention refuses f32 (fp8 unused)
 CUDNN_SLIDING_WINDOW_VERSION = 90200  # cuDNN frontend: no sliding window before 9.2.0
+# cuDNN's SDPA "requires SM80 (Ampere) or newer" (docs.nvidia.com/deeplearning/cudnn/frontend,
+# operations/Attention): an older GPU runs the Triton kernel instead.
+CUDNN_MIN_CAPABILITY = "8.0"
 
 
 def _common_reason(has_bias, has_mask, has_segments, has_lengths):
@@ -154,6 +157,11 @@ def cudnn_unsupported_reason(q_shape, k_shape, v_shape, dtype, *, is_causal, win
     version = cudnn.version()
     if version is None:
         return "cuDNN is not available on this machine"
+    if cudnn.gpu_below(CUDNN_MIN_CAPABILITY):
+        # Caught here rather than by a failed compile, which would run the whole program on XLA
+        # instead of the Triton kernel.
+        return (f"cuDNN flash attention needs compute capability {CUDNN_MIN_CAPABILITY} (Ampere) "
+                "or newer")
     if mask[1] is not None and version < CUDNN_SLIDING_WINDOW_VERSION:
         return f"cuDNN {version} has no sliding window (9.2 or newer)"
     refused = cudnn.refusal(q_shape, k_shape, v_shape, dtype, cudnn_version=version)
