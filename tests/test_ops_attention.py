@@ -271,6 +271,38 @@ def test_refusals_name_the_reason():
     assert all("bias" in reasons[p] for p in ("tpu", "cuda"))
 
 
+def test_kernels_refuse_to_round_what_the_user_keeps_wider(rng):
+    """Probabilities kept in f32 for the PV product (a bf16 V upcast), or an f32 output asked of
+    it, are more exact under jax.jit than under a bf16 kernel: every platform runs XLA then, and
+    the report says why."""
+    from jfuse.ops.attention import ATTENTION, AttentionSpec
+
+    aval = jax.ShapeDtypeStruct((2, 256, 4, 64), jnp.bfloat16)
+    operands = [aval, aval, aval] + [None] * 5
+    for field in ("probs_dtype", "out_dtype"):
+        spec = AttentionSpec(scale=0.125, is_causal=True, **{field: jnp.float32})
+        reasons = ATTENTION.refusals(spec, operands)
+        assert set(reasons) == {"tpu", "cuda"}, field
+        assert all("float32; the kernels round it to bfloat16" in r for r in reasons.values())
+    served = AttentionSpec(scale=0.125, is_causal=True, probs_dtype=jnp.bfloat16,
+                           out_dtype=jnp.bfloat16)
+    assert ATTENTION.refusals(served, operands) == {}
+
+    def user_attention(q, k, v):  # softmax kept in f32, V upcast by einsum's promotion
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / 8.0
+        t = q.shape[1]
+        s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, -1e9)
+        return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v)
+
+    q, k, v = _inputs(rng, jnp.bfloat16, t=256, s=256, k=N, h=64)
+    fused = jfuse.fuse(user_attention)
+    for platform in ("tpu", "cuda"):
+        text = lower_for(fused, q, k, v, platform=platform)
+        assert count_kernel_calls(text, platform) == 0, platform
+    assert fused.last_report.fused == {"attention": 1}
+    assert "the kernels round it to bfloat16" in " ".join(str(fused.last_report).split())
+
+
 # --- bad input -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("change,kind,words", [

@@ -454,6 +454,8 @@ class Attention(FusedOp):
                 has_segments=q_seg is not None, has_lengths=lengths is not None)
             if reason is None and (k.dtype != q.dtype or v.dtype != q.dtype):
                 reason = f"q, k and v have different dtypes ({q.dtype}, {k.dtype}, {v.dtype})"
+            if reason is None:
+                reason = _rounding_reason(spec, q.dtype)
             if (reason is None and name in _MASK_WITH_NEG_INF and spec.mask_value > MASKED_LIMIT
                     and (spec.is_causal or spec.window is not None)):
                 reason = (f"the {self.KERNEL_NAMES[name]} masks with -inf: a masked score of "
@@ -479,6 +481,20 @@ class Attention(FusedOp):
         return tuple(f"{name}/{spec.layout}" for name in OPERANDS)
 
     layout_rule = staticmethod(attention_layout)
+
+
+def _rounding_reason(spec: AttentionSpec, kernel_dtype) -> str | None:
+    """Why a kernel computing in ``kernel_dtype`` (q's: every kernel multiplies the probabilities
+    by V and writes its output in it) would round what the user's program keeps wider, or None.
+    Code that keeps the probabilities in f32 for the PV product (bf16 V upcast), or asks that
+    product for an f32 result, gets a more exact answer from jax.jit than from a bf16 kernel."""
+    kernel_dtype = np.dtype(kernel_dtype)
+    for what, dtype in (("probabilities enter the PV product", spec.probs_dtype),
+                        ("attention output is", spec.out_dtype)):
+        if dtype is not None and np.dtype(dtype).itemsize > kernel_dtype.itemsize:
+            return (f"the user's {what} in {np.dtype(dtype).name}; the kernels round it to "
+                    f"{kernel_dtype.name}")
+    return None
 
 
 # Kernels that take no masking value (they mask with -inf) serve a user's finite one only where
