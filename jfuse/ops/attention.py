@@ -109,6 +109,15 @@ def _as_grouped_bnts(a, kv_heads):
     return jnp.reshape(a, (b, kv_heads, n // kv_heads, t, s))
 
 
+def _grouped_einsum(subscripts: str, a, b, **kwargs):
+    """``jnp.einsum`` over the grouped layout, with a single query group (no GQA) contracted as
+    the plain 4-D product it is: XLA lays out a 5-D product with a unit axis with extra copies
+    (three more kernels per attention call on a CPU)."""
+    if a.shape[2] != 1:
+        return jnp.einsum(subscripts, a, b, **kwargs)
+    return jnp.einsum(subscripts.replace("g", ""), a[:, :, 0], b, **kwargs)[:, :, None]
+
+
 def _block_slice(a, start, size, axis=-1):
     """``size`` entries of ``a`` along ``axis`` from ``start``, or ``a`` if broadcast there.
     A static ``start`` (the one block of a short sequence) slices statically, and not at all
@@ -214,7 +223,7 @@ def _scores(spec: AttentionSpec, p: _Problem, q, kj, start):
     """(t, s, keep, exists) of one key block: ``t`` the scaled products, ``s`` the scores as the
     softmax reads them (soft-capped, biased, masked, and -inf for padding keys)."""
     acc = p.acc
-    t = jnp.einsum("bkgth,bksh->bkgts", q, kj, preferred_element_type=acc)
+    t = _grouped_einsum("bkgth,bksh->bkgts", q, kj, preferred_element_type=acc)
     t = t * acc(spec.scale)
     s = t
     if spec.soft_cap is not None:
@@ -278,8 +287,8 @@ def _forward_xla(spec: AttentionSpec, operands):
             m_new = jnp.maximum(carry[0], m_new)
         e = jnp.exp(s - _safe(m_new)[..., None])
         l = jnp.sum(e, axis=-1)
-        o = jnp.einsum("bkgts,bksh->bkgth", e.astype(probs_dtype), vj,
-                       preferred_element_type=acc)
+        o = _grouped_einsum("bkgts,bksh->bkgth", e.astype(probs_dtype), vj,
+                            preferred_element_type=acc)
         if carry is not None:  # rescale what the earlier blocks summed
             m, l_before, o_before = carry
             alpha = jnp.exp(m - _safe(m_new))
@@ -335,11 +344,11 @@ def _tangent_xla(spec: AttentionSpec, operands, tangents, out, m, l):
         probs = jnp.exp(s - m[..., None]) / l[..., None]
         ds = jnp.zeros(s.shape, acc)
         if dq is not None:
-            ds = ds + jnp.einsum("bkgth,bksh->bkgts", dq, kj, preferred_element_type=acc)
+            ds = ds + _grouped_einsum("bkgth,bksh->bkgts", dq, kj, preferred_element_type=acc)
         if dk is not None:
             dkj = xs["dk"]
-            ds = ds + jnp.einsum("bkgth,bksh->bkgts", p.q, dkj,
-                                 preferred_element_type=acc)
+            ds = ds + _grouped_einsum("bkgth,bksh->bkgts", p.q, dkj,
+                                      preferred_element_type=acc)
         ds = ds * acc(spec.scale)
         if spec.soft_cap is not None:
             th = jnp.tanh(tj / acc(spec.soft_cap))
@@ -352,13 +361,13 @@ def _tangent_xla(spec: AttentionSpec, operands, tangents, out, m, l):
         if exists is not None:
             ds = jnp.where(exists, ds, 0.0)
         pds = probs * ds
-        a = jnp.einsum("bkgts,bksh->bkgth", pds.astype(probs_dtype), vj,
-                       preferred_element_type=acc)
+        a = _grouped_einsum("bkgts,bksh->bkgth", pds.astype(probs_dtype), vj,
+                            preferred_element_type=acc)
         c = jnp.sum(pds, axis=-1)
         if dv is not None:
             dvj = xs["dv"]
-            a = a + jnp.einsum("bkgts,bksh->bkgth", probs.astype(probs_dtype), dvj,
-                               preferred_element_type=acc)
+            a = a + _grouped_einsum("bkgts,bksh->bkgth", probs.astype(probs_dtype), dvj,
+                                    preferred_element_type=acc)
         return a, c
 
     def body(carry, xs):
