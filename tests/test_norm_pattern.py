@@ -364,3 +364,49 @@ def test_penzai_model_passed_whole_reports_its_traced_eps():
     assert "rms_norm" not in report.fused
     assert [m.reason for m in report.missed if m.pattern == "rms_norm"] == (
         [MissReason.TRACED_CONSTANT] * 3), str(report)
+
+
+def _count_primitive(jaxpr, name: str, within: frozenset = frozenset(), inside=False) -> int:
+    """Equations named ``name`` in ``jaxpr`` and every jaxpr nested in it; with ``within``,
+    only those nested in an equation whose primitive is one of those."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        count += eqn.primitive.name == name and (inside or not within)
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    count += _count_primitive(inner, name, within,
+                                              inside or eqn.primitive.name in within)
+    return count
+
+
+def test_the_backward_reads_the_forward_statistics_instead_of_reducing_again(monkeypatch, rng):
+    """The derivative of a fused norm saves its per-row statistics (a few bytes per row) rather
+    than recomputing them in the backward with a second reduction over the rows; the rows
+    themselves are still recomputed. Checked against the same gradient with nothing saved."""
+    from jfuse.core import markers
+
+    def loss(x, residual, w):
+        h = x + residual
+        h32 = h.astype(jnp.float32)
+        n = h32 * lax.rsqrt(jnp.mean(h32 * h32, axis=-1, keepdims=True) + 1e-6)
+        return jnp.sum(jnp.sin(n.astype(x.dtype) * w) * h)
+
+    x, residual = (jnp.asarray(rng.standard_normal((16, 64)), jnp.float32) for _ in range(2))
+    w = jnp.asarray(rng.standard_normal(64), jnp.float32)
+
+    def backward_reductions():
+        fused = jfuse.fuse(loss)
+        jaxpr = jax.make_jaxpr(jax.grad(fused, argnums=(0, 1, 2)))(x, residual, w).jaxpr
+        assert fused.last_report.fused == {"add_rms_norm": 1}
+        # The backward's recomputation is the checkpoint region left after linearization.
+        return _count_primitive(jaxpr, "reduce_sum", within=frozenset({"checkpoint", "remat2"}))
+
+    saving = backward_reductions()
+    monkeypatch.setattr(markers.DerivativePolicy, "__call__", lambda self, *a, **k: False)
+    assert backward_reductions() == saving + 1
+    monkeypatch.undo()
+    got = jax.grad(jfuse.fuse(loss), argnums=(0, 1, 2))(x, residual, w)
+    want = jax.grad(loss, argnums=(0, 1, 2))(x, residual, w)
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)

@@ -4,8 +4,8 @@ The fused ops leave three kinds of marks in the programs they are traced into, a
 the canonicalization, the shared calls and the partition pass must recognise them without
 knowing the ops:
 
-- **derivative regions**: the ``checkpoint`` around a fused op's tangent rule, carrying
-  :func:`derivative_policy` as its policy. The rewriter never rewrites inside one
+- **derivative regions**: the ``checkpoint`` around a fused op's tangent rule, carrying a
+  :class:`DerivativePolicy` as its policy. The rewriter never rewrites inside one
   (:func:`is_derivative_region`).
 - **partition markers**: a nested ``jit`` named ``jfuse_partitionable_<id>`` that a fused op on a
   multi-device mesh emits while jfuse traces (:func:`partition_context`); its body is the op's XLA
@@ -35,15 +35,70 @@ from jfuse._jax import compat
 # --- derivative regions ----------------------------------------------------------------------
 
 
-def derivative_policy(*_, **__) -> bool:
-    """The checkpoint policy of a fused op's tangent: nothing inside is saved (as
-    ``nothing_saveable``), and the policy object itself marks the region as jfuse's own."""
-    return False
+# Primitives whose output is no larger than their largest input (elementwise math, casts,
+# reshapes), and reductions: what a derivative's small values (a norm's per-row statistics) are
+# computed with.
+_SIZE_PRESERVING = frozenset({
+    "add", "sub", "mul", "div", "neg", "max", "min", "pow", "integer_pow", "square", "sqrt",
+    "rsqrt", "exp", "exp2", "log", "log1p", "tanh", "logistic", "abs", "sign", "select_n",
+    "convert_element_type", "reduce_precision", "copy", "copy_p", "reshape", "squeeze",
+    "expand_dims", "stop_gradient",
+})
+_REDUCTIONS = frozenset({"reduce_sum", "reduce_max", "reduce_min"})
+
+
+def _output_size(primitive: Any, avals: Sequence[Any], params: dict) -> int | None:
+    """How many elements ``primitive``'s output has at most, or None where that is not known
+    from its inputs alone."""
+    name = getattr(primitive, "name", "")
+    sizes = [int(getattr(a, "size", 1)) for a in avals]
+    if name in _SIZE_PRESERVING:
+        return max(sizes, default=1)
+    if name in _REDUCTIONS and avals:
+        reduced = 1
+        for axis in params.get("axes", ()):
+            reduced *= avals[0].shape[axis]
+        return sizes[0] // max(reduced, 1)
+    return None
+
+
+class DerivativePolicy:
+    """The checkpoint policy of a fused op's tangent; the policy object itself marks the region
+    as jfuse's own (:func:`is_derivative_region`).
+
+    By default nothing inside is saved (as ``nothing_saveable``): the backward recomputes the
+    region from its inputs. With ``save_at_most=n``, values of at most ``n`` elements are saved
+    instead of recomputed: a norm's per-row statistics, which the backward would otherwise
+    recompute with a reduction over its whole input (more work, and more for XLA to compile per
+    layer), for a few bytes per row.
+    """
+
+    def __init__(self, save_at_most: int = 0):
+        self.save_at_most = int(save_at_most)
+
+    def __call__(self, primitive, *avals, **params) -> bool:
+        if self.save_at_most <= 0:
+            return False
+        size = _output_size(primitive, avals, params)
+        return size is not None and size <= self.save_at_most
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, DerivativePolicy) and other.save_at_most == self.save_at_most
+
+    def __hash__(self) -> int:
+        return hash((DerivativePolicy, self.save_at_most))
+
+    def __repr__(self) -> str:
+        return f"jfuse_derivative(save_at_most={self.save_at_most})"
+
+
+# Nothing saved: the backward recomputes the whole region.
+derivative_policy = DerivativePolicy()
 
 
 def is_derivative_region(eqn: Any) -> bool:
     """True for the ``checkpoint`` equation of a fused op's tangent rule."""
-    return eqn.params.get("policy") is derivative_policy
+    return isinstance(eqn.params.get("policy"), DerivativePolicy)
 
 
 # --- shared fused calls ----------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 :func:`recompute_in_backward` wraps a tangent computation in ``jax.checkpoint`` so that ``grad``
 saves only the function's primal inputs (the pre-activation, the GLU products, a norm's
-statistics) and recomputes the rest in the backward. Its policy
-(:func:`jfuse.core.markers.derivative_policy`) also marks the region as jfuse's own, so the
+statistics) and recomputes the rest in the backward; a norm also keeps the per-row statistics
+its derivative computes (``save_at_most``), instead of reducing over the rows again. Its policy
+(:class:`jfuse.core.markers.DerivativePolicy`) also marks the region as jfuse's own, so the
 rewriter never rewrites inside a fused op's derivative.
 
 :func:`as_forward_runs` picks, per lowering platform, the derivative that matches what the forward
@@ -20,13 +21,16 @@ import jax
 from jax import lax
 
 from jfuse.core import targets
-from jfuse.core.markers import derivative_policy
+from jfuse.core.markers import DerivativePolicy, derivative_policy
 from jfuse.ops import _partitionable
 from jfuse.ops._op import KERNEL_BACKENDS, FusedOp, OpSpec
 
 
-def recompute_in_backward(fn: Callable) -> Callable:
-    return jax.checkpoint(fn, policy=derivative_policy)
+def recompute_in_backward(fn: Callable, save_at_most: int = 0) -> Callable:
+    """``fn`` under ``jax.checkpoint`` with jfuse's policy: nothing saved, or values of at most
+    ``save_at_most`` elements (see :class:`jfuse.core.markers.DerivativePolicy`)."""
+    policy = DerivativePolicy(save_at_most) if save_at_most else derivative_policy
+    return jax.checkpoint(fn, policy=policy)
 
 
 def kernel_platforms(op: FusedOp, spec: OpSpec, operands: Sequence[Any]) -> frozenset[str] | None:

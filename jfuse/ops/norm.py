@@ -205,7 +205,11 @@ class Norm(FusedOp):
         if spec.replay is not None:  # differentiate what each platform's forward computed
             replay = functools.partial(_replay_tangents, spec=spec, out_dtype=y.dtype)
             derivative = as_forward_runs(self, spec, operands, kernel, replay)
-        dy, dmean, drstd = recompute_in_backward(derivative)(
+        # The per-row statistics the derivative computes from h (the user's own, on the replay
+        # path) are saved, a few bytes per row; the rows themselves are recomputed.
+        hidden = h.shape[-1]
+        rows = h.size // hidden if hidden > 1 else 0
+        dy, dmean, drstd = recompute_in_backward(derivative, save_at_most=rows)(
             h, mean, rstd, operands[2], operands[3], dh, dscale, dbias)
         dh_out = jnp.zeros(h.shape, h.dtype) if dh is None else dh.astype(h.dtype)
         return dy, dh_out, dmean, drstd
