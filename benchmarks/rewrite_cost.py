@@ -5,7 +5,8 @@ Run: ``python benchmarks/rewrite_cost.py``. For an unrolled Llama-style training
 matching and rewriting), and the growth of that difference from 8 to 32 layers (linear would be
 4x). Medians over repeats, each on a fresh function so no cache is reused. Wall-clock and this
 process's CPU time (every thread, XLA's included) are both recorded: on a shared machine the wall
-clock also measures the other jobs, the CPU time much less so. Writes
+clock also measures the other jobs, the CPU time much less so. The kernels XLA compiled (the
+fusions of each compiled program) are counted too: they do not swing. Writes
 ``benchmarks/results/rewrite_cost.{csv,md}``.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import re
 import statistics
 import sys
 import time
@@ -26,11 +28,16 @@ import jfuse  # noqa: E402
 from jfuse.benchmarking import machine_description, write_results  # noqa: E402
 
 
-def _compile_seconds(make_jitted, args) -> tuple[float, float]:
-    """(wall-clock, CPU) seconds of one trace + lower + compile."""
+def _compile_seconds(make_jitted, args) -> tuple[float, float, int]:
+    """(wall-clock, CPU) seconds of one trace + lower + compile, and how many kernels XLA
+    compiled (the fusions of the program's entry computation: deterministic, unlike the
+    seconds, and what XLA's compile time on a CPU grows with)."""
     start, start_cpu = time.perf_counter(), time.process_time()
-    make_jitted().lower(*args).compile()
-    return time.perf_counter() - start, time.process_time() - start_cpu
+    compiled = make_jitted().lower(*args).compile()
+    wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+    text = compiled.as_text()
+    entry = text[text.find("\nENTRY"):]
+    return wall, cpu, len(re.findall(r"= \S+ fusion\(", entry.split("\n}\n")[0]))
 
 
 def measure(n_layers: int, repeats: int) -> dict:
@@ -56,6 +63,8 @@ def measure(n_layers: int, repeats: int) -> dict:
         "jax_cpu_s": round(jax_cpu, 3),
         "jfuse_cpu_s": round(jfuse_cpu, 3),
         "extra_over_jax_cpu": round((jfuse_cpu - jax_cpu) / jax_cpu, 3),
+        "jax_kernels": jax_times[-1][2],
+        "jfuse_kernels": jfuse_times[-1][2],
         "fused_sites": sum(report.fused.values()),
     }
 
