@@ -155,8 +155,10 @@ def _program(c):
         return jax.checkpoint(body)
     if c["wrapper"] == "scan":
         def program(params, x, lengths, ids, dense):
-            return lax.scan(lambda y, _: (body(params, y, lengths, ids, dense)[0], None), x, None,
-                            length=2)[0]
+            # The extra output (returned probabilities) leaves the loop as its per-step output:
+            # dropped there, the "probabilities returned" near miss would be dead code, rightly
+            # fused.
+            return lax.scan(lambda y, _: body(params, y, lengths, ids, dense), x, None, length=2)
         return program
     return body
 
