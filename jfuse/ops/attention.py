@@ -364,9 +364,15 @@ def _tangent_xla(spec: AttentionSpec, operands, tangents, out, m, l):
         if exists is not None:
             ds = jnp.where(exists, ds, 0.0)
         pds = probs * ds
+        c = jnp.sum(pds, axis=-1)
+        if p.blocks == 1:
+            # One block holds the whole row: the softmax's own tangent p·(ds − Σ p·ds), as dense
+            # autodiff has it. Its transpose reads Σ p·dP, not dO·O: with a peaked row (one
+            # valid key) the two terms cancel exactly, where dO·O, rounded through the forward,
+            # left noise in dq and dk (5-10x jax.jit's error, found by the attention fuzzer).
+            pds = pds - probs * c[..., None]
         a = _grouped_einsum("bkgts,bksh->bkgth", pds.astype(probs_dtype), vj,
                             preferred_element_type=acc)
-        c = jnp.sum(pds, axis=-1)
         if dv is not None:
             dvj = xs["dv"]
             a = a + _grouped_einsum("bkgts,bksh->bkgth", probs.astype(probs_dtype), dvj,
@@ -386,8 +392,11 @@ def _tangent_xla(spec: AttentionSpec, operands, tangents, out, m, l):
     init = None if p.blocks == 1 else (
         jnp.zeros((b, kv, g, t, hv), acc), jnp.zeros((b, kv, g, t), acc))
     a, c = _over_blocks(body, init, p.blocks, p.block, per_block)
-    o32 = _grouped(out, operands[1], operands[2], spec.layout)[0].astype(acc)
-    dout = a - c[..., None] * o32
+    if p.blocks == 1:
+        dout = a  # the row sum is in ``a`` already
+    else:  # across blocks Σ p·ds is known only at the end: dO = Σ p·ds·V − (Σ p·ds)·O + Σ p·dV
+        o32 = _grouped(out, operands[1], operands[2], spec.layout)[0].astype(acc)
+        dout = a - c[..., None] * o32
     return _ungrouped(dout, spec.layout).astype(out.dtype), c
 
 
