@@ -81,3 +81,19 @@ def assert_same_answers(f, *args, dtype=np.float32):
         g, u, r = (np.asarray(a, np.float32) for a in (g, u, r))
         scale = np.max(np.abs(r)) + 1e-6
         assert np.max(np.abs(g - r)) <= 2 * np.max(np.abs(u - r)) + 1e-2 * scale
+
+
+def structural_mask(t: int, s: int, *, is_causal: bool = False, window=None) -> np.ndarray:
+    """jfuse's attention mask convention as a ``(T, S)`` bool: tril causal (top-left), and a
+    window ``(left, right)`` of keys around each query (None: open on that side)."""
+    i, j = np.arange(t)[:, None], np.arange(s)[None, :]
+    keep = np.ones((t, s), bool)
+    if is_causal:
+        keep &= j <= i
+    if window is not None:
+        left, right = window
+        if left is not None:
+            keep &= j >= i - left
+        if right is not None:
+            keep &= j <= i + right
+    return keep

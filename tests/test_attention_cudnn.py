@@ -39,6 +39,7 @@ from jfuse.ops import _dispatch
 from jfuse.ops.attention import ATTENTION, AttentionSpec, fused_attention
 from jfuse.pallas import attention as kernels
 
+from conftest import structural_mask
 from lowering import lower_for
 
 CUDNN_VERSION = 91000  # 9.10, what a current CUDA jaxlib reports
@@ -118,28 +119,12 @@ CASES = {
 }
 
 
-def _keep(t, s, *, is_causal, window):
-    """jfuse's mask convention, ``(T, S)`` bool: tril causal, window ``(left, right)`` around the
-    query (None: open)."""
-    i, j = np.arange(t)[:, None], np.arange(s)[None, :]
-    keep = np.ones((t, s), bool)
-    if is_causal:
-        keep &= j <= i
-    if window is not None:
-        left, right = window
-        if left is not None:
-            keep &= j >= i - left
-        if right is not None:
-            keep &= j <= i + right
-    return keep
-
-
 def _dense64(q, k, v, *, is_causal, window, scale):
     """Float64 dense attention in jfuse's conventions (BTNH, GQA by n // G, tril causal)."""
     g = q.shape[2] // k.shape[2]
     k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
     s = np.einsum("btnh,bsnh->bnts", q, k) * scale
-    keep = _keep(q.shape[1], k.shape[1], is_causal=is_causal, window=window)
+    keep = structural_mask(q.shape[1], k.shape[1], is_causal=is_causal, window=window)
     s = np.where(keep, s, -np.inf)
     lse = np.log(np.sum(np.exp(s - s.max(-1, keepdims=True)), -1)) + s.max(-1)
     out = np.einsum("bnts,bsnh->btnh", np.exp(s - lse[..., None]), v)
@@ -203,7 +188,7 @@ def test_cudnn_path_matches_float64_forward_lse_and_gradients(case, layout, fake
         g = N // kv
         kr, vr = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
         sc = jnp.einsum("btnh,bsnh->bnts", q, kr).astype(jnp.float32) * scale
-        keep = _keep(t, s, is_causal=is_causal, window=window)
+        keep = structural_mask(t, s, is_causal=is_causal, window=window)
         p = jax.nn.softmax(jnp.where(keep, sc, -1e30), axis=-1).astype(v.dtype)
         return jnp.einsum("bnts,bsnh->btnh", p, vr)
 
@@ -224,7 +209,7 @@ def _dense64_grads(exact, ct, *, is_causal, window, scale):
         g = q.shape[2] // k.shape[2]
         kr, vr = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
         s = jnp.einsum("btnh,bsnh->bnts", q, kr) * scale
-        keep = _keep(q.shape[1], k.shape[1], is_causal=is_causal, window=window)
+        keep = structural_mask(q.shape[1], k.shape[1], is_causal=is_causal, window=window)
         p = jax.nn.softmax(jnp.where(keep, s, -jnp.inf), axis=-1)
         return jnp.sum(jnp.einsum("bnts,bsnh->btnh", p, vr) * ct)
 

@@ -15,6 +15,7 @@ import jfuse
 from jfuse.ops.attention import DEFAULT_MASK_VALUE, fused_attention
 from jfuse.pallas import attention as kernels
 
+from conftest import structural_mask
 from lowering import count_kernel_calls, lower_for
 
 B, T, S, N, K, H = 2, 37, 45, 4, 2, 8
@@ -33,16 +34,7 @@ def dense(q, k, v, bias=None, mask=None, *, is_causal=False, window=None, q_seg=
     if bias is not None:
         s = s + bias
     t, n = s.shape[-2:]
-    i, j = jnp.arange(t)[:, None], jnp.arange(n)[None, :]
-    keep = jnp.ones(s.shape, bool)
-    if is_causal:
-        keep &= j <= i
-    if window is not None:
-        left, right = window
-        if left is not None:
-            keep &= j >= i - left
-        if right is not None:
-            keep &= j <= i + right
+    keep = jnp.broadcast_to(structural_mask(t, n, is_causal=is_causal, window=window), s.shape)
     if q_seg is not None:
         keep &= (q_seg[:, :, None] == kv_seg[:, None, :])[:, None]
     if lengths is not None:

@@ -54,12 +54,10 @@ def gpu_below(capability: str) -> bool:
     ``capability``. False where there is no CUDA GPU to ask (a CPU lowering for "cuda" cannot
     know the GPU it will run on, and assumes a current one)."""
     try:
-        fa = _module()
-        if "cuda" not in fa.xla_bridge.get_backend().platform_version:
-            return False
-        return not fa.check_compute_capability(capability)
-    except Exception:  # noqa: BLE001 (no GPU backend to ask)
+        on_cuda = "cuda" in _module().xla_bridge.get_backend().platform_version
+    except Exception:  # noqa: BLE001 (no backend to ask)
         return False
+    return on_cuda and not gpu_at_least(capability)
 
 
 def refusal(q_shape, k_shape, v_shape, dtype, *, cudnn_version: int) -> str | None:

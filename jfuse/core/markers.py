@@ -92,10 +92,6 @@ class DerivativePolicy:
         return f"jfuse_derivative(save_at_most={self.save_at_most})"
 
 
-# Nothing saved: the backward recomputes the whole region.
-derivative_policy = DerivativePolicy()
-
-
 def is_derivative_region(eqn: Any) -> bool:
     """True for the ``checkpoint`` equation of a fused op's tangent rule."""
     return isinstance(eqn.params.get("policy"), DerivativePolicy)

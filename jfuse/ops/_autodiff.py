@@ -21,7 +21,7 @@ import jax
 from jax import lax
 
 from jfuse.core import targets
-from jfuse.core.markers import DerivativePolicy, derivative_policy
+from jfuse.core.markers import DerivativePolicy
 from jfuse.ops import _partitionable
 from jfuse.ops._op import KERNEL_BACKENDS, FusedOp, OpSpec
 
@@ -29,8 +29,7 @@ from jfuse.ops._op import KERNEL_BACKENDS, FusedOp, OpSpec
 def recompute_in_backward(fn: Callable, save_at_most: int = 0) -> Callable:
     """``fn`` under ``jax.checkpoint`` with jfuse's policy: nothing saved, or values of at most
     ``save_at_most`` elements (see :class:`jfuse.core.markers.DerivativePolicy`)."""
-    policy = DerivativePolicy(save_at_most) if save_at_most else derivative_policy
-    return jax.checkpoint(fn, policy=policy)
+    return jax.checkpoint(fn, policy=DerivativePolicy(save_at_most))
 
 
 def kernel_platforms(op: FusedOp, spec: OpSpec, operands: Sequence[Any]) -> frozenset[str] | None:

@@ -276,6 +276,10 @@ def _forward_xla(spec: AttentionSpec, operands):
     b, kv, g, t, _ = p.q.shape
     hv = p.v.shape[-1]
     probs_dtype, acc = spec.probs_dtype or p.v.dtype, p.acc
+    # Across blocks, a row that has seen only -inf so far must not turn the next block's exp into
+    # NaN. With one block such a row gives 0/0 = NaN either way, as dense code does, and the
+    # guard would only be one more kernel to compile per layer.
+    guarded = _safe if p.blocks > 1 else (lambda m: m)
 
     def body(carry, xs):
         start = xs["j"] * p.block
@@ -285,10 +289,7 @@ def _forward_xla(spec: AttentionSpec, operands):
         m_new = jnp.max(s, axis=-1)
         if carry is not None:
             m_new = jnp.maximum(carry[0], m_new)
-        # Across blocks, a row that has seen only -inf so far must not turn the next block's
-        # exp into NaN. With one block such a row gives 0/0 = NaN either way, as dense code does,
-        # and the guard would only be one more kernel to compile per layer.
-        e = jnp.exp(s - (m_new if p.blocks == 1 else _safe(m_new))[..., None])
+        e = jnp.exp(s - guarded(m_new)[..., None])
         l = jnp.sum(e, axis=-1)
         o = _grouped_einsum("bkgts,bksh->bkgth", e.astype(probs_dtype), vj,
                             preferred_element_type=acc)
@@ -308,7 +309,7 @@ def _forward_xla(spec: AttentionSpec, operands):
     # A row with every key at -inf has l = 0: 0/0 is NaN, as the dense softmax gives.
     out = o / l[..., None]
     out_dtype = spec.out_dtype or operands[0].dtype
-    return _ungrouped(out, spec.layout).astype(out_dtype), (m if p.blocks == 1 else _safe(m)), l
+    return _ungrouped(out, spec.layout).astype(out_dtype), guarded(m), l
 
 
 def _tangent_xla(spec: AttentionSpec, operands, tangents, out, m, l):
