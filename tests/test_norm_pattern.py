@@ -381,6 +381,44 @@ def _count_primitive(jaxpr, name: str, within: frozenset = frozenset(), inside=F
     return count
 
 
+def test_a_cpu_training_step_computes_the_statistics_once_in_the_forward(monkeypatch, rng):
+    """Where the forward is the user's own equations (a CPU program), a fused norm's output
+    comes from the same evaluation as its derivative: the row statistics are computed once, not
+    once for the output and again for what the derivative keeps. The values are jax.jit's, bit
+    for bit; the gradients match. Checked against the op computing the two apart."""
+    from jfuse.ops import norm as norm_op
+
+    def loss(x, residual, w):
+        h = x + residual
+        h32 = h.astype(jnp.float32)
+        n = h32 * lax.rsqrt(jnp.mean(h32 * h32, axis=-1, keepdims=True) + 1e-6)
+        return jnp.sum(jnp.sin(n.astype(x.dtype) * w) * h)
+
+    x, residual = (jnp.asarray(rng.standard_normal((16, 64)), jnp.float32) for _ in range(2))
+    w = jnp.asarray(rng.standard_normal(64), jnp.float32)
+
+    def step(*args):
+        return jax.value_and_grad(loss, argnums=(0, 1, 2))(*args)
+
+    def run():
+        """The step as jfuse.jit lowers it for this CPU (the forward is the user's equations
+        everywhere it runs): its rsqrt count, and its results."""
+        fused = jfuse.jit(step)
+        lowered = fused.lower(x, residual, w).as_text()
+        assert fused.report.fused == {"add_rms_norm": 1}, str(fused.report)
+        return lowered.count("stablehlo.rsqrt"), fused(x, residual, w)
+
+    joint, (joint_value, joint_grads) = run()
+    monkeypatch.setattr(norm_op.Norm, "primal_and_tangents", lambda self, *a: None)
+    apart, (apart_value, apart_grads) = run()
+    monkeypatch.undo()
+    assert (joint, apart) == (1, 2)
+    value, grads = jax.jit(step)(x, residual, w)
+    assert joint_value == value == apart_value
+    chex.assert_trees_all_close(joint_grads, apart_grads, rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close(joint_grads, grads, rtol=1e-5, atol=1e-5)
+
+
 def test_the_backward_reads_the_forward_statistics_instead_of_reducing_again(monkeypatch, rng):
     """The derivative of a fused norm saves its per-row statistics (a few bytes per row) rather
     than recomputing them in the backward with a second reduction over the rows; the rows

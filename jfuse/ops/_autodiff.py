@@ -54,17 +54,31 @@ def kernel_platforms(op: FusedOp, spec: OpSpec, operands: Sequence[Any]) -> froz
     return frozenset(KERNEL_BACKENDS) - frozenset(op.refusals(spec, avals))
 
 
+def _lowered_kernel_platforms(op: FusedOp, spec: OpSpec,
+                              operands: Sequence[Any]) -> frozenset[str] | None:
+    """:func:`kernel_platforms`, less the platforms this program will not be lowered for (as
+    the forward's dispatch leaves them out)."""
+    platforms = kernel_platforms(op, spec, operands)
+    if platforms is None:
+        return None
+    return frozenset(p for p in platforms if targets.wanted(p))
+
+
+def runs_xla_everywhere(op: FusedOp, spec: OpSpec, operands: Sequence[Any]) -> bool:
+    """True when no platform this program may be lowered for runs ``op``'s kernel for this
+    call: the forward is the XLA implementation wherever it runs (a CPU program, ``"xla"``)."""
+    return _lowered_kernel_platforms(op, spec, operands) == frozenset()
+
+
 def as_forward_runs(op: FusedOp, spec: OpSpec, operands: Sequence[Any],
                     kernel_derivative: Callable, xla_derivative: Callable) -> Callable:
     """One derivative function that runs ``kernel_derivative`` on the platforms whose forward
     runs the kernel (:func:`kernel_platforms`) and ``xla_derivative`` on every other one, chosen
     at lowering time (``lax.platform_dependent``). Both take the same arguments and return the
     same structure."""
-    platforms = kernel_platforms(op, spec, operands)
+    platforms = _lowered_kernel_platforms(op, spec, operands)
     if platforms is None:
         return kernel_derivative
-    # Only the platforms this program may be lowered for (as the forward's dispatch chose).
-    platforms = frozenset(p for p in platforms if targets.wanted(p))
     if not platforms:
         return xla_derivative
 

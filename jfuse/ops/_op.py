@@ -188,6 +188,14 @@ class FusedOp:
         """Tangents of the full outputs, in plain primitives (zero tangents are None/symbolic)."""
         raise NotImplementedError
 
+    def primal_and_tangents(self, spec: OpSpec, operands: tuple,
+                            tangents: tuple) -> tuple[tuple, tuple] | None:
+        """(full outputs, their tangents) computed together, for an op whose derivative
+        evaluates its forward anyway where the forward is XLA's (a norm differentiating the
+        user's equations), so the program does not compute the forward twice; None (the
+        default) computes the forward and :meth:`tangents` apart."""
+        return None
+
     def roles(self, spec: OpSpec, operands: tuple) -> tuple[str, ...]:
         """Each operand's role for the sharding rules (see :mod:`jfuse.ops._partitionable`)."""
         raise NotImplementedError
@@ -287,6 +295,10 @@ def _full_jvp(op: FusedOp, spec: OpSpec, primals, tangents):
     (operands,), (d_operands,) = primals, tangents
     if isinstance(d_operands, SymbolicZero):
         d_operands = (None,) * len(operands)
+    joint = op.primal_and_tangents(spec, operands, tuple(d_operands))
+    if joint is not None:
+        full, d_full = joint
+        return tuple(full), tuple(d_full)
     full = _full(op, spec, operands)
     return full, tuple(op.tangents(spec, operands, tuple(d_operands), full))
 

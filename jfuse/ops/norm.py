@@ -29,7 +29,7 @@ import numpy as np
 from jax import lax
 
 from jfuse.ops import _partitionable
-from jfuse.ops._autodiff import as_forward_runs, recompute_in_backward
+from jfuse.ops._autodiff import as_forward_runs, recompute_in_backward, runs_xla_everywhere
 from jfuse.ops._dispatch import check_implementation
 from jfuse.ops._op import Benchmark, FusedOp, OpSpec, apply, as_vector, is_zero
 from jfuse.pallas import norm as kernels
@@ -102,31 +102,36 @@ def _kernel_tangents(h, mean, rstd, scale, bias, dh, dscale, dbias, spec: NormSp
     return _tangents(h, mean, rstd, scale, dh, dscale, dbias, spec, out_dtype)
 
 
-def _replay_tangents(h, mean, rstd, scale, bias, dh, dscale, dbias, spec: NormSpec, out_dtype):
-    """The derivative of the user's own equations (``spec.replay``) at ``h``: what the XLA
-    forward computed, statistics included, differentiated as jax.jit would.
+def _replay_jvp(h, mean, rstd, scale, bias, dh, dscale, dbias, spec: NormSpec, out_dtype):
+    """``(y, dy, dmean, drstd)``: the user's own equations (``spec.replay``) at ``h`` and their
+    derivative, what the XLA forward computed, statistics included, differentiated as jax.jit
+    would.
 
-    The replay reads ``(x, residual, scale, bias)``; at ``(h, 0, scale, bias)`` it computes
-    ``h + 0 = h`` and then the user's norm of it, so only ``h`` (not ``x`` and ``residual``) is
-    kept for the backward, as the kernel's derivative keeps it. The statistics' tangents are the
-    derivative of the op's ``(mean, rstd)`` outputs (two-pass, as the reference computes them);
-    nothing on this path reads them.
+    The replay is given ``h`` as the sum it already is (no residual), so only ``h`` (not ``x``
+    and ``residual``) is kept for the backward, as the kernel's derivative keeps it. The
+    statistics' tangents are the derivative of the op's ``(mean, rstd)`` outputs (two-pass, as
+    the reference computes them); nothing on this path reads them.
     """
     _, dmean, drstd = _tangents(h, mean, rstd, scale, dh, dscale, dbias, spec, out_dtype)
     primals = {"h": h, "scale": scale, "bias": bias}
     tangents = {"h": dh, "scale": dscale, "bias": dbias}
     live = [k for k in primals if primals[k] is not None and tangents[k] is not None]
-    if not live:
-        return jnp.zeros(h.shape, out_dtype), dmean, drstd
 
     def y_of(*values):
         args = {**primals, **dict(zip(live, values))}
-        zero = jnp.zeros_like(args["h"]) if spec.has_residual else None
-        return spec.replay(args["h"], zero, args["scale"], args["bias"])[0]
+        return spec.replay(args["h"], None, args["scale"], args["bias"])[0]
 
-    _, dy = jax.jvp(y_of, tuple(primals[k] for k in live),
+    if not live:
+        return y_of(), jnp.zeros(h.shape, out_dtype), dmean, drstd
+    y, dy = jax.jvp(y_of, tuple(primals[k] for k in live),
                     tuple(tangents[k].astype(primals[k].dtype) for k in live))
-    return dy.astype(out_dtype), dmean, drstd
+    return y, dy.astype(out_dtype), dmean, drstd
+
+
+def _replay_tangents(h, mean, rstd, scale, bias, dh, dscale, dbias, spec: NormSpec, out_dtype):
+    """The derivative of the user's own equations at ``h`` (:func:`_replay_jvp`), without the
+    output: for a program where some platform's forward runs the kernel instead."""
+    return _replay_jvp(h, mean, rstd, scale, bias, dh, dscale, dbias, spec, out_dtype)[1:]
 
 
 class Norm(FusedOp):
@@ -191,28 +196,58 @@ class Norm(FusedOp):
         y, h = full_outputs[:2]
         return (y, h) if spec.has_residual else y
 
-    def tangents(self, spec: NormSpec, operands, tangents, full_outputs):
+    @staticmethod
+    def _sum_tangent(spec: NormSpec, tangents):
+        """(dh, dscale, dbias): the tangent of ``h = x + residual`` and the parameters'."""
         dx, dresidual, dscale, dbias = (None if is_zero(t) else t for t in tangents)
-        y, h, mean, rstd = full_outputs
         if dx is None and dresidual is None:
             dh = None
         elif dresidual is None or not spec.has_residual:
             dh = dx
         else:
             dh = dresidual if dx is None else dx + dresidual
+        return dh, dscale, dbias
+
+    @staticmethod
+    def _recompute_rows(derivative, h):
+        """``derivative`` under jax.checkpoint: the per-row statistics it computes from h (the
+        user's own, on the replay path) are saved, a few bytes per row; the rows themselves are
+        recomputed."""
+        hidden = h.shape[-1]
+        rows = h.size // hidden if hidden > 1 else 0
+        return recompute_in_backward(derivative, save_at_most=rows)
+
+    def tangents(self, spec: NormSpec, operands, tangents, full_outputs):
+        dh, dscale, dbias = self._sum_tangent(spec, tangents)
+        y, h, mean, rstd = full_outputs
         kernel = functools.partial(_kernel_tangents, spec=spec, out_dtype=y.dtype)
         derivative = kernel
         if spec.replay is not None:  # differentiate what each platform's forward computed
             replay = functools.partial(_replay_tangents, spec=spec, out_dtype=y.dtype)
             derivative = as_forward_runs(self, spec, operands, kernel, replay)
-        # The per-row statistics the derivative computes from h (the user's own, on the replay
-        # path) are saved, a few bytes per row; the rows themselves are recomputed.
-        hidden = h.shape[-1]
-        rows = h.size // hidden if hidden > 1 else 0
-        dy, dmean, drstd = recompute_in_backward(derivative, save_at_most=rows)(
+        dy, dmean, drstd = self._recompute_rows(derivative, h)(
             h, mean, rstd, operands[2], operands[3], dh, dscale, dbias)
         dh_out = jnp.zeros(h.shape, h.dtype) if dh is None else dh.astype(h.dtype)
         return dy, dh_out, dmean, drstd
+
+    def primal_and_tangents(self, spec: NormSpec, operands, tangents):
+        """Where every platform's forward is the user's own equations (a CPU program), the
+        output comes from the same evaluation as its derivative (:func:`_replay_jvp`): the
+        forward computes the row statistics once, not once for the output and again for what
+        the derivative keeps. Same values: the same equations, on the same sum. Not on a mesh,
+        where the forward is the partition pass's to lay out per shard."""
+        if (spec.replay is None or not runs_xla_everywhere(self, spec, operands)
+                or _partitionable.mesh_of(jax.tree_util.tree_leaves(tuple(operands)))):
+            return None
+        x, residual, scale, bias = operands
+        h = x + residual if spec.has_residual else x
+        mean, rstd = _statistics(h.astype(jnp.float32), spec)
+        dh, dscale, dbias = self._sum_tangent(spec, tangents)
+        derivative = functools.partial(_replay_jvp, spec=spec, out_dtype=spec.out_dtype)
+        y, dy, dmean, drstd = self._recompute_rows(derivative, h)(
+            h, mean, rstd, scale, bias, dh, dscale, dbias)
+        dh_out = jnp.zeros(h.shape, h.dtype) if dh is None else dh.astype(h.dtype)
+        return (y, h, mean, rstd), (dy, dh_out, dmean, drstd)
 
     def roles(self, spec: NormSpec, operands):
         return (_partitionable.X, _partitionable.RESIDUAL, _partitionable.FEATURE_VECTOR,

@@ -570,6 +570,10 @@ def _site(graph, anchor, root, axis, eqns, out, found, options) -> Site:
     inputs += [a for a in (scale_src, bias_src) if a is not None]
     block_replay = replay_block(all_eqns, inputs, [out, root], graph)
     has_residual = residual_add is not None
+    # The same equations from the sum on: what the derivative replays at the h it keeps.
+    replay_from_sum = (replay_block([e for e in all_eqns if e is not residual_add],
+                                    [root] + inputs[2:], [out, root], graph)
+                       if has_residual else block_replay)
     out_dtype = out.aval.dtype
 
     def emit(*values):
@@ -580,9 +584,10 @@ def _site(graph, anchor, root, axis, eqns, out, found, options) -> Site:
         b_val = values.pop(0) if bias_src is not None else None
 
         def replay(x_, r_, s_, b_):  # the op's layout in and out, the user's equations inside
-            args = [layout.h_from_op(x_)] + ([layout.h_from_op(r_)] if has_residual else [])
+            # (r_ None with a residual block: x_ is the sum already, as the derivative passes h)
+            args = [layout.h_from_op(x_)] + ([layout.h_from_op(r_)] if r_ is not None else [])
             args += [a for a in (s_, b_) if a is not None]
-            y, h = block_replay(*args)
+            y, h = (block_replay if r_ is not None or not has_residual else replay_from_sum)(*args)
             return layout.out_to_op(y), layout.h_to_op(h)
 
         result = fused_norm(layout.h_to_op(x_val),
