@@ -237,7 +237,8 @@ class Norm(FusedOp):
         the derivative keeps. Same values: the same equations, on the same sum. Not on a mesh,
         where the forward is the partition pass's to lay out per shard."""
         if (spec.replay is None or not runs_xla_everywhere(self, spec, operands)
-                or _partitionable.mesh_of(jax.tree_util.tree_leaves(tuple(operands)))):
+                or _partitionable.mesh_of(jax.tree_util.tree_leaves(tuple(operands)))
+                is not None):
             return None
         x, residual, scale, bias = operands
         h = x + residual if spec.has_residual else x
