@@ -14,14 +14,12 @@ Four parts, in this order, each a section of one CSV:
 2. ``correctness`` (:mod:`benchmarks.kernel_checks`): every kernel code path compiled natively
    (``implementation="pallas"``) through ``jfuse.jit`` and run, forward and forward+backward,
    f32, bf16 and f16, against float64 on the host; each row names the kernels that ran (GPU
-   attention: cuDNN for f16/bf16, Triton for f32 and for soft-capped f16/bf16, which cuDNN
-   refuses). A compile error, a mismatch or a declined
+   attention: cuDNN for f16/bf16, Triton for f32). A compile error, a mismatch or a declined
    kernel is a row with its reason, never the end of the run.
 3. ``ops`` (:mod:`benchmarks.ops`, preset ``device``): each op's kernel against its XLA
    implementation at the sizes models run, medians of interleaved repeats, achieved TFLOP/s or
    GB/s and the fraction of the chip's roofline; the ``ran`` column says which kernel (GPU
-   attention: cuDNN in bf16, Triton in f32 and soft-capped bf16; and jfuse against jax.nn's own
-   cuDNN attention).
+   attention: cuDNN in bf16, Triton in f32; and jfuse against jax.nn's own cuDNN attention).
 4. ``steps`` (:mod:`benchmarks.steps`, preset ``accelerator``): training steps under
    ``jfuse.jit`` against ``jax.jit`` (time, temp memory, compile time), with the kernel calls of
    each compiled step counted against its fused sites.

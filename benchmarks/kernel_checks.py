@@ -166,9 +166,7 @@ def _norm_block(subtract_mean: bool, residual: bool, scale_offset: float, eps: f
 def _attention_block(variant: str):
     """Causal (or unmasked) multi-head attention as Llama-style code writes it: scores in f32,
     ``where``-masked with ``finfo.min`` (``jnp.tril`` of ``(T, S)``: top-left when S != T),
-    softmax, probabilities cast back; GQA by ``jnp.repeat``; ``soft-cap``: Gemma 2's
-    ``tanh(s / 50) * 50`` on the scores, which cuDNN refuses, so on a GPU the Triton kernel
-    serves it in f16/bf16 too."""
+    softmax, probabilities cast back; GQA by ``jnp.repeat``."""
 
     def block(_compute_dtype):
         def attention(q, k, v):
@@ -176,8 +174,6 @@ def _attention_block(variant: str):
                 k, v = (jnp.repeat(a, q.shape[2] // k.shape[2], axis=2) for a in (k, v))
             s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
             s = s.astype(jnp.float32)
-            if "soft-cap" in variant:
-                s = jnp.tanh(s / SOFT_CAP) * SOFT_CAP
             if variant != "no mask":
                 t, s_len = q.shape[1], k.shape[1]
                 s = jnp.where(jnp.tril(jnp.ones((t, s_len), bool)), s,
@@ -188,10 +184,6 @@ def _attention_block(variant: str):
         return attention
 
     return block
-
-
-# Gemma 2's attention logit cap.
-SOFT_CAP = 50.0
 
 
 def _attention_check(variant, shape, dtype, mode) -> KernelCheck:
@@ -297,16 +289,12 @@ def checks(size: str = "device") -> list[KernelCheck]:
                                    MODES[i % 2]))
     # attention: causal, unmasked and grouped-query (kv heads repeated by the user's code), in
     # every dtype and both passes (on GPU, cuDNN serves f16/bf16 and Triton f32; splash serves
-    # f32/bf16 on TPU); causal with half as many keys as queries, on each GPU kernel; and
-    # soft-capped in f16 and bf16, which only the Triton kernel serves on a GPU (it is checked
-    # in half precision nowhere else: cuDNN takes those dtypes otherwise).
+    # f32/bf16 on TPU); causal with half as many keys as queries, on each GPU kernel.
     for d, dtype in enumerate(DTYPES):
         for v, variant in enumerate(("causal", "no mask", "causal GQA")):
             out.append(_attention_check(variant, (2, 1024, 8, 128), dtype, MODES[(v + d) % 2]))
     out.append(_attention_check("causal S=T/2", (2, 1024, 8, 128), "bfloat16", "fwd+bwd"))
     out.append(_attention_check("causal S=T/2", (2, 1024, 8, 128), "float32", "fwd"))
-    out.append(_attention_check("causal soft-cap", (2, 1024, 8, 128), "bfloat16", "fwd+bwd"))
-    out.append(_attention_check("causal soft-cap", (2, 1024, 8, 128), "float16", "fwd"))
     return _round_robin(out)
 
 

@@ -679,8 +679,7 @@ def _benchmark() -> Benchmark:
     jfuse: jax.nn's dense XLA attention and its cuDNN flash attention (GPU, f16/bf16 only). On a
     GPU the op's own forward is cuDNN's in f16/bf16 and Triton's in f32 (the timing row's ``ran``
     column says which), so ``causal vs cudnn`` in bf16 compares jfuse's derivative with cuDNN's
-    backward. ``causal soft-cap`` (Gemma 2's cap of 50, which cuDNN refuses) times the Triton
-    kernel in bf16."""
+    backward."""
 
     def inputs(shape, dtype, normal):
         b, t, n, h = shape
@@ -693,11 +692,8 @@ def _benchmark() -> Benchmark:
             return lambda q, k, v: jax.nn.dot_product_attention(
                 q, k, v, is_causal=causal, implementation=None if baseline == "dense" else "cudnn")
 
-        soft_cap = 50.0 if variant is not None and "soft-cap" in variant else None
-
         def run(q, k, v):
-            return attention(q, k, v, is_causal=causal, logits_soft_cap=soft_cap,
-                             implementation=implementation)
+            return attention(q, k, v, is_causal=causal, implementation=implementation)
 
         return run
 
@@ -710,12 +706,10 @@ def _benchmark() -> Benchmark:
             "cpu": (((1, 2048, 4, 64), "causal"), ((1, 2048, 4, 64), "causal vs dense")),
             "accelerator": ((big, "causal"), (big, "causal vs dense")),
             "device": ((big, "causal"), (big, None), (big, "causal vs dense"),
-                       (big, "causal vs cudnn"), (big, "causal soft-cap")),
+                       (big, "causal vs cudnn")),
         },
-        # cuDNN's flash attention refuses f32: that baseline would be an error row. The soft
-        # cap is timed where only it changes the kernel (f32 runs Triton anyway).
-        variant_dtypes={"causal vs cudnn": ("bfloat16", "float16"),
-                        "causal soft-cap": ("bfloat16",)})
+        # cuDNN's flash attention refuses f32: that baseline would be an error row.
+        variant_dtypes={"causal vs cudnn": ("bfloat16", "float16")})
 
 
 BENCHMARKS = (_benchmark(),)
