@@ -281,6 +281,40 @@ def test_refusals_name_the_reason():
     assert all("bias" in reasons[p] for p in ("tpu", "cuda"))
 
 
+def test_triton_blocks_fit_the_gpus_shared_memory():
+    """Found on an H200: f32 at head dim 128 with 128-blocks asked for 256 KiB of shared memory
+    (227 KiB there) and failed to launch. The q and k blocks shrink with the head dim and dtype
+    so the q block and two stages of K and V blocks fit; bf16 keeps its 128-blocks."""
+    budget = kernels.TRITON_SHARED_BYTES
+    for dtype, head_dim, want in ((jnp.float32, 128, 64), (jnp.float32, 256, 32),
+                                  (jnp.float32, 64, 128), (jnp.bfloat16, 128, 128),
+                                  (jnp.bfloat16, 256, 64)):
+        block = kernels.triton_block(4096, head_dim, dtype)
+        assert block == want, (dtype, head_dim, block)
+        assert 5 * block * head_dim * jnp.dtype(dtype).itemsize <= budget
+    assert kernels.triton_block(100, 64, jnp.bfloat16) == 100  # never longer than the sequence
+    # A sequence that is not whole blocks of the size the kernel would use is refused.
+    shape = (1, 4, 96, 128)
+    reason = kernels.triton_unsupported_reason(
+        shape, shape, shape, jnp.float32, is_causal=False, window=None, soft_cap=None,
+        has_bias=False, has_mask=False, has_segments=False, has_lengths=False)
+    assert "64-blocks" in reason, reason
+
+
+def test_triton_refuses_causal_with_fewer_keys_than_queries():
+    """Found on an H200: causal f32 attention with S = T/2 came out 0.074 from float64 through
+    the Triton kernel (jax.jit: 0.00048); jfuse's causal mask is top-left. XLA serves it; a
+    square causal call still runs the kernel."""
+    from jfuse.ops.attention import ATTENTION, AttentionSpec
+
+    spec = AttentionSpec(scale=0.125, is_causal=True)
+    q = jax.ShapeDtypeStruct((2, 256, 4, 64), jnp.float32)  # (B, T, N, H)
+    k = jax.ShapeDtypeStruct((2, 128, 4, 64), jnp.float32)
+    reasons = ATTENTION.refusals(spec, [q, k, k] + [None] * 5)
+    assert "top-left" in reasons["cuda"], reasons
+    assert "cuda" not in ATTENTION.refusals(spec, [q, q, q] + [None] * 5)
+
+
 def test_kernels_refuse_to_round_what_the_user_keeps_wider(rng):
     """Probabilities kept in f32 for the PV product (a bf16 V upcast), or an f32 output asked of
     it, are more exact under jax.jit than under a bf16 kernel: every platform runs XLA then, and

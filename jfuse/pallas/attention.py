@@ -41,7 +41,21 @@ from jfuse.pallas._common import TRITON_DTYPES
 
 # Splash blocks are whole 128-lane tiles; the largest of these that divides a sequence is used.
 TPU_BLOCKS = (512, 256, 128)
-TRITON_BLOCK = 128  # the Triton kernel's default q and k blocks (min'd with the sequence)
+TRITON_BLOCK = 128  # the Triton kernel's largest q and k blocks (min'd with the sequence)
+# What the forward's q block and two pipeline stages of K and V blocks may take of a GPU's
+# shared memory (an H100/H200 block has 227 KiB). Measured on an H200: f32 at head dim 128 with
+# 128-blocks asked for 256 KiB and failed to launch (RESOURCE_EXHAUSTED).
+TRITON_SHARED_BYTES = 200 * 1024
+
+
+def triton_block(length: int, head_dim: int, dtype) -> int:
+    """The Triton kernel's q or k block for a sequence of ``length``: the largest power of two
+    up to :data:`TRITON_BLOCK` whose q block and two stages of K and V blocks fit
+    :data:`TRITON_SHARED_BYTES` (f32 at head dim 128: 64), and no longer than the sequence."""
+    block = TRITON_BLOCK
+    while block > 16 and 5 * block * head_dim * np.dtype(dtype).itemsize > TRITON_SHARED_BYTES:
+        block //= 2
+    return min(block, length)
 CUDNN_DTYPES = (jnp.float16, jnp.bfloat16)  # cuDNN's flash attention refuses f32 (fp8 unused)
 CUDNN_SLIDING_WINDOW_VERSION = 90200  # cuDNN frontend: no sliding window before 9.2.0
 # cuDNN's SDPA "requires SM80 (Ampere) or newer" (docs.nvidia.com/deeplearning/cudnn/frontend,
@@ -95,8 +109,14 @@ def triton_unsupported_reason(q_shape, k_shape, v_shape, dtype, *, is_causal, wi
         return f"the Triton flash kernel does not take {np.dtype(dtype).name}"
     _, _, t, h = q_shape
     s = k_shape[2]
-    if t % min(TRITON_BLOCK, t) or s % min(TRITON_BLOCK, s):
-        return f"sequence lengths T={t}, S={s} are not whole {TRITON_BLOCK}-blocks"
+    if is_causal and s != t:
+        # Measured on an H200 (2026-11-28): f32, T=1024, S=512, 0.074 from float64 where
+        # jax.jit was 0.00048 off; jfuse's causal mask is top-left, the kernel's is not.
+        return ("the Triton flash kernel's causal mask is not top-left when S != T (it "
+                "mismatched float64 on an H200)")
+    block_q, block_k = triton_block(t, h, dtype), triton_block(s, h, dtype)
+    if t % block_q or s % block_k:
+        return f"sequence lengths T={t}, S={s} are not whole {max(block_q, block_k)}-blocks"
     if v_shape[3] != h:
         return "the value head dim differs from the query's"
     return None
@@ -216,9 +236,9 @@ def flash_triton(q, k, v, *, scale: float, is_causal: bool, interpret: bool = Fa
     if n != kv_heads:  # the kernel indexes K/V by the query head
         k, v = (jnp.repeat(a, n // kv_heads, axis=1) for a in (k, v))
     q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # (B, T, N, H)
-    t, s = q.shape[1], k.shape[1]
+    t, s, h = q.shape[1], k.shape[1], q.shape[3]
     blocks = triton_attention.BlockSizes(
-        block_q=min(TRITON_BLOCK, t), block_k=min(TRITON_BLOCK, s), block_q_dkv=32,
+        block_q=triton_block(t, h, q.dtype), block_k=triton_block(s, h, q.dtype), block_q_dkv=32,
         block_kv_dkv=32, block_q_dq=32, block_kv_dq=32)
     out, lse2 = triton_attention.mha(q, k, v, None, sm_scale=scale, causal=is_causal,
                                      block_sizes=blocks, interpret=interpret,
