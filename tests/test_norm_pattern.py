@@ -381,6 +381,19 @@ def _count_primitive(jaxpr, name: str, within: frozenset = frozenset(), inside=F
     return count
 
 
+def _residual_norm_loss(x, residual, w):
+    """An RMSNorm after a residual sum that the loss also reads."""
+    h = x + residual
+    h32 = h.astype(jnp.float32)
+    n = h32 * lax.rsqrt(jnp.mean(h32 * h32, axis=-1, keepdims=True) + 1e-6)
+    return jnp.sum(jnp.sin(n.astype(x.dtype) * w) * h)
+
+
+def _residual_norm_inputs(rng):
+    x, residual = (jnp.asarray(rng.standard_normal((16, 64)), jnp.float32) for _ in range(2))
+    return x, residual, jnp.asarray(rng.standard_normal(64), jnp.float32)
+
+
 def test_a_cpu_training_step_computes_the_statistics_once_in_the_forward(monkeypatch, rng):
     """Where the forward is the user's own equations (a CPU program), a fused norm's output
     comes from the same evaluation as its derivative: the row statistics are computed once, not
@@ -388,14 +401,7 @@ def test_a_cpu_training_step_computes_the_statistics_once_in_the_forward(monkeyp
     for bit; the gradients match. Checked against the op computing the two apart."""
     from jfuse.ops import norm as norm_op
 
-    def loss(x, residual, w):
-        h = x + residual
-        h32 = h.astype(jnp.float32)
-        n = h32 * lax.rsqrt(jnp.mean(h32 * h32, axis=-1, keepdims=True) + 1e-6)
-        return jnp.sum(jnp.sin(n.astype(x.dtype) * w) * h)
-
-    x, residual = (jnp.asarray(rng.standard_normal((16, 64)), jnp.float32) for _ in range(2))
-    w = jnp.asarray(rng.standard_normal(64), jnp.float32)
+    loss, (x, residual, w) = _residual_norm_loss, _residual_norm_inputs(rng)
 
     def step(*args):
         return jax.value_and_grad(loss, argnums=(0, 1, 2))(*args)
@@ -425,14 +431,7 @@ def test_the_backward_reads_the_forward_statistics_instead_of_reducing_again(mon
     themselves are still recomputed. Checked against the same gradient with nothing saved."""
     from jfuse.core import markers
 
-    def loss(x, residual, w):
-        h = x + residual
-        h32 = h.astype(jnp.float32)
-        n = h32 * lax.rsqrt(jnp.mean(h32 * h32, axis=-1, keepdims=True) + 1e-6)
-        return jnp.sum(jnp.sin(n.astype(x.dtype) * w) * h)
-
-    x, residual = (jnp.asarray(rng.standard_normal((16, 64)), jnp.float32) for _ in range(2))
-    w = jnp.asarray(rng.standard_normal(64), jnp.float32)
+    loss, (x, residual, w) = _residual_norm_loss, _residual_norm_inputs(rng)
 
     def backward_reductions():
         fused = jfuse.fuse(loss)
