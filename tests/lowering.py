@@ -46,7 +46,8 @@ _ABSTRACT_DEVICES = {
 # and cuDNN's flash attention (the GPU attention kernel where cuDNN serves).
 KERNEL_CALL_TARGETS = {
     "tpu": ("tpu_custom_call",),
-    "cuda": ("__gpu$xla.gpu.triton", "mosaic_gpu_v2", "mosaic_gpu", "__cudnn$fmhaSoftmax"),
+    "cuda": ("__gpu$xla.gpu.triton", "mosaic_gpu_v2", "mosaic_gpu", "__cudnn$fmhaSoftmax",
+             "__cudnn$fmhaSoftmaxBackward"),
     "cpu": (),
 }
 

@@ -35,7 +35,7 @@ import pytest
 import jfuse
 from jfuse._jax import cudnn
 from jfuse.benchmarking import kernel_calls
-from jfuse.ops import _dispatch
+from jfuse.ops import _dispatch, _kernel_transpose
 from jfuse.ops.attention import ATTENTION, AttentionSpec, fused_attention
 from jfuse.pallas import attention as kernels
 
@@ -68,9 +68,10 @@ def _fake_cudnn_attention(calls):
     def fake(query, key, value, bias=None, mask=None, q_seqlen=None, kv_seqlen=None, *, scale,
              mask_type, qkv_layout, sliding_window_length=None, return_residual=False, **rest):
         assert bias is None and mask is None and q_seqlen is None and kv_seqlen is None
-        assert return_residual and not rest, rest
+        assert not rest, rest
         calls.append(dict(layout=qkv_layout, mask=mask_type.name, window=sliding_window_length,
-                          q=query.shape, k=key.shape, dtype=np.dtype(query.dtype), scale=scale))
+                          q=query.shape, k=key.shape, dtype=np.dtype(query.dtype), scale=scale,
+                          residual=return_residual))
         to_bnth = (lambda a: a) if qkv_layout == "BNTH" else (lambda a: jnp.swapaxes(a, 1, 2))
         q, k, v = (to_bnth(a).astype(jnp.float32) for a in (query, key, value))
         g = q.shape[1] // k.shape[1]
@@ -87,7 +88,8 @@ def _fake_cudnn_attention(calls):
         s = jnp.where(keep, s, -jnp.inf)
         lse = jax.nn.logsumexp(s, axis=-1)
         out = jnp.einsum("bnts,bnsh->bnth", jnp.exp(s - lse[..., None]), v).astype(query.dtype)
-        return to_bnth(out), lse
+        # Without the residual: what cuDNN differentiates (here by XLA, as its backward graph).
+        return (to_bnth(out), lse) if return_residual else to_bnth(out)
 
     return fake
 
@@ -101,6 +103,7 @@ def fake_cudnn(cudnn_here, monkeypatch):
     forced = types.SimpleNamespace(
         platform_dependent=lambda *args, cuda, **_: cuda(*args))
     monkeypatch.setattr(_dispatch, "lax", forced)
+    monkeypatch.setattr(_kernel_transpose, "lax", forced)  # the backward's choice too
     return calls
 
 
@@ -192,8 +195,11 @@ def test_cudnn_path_matches_float64_forward_lse_and_gradients(case, layout, fake
         p = jax.nn.softmax(jnp.where(keep, sc, -1e30), axis=-1).astype(v.dtype)
         return jnp.einsum("bnts,bsnh->btnh", p, vr)
 
+    del fake_cudnn[:]
     ours = jax.jit(jax.grad(loss(op), argnums=(0, 1, 2)))(*args)
-    assert len(fake_cudnn) >= 2  # the gradient's forward ran cuDNN too
+    # The gradient's forward ran cuDNN (with the log-sum-exp), and its backward cuDNN's own
+    # (the VJP of a forward without it).
+    assert [call["residual"] for call in fake_cudnn] == [True, False]
     theirs = jax.jit(jax.grad(loss(dense), argnums=(0, 1, 2)))(q, k, v)
     ct64 = np.asarray(ct.astype(jnp.float32), np.float64)
     truth = _dense64_grads(exact, ct64, is_causal=is_causal, window=window, scale=scale)
@@ -253,6 +259,21 @@ def test_lowers_to_one_cudnn_call_per_call(cudnn_here):
     assert kernel_calls(text) == {"cudnn-fmha": 1}
     assert re.search(r"sliding_window_length\\22: \\2265\\22|sliding_window_length\\22: 65",
                      text), "the window of 64 keys back is cuDNN's length 65"
+
+
+def test_gradients_lower_to_cudnns_own_backward(cudnn_here):
+    # jax.grad runs cuDNN's backward: the forward (with the log-sum-exp), the forward it
+    # differentiates and its backward graph; no Triton call, and nothing left to XLA's
+    # blockwise derivative (no exponential of recomputed scores).
+    q, kv = _bf16(2, 256, 8, 64), _bf16(2, 256, 2, 64)
+    loss = lambda q, k, v: jnp.sum(  # noqa: E731
+        jfuse.ops.attention(q, k, v, is_causal=True).astype(jnp.float32))
+    text = lower_for(jax.grad(loss, argnums=(0, 1, 2)), q, kv, kv, platform="cuda")
+    assert kernel_calls(text) == {"cudnn-fmha": 2, "cudnn-fmha-backward": 1}
+    assert "stablehlo.exponential" not in text
+    call = re.search(r"custom_call @__cudnn\$fmhaSoftmaxBackward\((.*)$", text,
+                     re.MULTILINE).group(1)
+    assert "tensor<2x256x2x64xbf16>" in call  # K/V heads read natively, dK and dV per K head
 
 
 def test_where_cudnn_refuses_the_gpu_lowers_triton_or_xla(cudnn_here):

@@ -26,10 +26,13 @@ def _block(params, x):
 
 @pytest.fixture
 def model():
+    # bf16: the GPU runs f32 matmuls on XLA (its TF32 GEMMs beat the f32 Triton kernels), and
+    # these tests need a kernel per site on every platform.
     k = jax.random.split(jax.random.key(0), 3)
     params = {"w1": jax.random.normal(k[0], (128, 256)) * 0.05, "b1": jnp.zeros(256),
               "scale": jnp.ones(256), "w2": jax.random.normal(k[1], (256, 128)) * 0.05}
-    return params, jax.random.normal(k[2], (64, 128))
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    return params, jax.random.normal(k[2], (64, 128), jnp.bfloat16)
 
 
 def _step(params, x):

@@ -4,6 +4,7 @@ memory that is the op's reason to exist."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -76,6 +77,9 @@ def _fused(q, k, v, bias=None, mask=None, *, is_causal=False, window=None, q_seg
         window=window, soft_cap=cap, mask_value=mask_value, block_k=block_k)
 
 
+_fused_xla = _fused  # the op with keyword defaults, for tests that rebind ``_fused``
+
+
 def _f64(*arrays):
     return tuple(None if a is None else np.asarray(a, np.float64) for a in arrays)
 
@@ -111,10 +115,17 @@ def test_forward_and_gradients_match_dense_in_float64(case, rng):
 
 @pytest.mark.parametrize("dtype", [pytest.param(jnp.float32, marks=pytest.mark.slow),
                                    jnp.bfloat16], ids=["f32", "bf16"])
-def test_no_further_from_float64_than_dense_attention(dtype, rng):
+@pytest.mark.parametrize("implementation", ["xla", "interpret"])
+def test_no_further_from_float64_than_dense_attention(dtype, implementation, rng):
     """The accuracy rule: in f32 and bf16 the op is no further from a float64 truth than the
-    dense attention jax.jit runs, forward and gradients."""
-    q, k, v = _inputs(rng, dtype)
+    dense attention jax.jit runs, forward and gradients. Interpreted, at shapes splash serves,
+    the gradients are the kernel library's own backward."""
+    if implementation == "xla":
+        q, k, v = _inputs(rng, dtype)
+    else:
+        q, k, v = _inputs(rng, dtype, t=128, s=128, h=32)
+    _fused = functools.partial(_fused_xla, implementation=implementation,
+                               block_k=BLOCK if implementation == "xla" else 128)
     truth_args = tuple(a.astype(jnp.float32) for a in (q, k, v))
     ct = jnp.asarray(rng.standard_normal(q.shape), dtype)
 
@@ -203,6 +214,32 @@ def test_jvp_vmap_and_hessian_vector_products(rng):
     np.testing.assert_allclose(hvp(f), hvp(g), atol=5e-5)
 
 
+def test_transforms_through_the_kernels_backward(rng):
+    """Where a kernel serves the forward (splash, interpreted), grad runs its backward; forward
+    mode, vmap and second order still give dense attention's derivatives."""
+    q, k, v = _inputs(rng, t=128, s=128, h=32)
+    tangents = tuple(jnp.asarray(rng.standard_normal(a.shape), a.dtype) for a in (q, k, v))
+    f = lambda q, k, v: _fused(q, k, v, is_causal=True, implementation="interpret",  # noqa: E731
+                               block_k=128)
+    g = lambda q, k, v: dense(q, k, v, is_causal=True)  # noqa: E731
+    grad = lambda fn: jax.grad(lambda *a: jnp.sum(jnp.sin(fn(*a))), argnums=(0, 1, 2))  # noqa
+    assert "jfuse_kernel_transposed_backward" in str(jax.make_jaxpr(grad(f))(q, k, v))
+    for got, want in zip(jax.jit(grad(f))(q, k, v), grad(g)(q, k, v)):
+        np.testing.assert_allclose(got, want, atol=2e-5)
+    jvp = jax.jit(lambda *a: jax.jvp(f, a, tangents)[1])
+    np.testing.assert_allclose(jvp(q, k, v), jax.jvp(g, (q, k, v), tangents)[1], atol=2e-5)
+    per_example = jax.jit(jax.vmap(grad(lambda q, k, v: f(q[None], k[None], v[None]))))
+    for got, want in zip(per_example(q, k, v), jax.vmap(grad(
+            lambda q, k, v: g(q[None], k[None], v[None])))(q, k, v)):
+        np.testing.assert_allclose(got, want, atol=2e-5)
+
+    def hvp(fn):
+        first = jax.grad(lambda q: jnp.sum(jnp.sin(fn(q, k, v))))
+        return jax.jit(lambda q: jax.jvp(first, (q,), (tangents[0],))[1])(q)
+
+    np.testing.assert_allclose(hvp(f), hvp(g), atol=5e-5)
+
+
 # --- kernels -------------------------------------------------------------------------------
 
 KERNEL_CASES = {
@@ -250,6 +287,63 @@ def test_triton_kernel_in_interpret_mode(is_causal, rng):
     np.testing.assert_allclose(lse, jax.nn.logsumexp(s, axis=-1), atol=1e-5)
     want = jnp.einsum("bnts,bnsh->bnth", jax.nn.softmax(s, -1), jnp.repeat(v, N // K, axis=1))
     np.testing.assert_allclose(out, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("is_causal", [True, False])
+def test_triton_backward_in_interpret_mode(is_causal, rng):
+    """The Triton kernel's own backward (what jax.grad runs where it serves the forward) against
+    float64 dense attention, no further off than dense f32 attention's gradients."""
+    q, k, v = (jnp.swapaxes(a, 1, 2) for a in _inputs(rng, t=128, s=128, h=16))
+    ct = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+
+    def dense_bnth(q, k, v):
+        g = q.shape[1] // k.shape[1]
+        s = jnp.einsum("bnth,bnsh->bnts", q, jnp.repeat(k, g, axis=1)) * 0.25
+        if is_causal:
+            s = jnp.where(jnp.tril(jnp.ones(s.shape[-2:], bool)), s, -jnp.inf)
+        return jnp.einsum("bnts,bnsh->bnth", jax.nn.softmax(s, -1), jnp.repeat(v, g, axis=1))
+
+    kernel = lambda q, k, v: kernels.flash_triton(  # noqa: E731
+        q, k, v, scale=0.25, is_causal=is_causal, interpret=True, with_lse=False)[0]
+    got = jax.vjp(kernel, q, k, v)[1](ct)
+    f32 = jax.vjp(dense_bnth, q, k, v)[1](ct)
+    with jax.enable_x64(True):
+        want = jax.vjp(dense_bnth, *(jnp.asarray(np.asarray(a), jnp.float64) for a in (q, k, v)))[
+            1](jnp.asarray(np.asarray(ct), jnp.float64))
+    for g, d, w in zip(got, f32, want):
+        w = np.asarray(w)
+        assert np.max(np.abs(np.asarray(g, np.float64) - w)) <= 4 * max(
+            np.max(np.abs(np.asarray(d, np.float64) - w)), 1e-6)
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_gradients_run_the_kernels_own_backward(platform, rng):
+    # Where a kernel serves the forward, jax.grad runs its library's backward: the forward, the
+    # library's forward without the log-sum-exp (what it differentiates) and its two backward
+    # kernels (dq; dk and dv). A call no kernel serves keeps XLA's blockwise derivative.
+    q, k, v = _inputs(rng, jnp.bfloat16, t=256, s=256, h=64)
+
+    def grads(**kw):
+        loss = lambda q, k, v: jnp.sum(jfuse.ops.attention(q, k, v, **kw)  # noqa: E731
+                                       .astype(jnp.float32))
+        return lower_for(jax.grad(loss, argnums=(0, 1, 2)), q, k, v, platform=platform)
+
+    assert count_kernel_calls(grads(is_causal=True), platform) == 4
+    bias = jnp.zeros((1, 1, 256, 256), jnp.bfloat16)
+    assert count_kernel_calls(grads(bias=bias), platform) == 0
+
+
+def test_a_cpu_program_keeps_the_xla_derivative(rng):
+    # Only a program that may be lowered for a kernel's platform carries the kernel backward.
+    from jfuse.core import targets
+
+    q, k, v = _inputs(rng, t=128, s=128, h=32)  # shapes the TPU and GPU kernels serve
+    grad = jax.grad(lambda q, k, v: jnp.sum(jfuse.ops.attention(q, k, v, is_causal=True)))
+    with targets.lowering_for(None):
+        assert "jfuse_kernel_transposed_backward" in str(jax.make_jaxpr(grad)(q, k, v))
+    # Another batch size: JAX caches a derivative rule's trace per shape.
+    with targets.lowering_for({"cpu"}):
+        assert "jfuse_kernel_transposed" not in str(jax.make_jaxpr(grad)(q[:1], k[:1], v[:1]))
 
 
 @pytest.mark.parametrize("case,kernels_expected", [

@@ -235,21 +235,32 @@ def test_profitability_tpu_has_no_rule():
 
 @pytest.mark.parametrize("backend", ["triton", "gpu", "cuda", "Triton"])
 def test_profitability_gpu_thresholds(backend):
-    # Small K: fusing saves the (M, 2N) round trip, which dominates; fuse.
-    for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
-        assert profitability_reason(backend, 8192, 128, 256, dtype) is None
-    # f32: 384 measured to win, 768 measured to lose.
-    assert profitability_reason(backend, 8192, 384, 768, jnp.float32) is None
-    text = profitability_reason(backend, 8192, 768, 1536, jnp.float32)
-    assert text and "K=768 > 384" in text and "0.77x" in text
-    # 16-bit: wins up to 512, declines an LLM-sized K.
+    # 16-bit, as measured on an H200: the kernel won at K=384 and K=1024, lost at K=4096.
     for dtype in (jnp.bfloat16, jnp.float16):
-        assert profitability_reason(backend, 8192, 512, 1536, dtype) is None
-        assert profitability_reason(backend, 8192, 513, 1536, dtype)
-        text = profitability_reason(backend, 4096, 8192, 14336, dtype)
-        assert text and text.startswith("K=8192 > 512: on GPU") and "XLA" in text
+        for k in (128, 384, 1024):
+            assert profitability_reason(backend, 8192, k, 1536, dtype) is None
+        assert profitability_reason(backend, 8192, 1025, 1536, dtype)
+        text = profitability_reason(backend, 8192, 4096, 11008, dtype)
+        assert text and text.startswith("K=4096 > 1024: on GPU") and "XLA" in text
+        assert "H200" in text
+    # f32 lost at every K measured (XLA's GEMMs use TF32): XLA at any K, small ones included.
+    for k in (64, 384, 4096):
+        text = profitability_reason(backend, 8192, k, 1536, jnp.float32)
+        assert text and text.startswith("float32 on GPU") and "TF32" in text
     # Dtypes no kernel runs are the unsupported_reason's business, not this rule's.
     assert profitability_reason(backend, 8192, 8192, 256, jnp.int32) is None
+
+
+def test_linear_profitability_follows_the_dtype_rule():
+    from jfuse.pallas.linear import profitability_reason as linear_reason
+
+    assert linear_reason("tpu", 8192, 4096, 4096, jnp.float32) is None
+    for backend in ("triton", "gpu", "cuda"):
+        assert linear_reason(backend, 8192, 4096, 4096, jnp.bfloat16) is None
+        assert linear_reason(backend, 8192, 4096, 4096, jnp.float16) is None
+        assert "TF32" in linear_reason(backend, 64, 64, 64, jnp.float32)
+    with pytest.raises(ValueError, match="backend"):
+        linear_reason("rocm", 64, 64, 64, jnp.float32)
 
 
 def test_profitability_rule_lives_in_one_table(monkeypatch):

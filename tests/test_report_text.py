@@ -82,9 +82,9 @@ def test_identical_sites_group_only_when_everything_matches():
 def test_the_totals_say_where_the_kernel_runs():
     def block(x, wg, wu, wg2, wu2):
         h = jax.nn.silu(x @ wg) * (x @ wu)           # K = 64: kernel on GPU
-        return jax.nn.silu(h @ wg2) * (h @ wu2)      # K = 1024 in bf16: XLA on GPU
+        return jax.nn.silu(h @ wg2) * (h @ wu2)      # K = 2048 in bf16: XLA on GPU
 
-    shapes = [(16, 64), (64, 1024), (64, 1024), (1024, 64), (1024, 64)]
+    shapes = [(16, 64), (64, 2048), (64, 2048), (2048, 64), (2048, 64)]
     args = [jnp.ones(s, jnp.bfloat16) for s in shapes]
     text = str(jfuse.explain(block)(*args))
     row = next(line for line in text.splitlines() if line.startswith("  glu "))

@@ -78,17 +78,18 @@ def refusal(q_shape, k_shape, v_shape, dtype, *, cudnn_version: int) -> str | No
 
 
 def attention(q, k, v, *, scale: float, causal: bool, layout: str,
-              sliding_window_length: int | None) -> tuple[Any, Any]:
+              sliding_window_length: int | None, with_lse: bool = True) -> tuple[Any, Any]:
     """cuDNN flash attention: ``(out, lse)``. ``q`` is ``(B, T, N, H)`` (layout "BTNH") or
     ``(B, N, T, H)`` ("BNTH"), ``k``/``v`` likewise with K heads (N % K == 0: grouped-query
     attention is native); ``out`` has q's layout and dtype, ``lse`` is f32 ``(B, N, T)``.
 
     ``causal`` is cuDNN's top-left causal mask (key ``j <= i``, ``jnp.tril`` of a ``(T, S)``
     array, as XLA's cuDNN graph sets it with ``set_causal_mask``); ``sliding_window_length=w``
-    keeps keys ``i - w < j <= i`` and needs ``causal``."""
+    keeps keys ``i - w < j <= i`` and needs ``causal``. ``with_lse=False`` gives ``(out, None)``
+    (cuDNN's inference graph; differentiated, its training graph and backward)."""
     fa = _module()
     mask_type = fa.MaskType.CAUSAL if causal else fa.MaskType.NO_MASK
-    out, lse = fa.dot_product_attention(
+    outs = fa.dot_product_attention(
         q, k, v, scale=scale, mask_type=mask_type, qkv_layout=layout,
-        sliding_window_length=sliding_window_length, return_residual=True)
-    return out, lse
+        sliding_window_length=sliding_window_length, return_residual=with_lse)
+    return outs if with_lse else (outs, None)

@@ -11,14 +11,15 @@ from __future__ import annotations
 import re
 
 # Custom-call targets of kernels in lowered StableHLO: Mosaic TPU; Triton and Mosaic GPU; cuDNN's
-# flash attention forward as jfuse emits it (no bias, no dropout: JAX names those variants
-# differently, and jfuse's derivative never calls cuDNN's backward).
+# flash attention forward and backward as jfuse emits them (no bias, no dropout: JAX names those
+# variants differently).
 KERNEL_CALL_TARGETS = {
     "tpu_custom_call": "pallas-mosaic",
     "__gpu$xla.gpu.triton": "pallas-triton",
     "mosaic_gpu_v2": "pallas-mosaic-gpu",
     "mosaic_gpu": "pallas-mosaic-gpu",
     "__cudnn$fmhaSoftmax": "cudnn-fmha",
+    "__cudnn$fmhaSoftmaxBackward": "cudnn-fmha-backward",
 }
 _KERNEL_CALL = re.compile(
     r"custom_call\s*@({})(?=\()".format("|".join(map(re.escape, KERNEL_CALL_TARGETS)))

@@ -104,6 +104,8 @@ class Benchmark:
     flops: Callable[[tuple, str | None], float] = lambda shape, variant: 0.0
     # Variants timed only in some dtypes (a baseline that refuses the others, e.g. cuDNN's f32).
     variant_dtypes: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    # False for an op with no Pallas kernel (XLA everywhere): a kernel check has nothing to time.
+    has_kernel: bool = True
 
     def times(self, variant: str | None, dtype: str) -> bool:
         """Whether ``variant`` is timed in ``dtype`` (every dtype unless restricted)."""

@@ -39,9 +39,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jfuse.ops._autodiff import recompute_in_backward
+from jfuse.ops import _partitionable
+from jfuse.ops._autodiff import _lowered_kernel_platforms, recompute_in_backward
 from jfuse.ops._dispatch import check_implementation
-from jfuse.ops._op import Benchmark, FusedOp, OpSpec, apply, is_zero
+from jfuse.ops._kernel_transpose import kernel_transposed
+from jfuse.ops._op import KERNEL_BACKENDS, Benchmark, FusedOp, OpSpec, apply, is_zero
 from jfuse.pallas import attention as kernels
 from jfuse.sharding.attention_rule import attention_layout
 
@@ -423,8 +425,57 @@ class Attention(FusedOp):
         zero_m = jnp.zeros(m.shape, m.dtype)  # m only stabilizes: lse = m + log l moves by l
         if all(t is None for t in d):
             return jnp.zeros(out.shape, out.dtype), zero_m, jnp.zeros(l.shape, l.dtype)
-        dout, dlse = _tangent_xla(spec, operands, d, out, m, l)
+        backward = self._kernel_backward(spec, operands, d)
+        if backward is None:
+            dout, dlse = _tangent_xla(spec, operands, d, out, m, l)
+        else:
+            # The same tangent, whose transpose (jax.grad's backward) is the kernel's own.
+            present = [i for i, t in enumerate(d) if t is not None]
+
+            def tangent(res, lin):
+                d_all = [None] * 4
+                for i, t in zip(present, lin):
+                    d_all[i] = t
+                return _tangent_xla(spec, res[0], d_all, *res[1:])
+
+            dout, dlse = kernel_transposed(
+                tangent, backward, (operands, out, m, l), [d[i] for i in present],
+                out_like=(jax.ShapeDtypeStruct(out.shape, out.dtype),
+                          jax.ShapeDtypeStruct(l.shape, l.dtype)),
+                kernel_outputs=(True, False))  # the kernels take no log-sum-exp cotangent
         return dout, zero_m, l * dlse
+
+    def _kernel_backward(self, spec: AttentionSpec, operands, d):
+        """The backward of the kernels that serve this call's forward, per lowering platform
+        (:func:`kernel_transposed`'s ``backward``), or None where no kernel serves it (XLA's
+        blockwise derivative then runs everywhere, as before). Each is the kernel library's
+        own VJP of the forward (cuDNN's backward graph, the Triton and splash backward kernels);
+        it takes only the query, key and value tangents (no kernel serves a bias), and not on a
+        mesh (a kernel in the backward would not be partitioned; the forward's are, per shard)."""
+        if d[3] is not None or _partitionable.mesh_of(jax.tree_util.tree_leaves(operands)) is not None:
+            return None
+        platforms = _lowered_kernel_platforms(self, spec, operands)
+        if platforms is not None and not platforms:
+            return None
+        present = [i for i, t in enumerate(d) if t is not None]
+
+        def vjp(backend, interpret):
+            def run(res, cts):
+                ops = list(res[0])
+
+                def forward(*differentiated):
+                    for i, x in zip(present, differentiated):
+                        ops[i] = x
+                    return self.kernel(spec, tuple(ops), backend, interpret, full=False)[0]
+
+                _, pullback = jax.vjp(forward, *[res[0][i] for i in present])
+                return list(pullback(cts[0]))
+
+            return run
+
+        if platforms is None:  # interpret mode: every platform runs the interpreted kernels
+            return vjp("tpu", True)
+        return {p: vjp(KERNEL_BACKENDS[p], False) for p in sorted(platforms)}
 
     def kernel(self, spec: AttentionSpec, operands, backend, interpret, full):
         platform = "tpu" if backend == "tpu" else "cuda"
@@ -439,7 +490,8 @@ class Attention(FusedOp):
             return self.reference(spec, operands, full)
         q, k, v = operands[:3]
         fields = dict(scale=spec.scale, is_causal=spec.is_causal, window=spec.window,
-                      soft_cap=spec.soft_cap, mask_value=spec.mask_value, interpret=interpret)
+                      soft_cap=spec.soft_cap, mask_value=spec.mask_value, interpret=interpret,
+                      with_lse=full)
         if name == "cudnn":  # reads either layout as it is
             out, lse = kernels.flash_cudnn(q, k, v, layout=spec.layout, **fields)
         else:

@@ -194,7 +194,8 @@ class Glu(FusedOp):
 
     def unprofitable_reason(self, spec: GluSpec, platform, avals):
         return kernels.profitability_reason("tpu" if platform == "tpu" else "gpu",
-                                            *_mkn(avals, spec), avals[0].dtype)
+                                            *_mkn(avals, spec), avals[0].dtype,
+                                            precision=spec.precision)
 
     def tangents(self, spec: GluSpec, operands, tangents, full_outputs):
         x, params = operands[0], operands[1:]

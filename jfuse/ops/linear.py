@@ -124,6 +124,13 @@ class Linear(FusedOp):
                   else kernels.triton_unsupported_reason)
         return refuse(m, k, _n_out(w, spec), x.dtype)
 
+    def unprofitable_reason(self, spec: LinearSpec, platform, avals):
+        x, w = avals[0], avals[1]
+        m, k = int(np.prod(x.shape[:-1], dtype=np.int64)), x.shape[-1]
+        return kernels.profitability_reason("tpu" if platform == "tpu" else "gpu",
+                                            m, k, _n_out(w, spec), x.dtype,
+                                            precision=spec.precision)
+
     def tangents(self, spec: LinearSpec, operands, tangents, full_outputs):
         x, w, b = operands
         dx, dw, db = tangents

@@ -618,6 +618,7 @@ def _benchmark() -> Benchmark:
 
     return Benchmark(
         name="linear_cross_entropy", dims="(T, K, V)", inputs=inputs, call=call,
+        has_kernel=False,  # its GPU memory and time against dense logits: benchmarks/lm_head_loss
         flops=lambda shape, variant: 2.0 * shape[0] * shape[1] * shape[2],
         sizes={
             "quick": (((64, 32, 1000), None),),

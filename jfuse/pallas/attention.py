@@ -18,8 +18,10 @@ this module adapts jfuse's call to them and says what each cannot serve.
   (``jax.experimental.pallas.ops.gpu.attention.mha``): causal masks only, equal head counts
   (grouped K/V heads are repeated for it), sequence lengths that are whole blocks; f32 too.
 
-Each returns each query's log-sum-exp (f32), which jfuse's derivative uses to recompute the
-probabilities block by block: no kernel's backward runs. None of them takes a bias, a dense mask,
+Each returns each query's log-sum-exp (f32) where asked (``with_lse``), which jfuse's XLA
+derivative uses to recompute the probabilities block by block. Where a kernel serves the forward,
+``jax.grad`` runs that kernel's own backward (its VJP, from a forward without the log-sum-exp,
+the form each library differentiates; see :mod:`jfuse.ops._kernel_transpose`). None of them takes a bias, a dense mask,
 segment ids or key lengths here (see :func:`_common_reason`).
 
 Shapes here: q ``(B, N, T, H)``, k and v ``(B, K, S, H)``; outputs ``(out (B, N, T, Hv),
@@ -193,8 +195,9 @@ def _tpu_block(n: int) -> int:
 
 
 def flash_tpu(q, k, v, *, scale: float, is_causal: bool, window, soft_cap, mask_value: float,
-              interpret: bool = False):
-    """(out, lse) by splash attention; see the module docstring for shapes."""
+              interpret: bool = False, with_lse: bool = True):
+    """(out, lse) by splash attention; see the module docstring for shapes. ``with_lse=False``
+    returns (out, None) from the kernel without residuals, the one splash can differentiate."""
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as splash,
         splash_attention_mask as masks,
@@ -217,16 +220,21 @@ def flash_tpu(q, k, v, *, scale: float, is_causal: bool, window, soft_cap, mask_
     # value only has to vanish under exp: a finite one serves a user's -inf too.
     finite = mask_value if math.isfinite(mask_value) else splash.DEFAULT_MASK_VALUE
     kernel = splash.make_splash_mha(
-        masks.MultiHeadMask([head] * n), block_sizes=blocks, save_residuals=True,
+        masks.MultiHeadMask([head] * n), block_sizes=blocks, save_residuals=with_lse,
         mask_value=finite, attn_logits_soft_cap=soft_cap, head_shards=1, q_seq_shards=1,
         interpret=interpret)
     scaled = (q.astype(jnp.float32) * jnp.float32(scale)).astype(q.dtype)
+    if not with_lse:
+        return jax.vmap(kernel)(scaled, k, v), None
     out, (lse,) = jax.vmap(kernel)(scaled, k, v)
     return out, lse.astype(jnp.float32)
 
 
-def flash_triton(q, k, v, *, scale: float, is_causal: bool, interpret: bool = False, **_):
-    """(out, lse) by the Pallas Triton flash kernel; see the module docstring for shapes."""
+def flash_triton(q, k, v, *, scale: float, is_causal: bool, interpret: bool = False,
+                 with_lse: bool = True, **_):
+    """(out, lse) by the Pallas Triton flash kernel; see the module docstring for shapes.
+    ``with_lse=False`` returns (out, None) from the call without residuals, the one the kernel
+    can differentiate (its backward kernels)."""
     with warnings.catch_warnings():
         # jax >= 0.12 deprecates the Triton ops in favour of tokamax (an optional dependency).
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -240,16 +248,19 @@ def flash_triton(q, k, v, *, scale: float, is_causal: bool, interpret: bool = Fa
     blocks = triton_attention.BlockSizes(
         block_q=triton_block(t, h, q.dtype), block_k=triton_block(s, h, q.dtype), block_q_dkv=32,
         block_kv_dkv=32, block_q_dq=32, block_kv_dq=32)
-    out, lse2 = triton_attention.mha(q, k, v, None, sm_scale=scale, causal=is_causal,
-                                     block_sizes=blocks, interpret=interpret,
-                                     return_residuals=True)
+    outs = triton_attention.mha(q, k, v, None, sm_scale=scale, causal=is_causal,
+                                block_sizes=blocks, interpret=interpret,
+                                return_residuals=with_lse)
+    if not with_lse:
+        return jnp.swapaxes(outs, 1, 2), None
+    out, lse2 = outs
     # The kernel works in base 2 (exp2 of scores·log2 e): its log-sum-exp is in bits.
     return jnp.swapaxes(out, 1, 2), lse2 * jnp.float32(math.log(2.0))
 
 
 def flash_cudnn(q, k, v, *, scale: float, is_causal: bool, window=None, soft_cap=None,
                 mask_value: float | None = None, layout: str = "BNTH", interpret: bool = False,
-                **_):
+                with_lse: bool = True, **_):
     """(out, lse) by cuDNN's flash attention; see the module docstring for shapes. ``layout``
     is q, k, v's and the output's: "BNTH" (as :func:`flash_triton`) or "BTNH".
 
@@ -272,5 +283,7 @@ def flash_cudnn(q, k, v, *, scale: float, is_causal: bool, window=None, soft_cap
         raise NotImplementedError(reason)
     causal, sliding_window = _cudnn_mask(is_causal, window)
     out, lse = cudnn.attention(q, k, v, scale=scale, causal=causal, layout=layout,
-                               sliding_window_length=sliding_window)
+                               sliding_window_length=sliding_window, with_lse=with_lse)
+    if not with_lse:
+        return out, None
     return out, lse.astype(jnp.float32)  # f32 already: cuDNN's softmax statistics

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from jfuse.pallas._common import kernel_activation
-from jfuse.pallas.matmul import MatmulOp, matmul
+from jfuse.pallas.matmul import MatmulOp, gpu_dtype_profitability_reason, matmul
 # Re-exported: what a kernel refuses is what any matmul kernel refuses.
 from jfuse.pallas.matmul import tpu_unsupported_reason, triton_unsupported_reason
 
@@ -76,44 +76,42 @@ GLU = MatmulOp(
 # Largest K (per branch, the contraction dim) at which the fused *Triton* GLU is expected to beat
 # XLA's two cuBLAS GEMMs plus the elementwise product, by operand dtype. The fused kernel saves
 # one write and one read of the (M, 2N) intermediate, a saving that shrinks like 1/K against the
-# GEMM, while a Pallas-Triton GEMM is slower than cuBLAS at the same K. tokamax's H100 autotuning
-# caches (forward, XLA vs Pallas-Triton; see reference/pallas_tokamax_xla.md §1.7):
-#   f32  K=128 -> N=256: 2.30x;  K=384 -> 768: 1.08x;  K=768 -> 1536: 0.77x (Triton slower).
-#   bf16 K=64: 2.1-2.3x;  K=128: 1.74-1.86x;  K=384 -> 1536: 1.13x (1.02-1.26).
-# A crude two-parameter model, speedup = e * (1 + c/K) (e: the Triton GEMM's efficiency against
-# cuBLAS; c/K: the saved traffic relative to the GEMM), fitted to the f32 K=128 and K=384 points
-# predicts the measured K=768 point (0.78x vs 0.77x) and puts the f32 break-even near K=440.
-# Fitted to the bf16 K=128 and K=384 points it puts the bf16 break-even near K=600-670 and
-# predicts 0.80-0.88x at K=2048-4096. (The points mix different M and N; treat it as a trend.)
-# Hence, conservatively:
-#   f32: fuse up to K=384, the largest K measured to win (K=512 is predicted ~0.93x).
-#   bf16/f16: fuse up to K=512, past the largest measured win (384) and short of the predicted
-#     break-even (~1.04-1.05x predicted at 512). Nothing above K=384 was measured in 16-bit; an
-#     LLM MLP (K >= 2048) is predicted to lose 10-20%, so it stays on XLA until hardware says
-#     otherwise. f16 has no data and follows bf16 (same tensor-core path).
+# GEMM, while a Pallas-Triton GEMM is slower than cuBLAS at the same K.
+# Measured on an H200 (device check, 2026-11-28, jax 0.11.2; kernel time / XLA time, M=8192,
+# benchmarks/results/device/device_check_nvidia_h200.md), bf16:
+#   K=384 -> N=1536: x0.64 forward, x0.75 forward+backward;  K=1024 -> 4096: x0.41, x0.72;
+#   K=4096 -> 11008: x1.07, x1.04 (the kernel loses).
+# So bf16 fuses up to K=1024, the largest K measured to win; between 1024 and 4096 nothing was
+# measured. f16 has no timings and follows bf16 (the same tensor-core path). f32 lost at every K
+# measured (x1.9-5.3 forward: XLA runs f32 GEMMs in TF32), so it has no entry here: the rule for
+# it is matmul.GPU_UNPROFITABLE_DTYPES, shared with the linear kernel.
+# (Before the H200 run this table came from tokamax's H100 autotuning caches, which put the bf16
+# break-even near K=600-670; the H200 kernel still won at K=1024.)
 # TPU has no entry: tokamax ships no TPU GLU kernel and there are no TPU GLU timings at all, so
 # there is nothing to base a rule on; profitability_reason always allows the TPU kernel until a
 # measurement says where it loses.
-GPU_MAX_PROFITABLE_K: dict[str, int] = {"float32": 384, "bfloat16": 512, "float16": 512}
+GPU_MAX_PROFITABLE_K: dict[str, int] = {"bfloat16": 1024, "float16": 1024}
 
 _GPU_EVIDENCE = {
-    "float32": "tokamax measured 0.77x for f32 768→1536 already",
-    "bfloat16": "tokamax's bf16 gain fell from ~2x at K=64 to 1.13x at K=384, and its trend "
-    "crosses 1x near K=600-670",
-    "float16": "no f16 data; it follows bf16, whose gain fell to 1.13x at K=384 and whose trend "
-    "crosses 1x near K=600-670",
+    "bfloat16": "on an H200 the bf16 GLU kernel won up to K=1024 (x0.41-0.75 of XLA's time) and "
+    "lost at K=4096 (x1.04-1.07)",
+    "float16": "no f16 timings; it follows bf16, whose kernel won up to K=1024 on an H200 and "
+    "lost at K=4096",
 }
 _BACKENDS = {"tpu": "tpu", "triton": "gpu", "gpu": "gpu", "cuda": "gpu"}
 
 
-def profitability_reason(backend: str, m: int, k: int, n: int, dtype: Any) -> str | None:
+def profitability_reason(backend: str, m: int, k: int, n: int, dtype: Any,
+                         precision: Any = None) -> str | None:
     """Why fusing an ``(M, K) -> 2 x (K, N)`` GLU on ``backend`` is expected to be *slower* than
     XLA, or None when the kernel is expected to win (or there is no data to say otherwise).
 
     ``backend`` is ``"tpu"`` or ``"triton"`` (``"gpu"``/``"cuda"`` are accepted too). Pure
     Python, nothing is traced. Whether a kernel can run at all is a separate question, answered
-    by :func:`tpu_unsupported_reason` / :func:`triton_unsupported_reason`; this one only reports
-    thresholds from :data:`GPU_MAX_PROFITABLE_K` (see the comment above it for the evidence).
+    by :func:`tpu_unsupported_reason` / :func:`triton_unsupported_reason`; this one reports the
+    dtypes the Triton matmul kernels lose in at any size at the default ``precision`` (f32,
+    :data:`jfuse.pallas.matmul.GPU_UNPROFITABLE_DTYPES`) and the thresholds in
+    :data:`GPU_MAX_PROFITABLE_K` (see the comment above it for the evidence).
     M and N are accepted for a future rule; the current one depends on K and dtype only.
     """
     del m, n  # the measured trend is in K; see GPU_MAX_PROFITABLE_K
@@ -122,6 +120,8 @@ def profitability_reason(backend: str, m: int, k: int, n: int, dtype: Any) -> st
         raise ValueError(f"backend={backend!r}; expected one of {sorted(_BACKENDS)}.")
     if kind == "tpu":
         return None  # no TPU measurements exist (see GPU_MAX_PROFITABLE_K's comment)
+    if reason := gpu_dtype_profitability_reason(dtype, precision):
+        return reason
     name = jnp.dtype(dtype).name
     limit = GPU_MAX_PROFITABLE_K.get(name)
     if limit is None or k <= limit:

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import jax
 
 from jfuse.pallas._common import kernel_activation
-from jfuse.pallas.matmul import MatmulOp, matmul
+from jfuse.pallas.matmul import MatmulOp, gpu_dtype_profitability_reason, matmul
 # Re-exported: what a kernel refuses is what any matmul kernel refuses.
 from jfuse.pallas.matmul import tpu_unsupported_reason, triton_unsupported_reason
 
@@ -32,6 +32,7 @@ __all__ = [
     "linear",
     "linear_tpu",
     "linear_triton",
+    "profitability_reason",
     "tpu_unsupported_reason",
     "triton_unsupported_reason",
 ]
@@ -49,6 +50,21 @@ LINEAR = MatmulOp(
     tpu_max_blocks=(512, 512, 512),
     triton_max_blocks=(128, 128),
 )
+
+
+def profitability_reason(backend: str, m: int, k: int, n: int, dtype: Any,
+                         precision: Any = None) -> str | None:
+    """Why the fused linear kernel on ``backend`` (``"tpu"``, or ``"triton"``/``"gpu"``/
+    ``"cuda"``) is expected to be slower than XLA, or None. On GPU: in the dtypes the Triton
+    matmul kernels lost in at every size measured, at the default ``precision`` (f32; see
+    :data:`jfuse.pallas.matmul.GPU_UNPROFITABLE_DTYPES`). In bf16 the kernel won on an H200
+    (x0.76 forward, x0.91 forward+backward at 8192x4096x4096), and TPU has no timings yet."""
+    del m, k, n  # no size was measured to change the answer within a dtype
+    if str(backend).lower() not in ("tpu", "triton", "gpu", "cuda"):
+        raise ValueError(f"backend={backend!r}; expected 'tpu', 'triton', 'gpu' or 'cuda'.")
+    if str(backend).lower() == "tpu":
+        return None
+    return gpu_dtype_profitability_reason(dtype, precision)
 
 
 def _epilogue(activation: Callable[[Array], Array] | None, return_preactivation: bool):

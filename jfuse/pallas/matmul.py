@@ -74,7 +74,9 @@ Epilogue = Callable[..., tuple[Array, ...]]
 __all__ = [
     "BACKENDS",
     "Epilogue",
+    "GPU_UNPROFITABLE_DTYPES",
     "MatmulOp",
+    "gpu_dtype_profitability_reason",
     "matmul",
     "tpu_blocks",
     "tpu_unsupported_reason",
@@ -127,6 +129,42 @@ def triton_unsupported_reason(m: int, k: int, n: int, dtype: Any) -> str | None:
 
 
 _UNSUPPORTED_REASON = {"tpu": tpu_unsupported_reason, "triton": triton_unsupported_reason}
+
+
+# Operand dtypes in which the Triton matmul kernels lost to XLA at every size measured on a GPU,
+# at the default matmul precision, and the evidence. The device check on an H200 (2026-11-28,
+# jax 0.11.2, benchmarks/results/device/device_check_nvidia_h200.md): in f32 the GLU kernel took
+# x1.9-5.3 XLA's time forward and x1.3-2.5 forward+backward (K = 384 to 4096), the linear kernel
+# x4.2 and x2.2 (8192x4096x4096). At the default precision XLA's f32 GEMMs run on the tensor
+# cores in TF32, while the kernels multiply in IEEE f32 (the kernel ran at ~67 TFLOP/s, the
+# H200's f32 peak). So on GPU an f32 linear or GLU at the default precision runs on XLA unless
+# the user asks for the kernel (implementation="pallas"). Where the user asks for full f32
+# (precision HIGHEST, or "float32"/"highest" as the default), XLA gives up TF32 too and the rule
+# does not apply (not measured).
+GPU_UNPROFITABLE_DTYPES: dict[str, str] = {
+    "float32": "XLA's TF32 GEMMs beat the f32 Triton kernels (x1.3-5.3 on an H200)",
+}
+
+
+def _is_default_precision(precision: Any) -> bool:
+    if precision is None:
+        return True
+    try:
+        return lax.Precision(precision) == lax.Precision.DEFAULT
+    except (TypeError, ValueError):  # a DotAlgorithmPreset or the like: an explicit choice
+        return False
+
+
+def gpu_dtype_profitability_reason(dtype: Any, precision: Any = None) -> str | None:
+    """Why a Triton matmul kernel is expected to lose to XLA in ``dtype`` at any size (see
+    :data:`GPU_UNPROFITABLE_DTYPES`), or None. Only at the default ``precision`` (None or
+    DEFAULT, where XLA may use TF32): under an explicit higher precision both multiply in f32."""
+    parts = precision if isinstance(precision, (tuple, list)) else (precision,)
+    if not all(_is_default_precision(p) for p in parts):
+        return None
+    name = jnp.dtype(dtype).name
+    evidence = GPU_UNPROFITABLE_DTYPES.get(name)
+    return None if evidence is None else f"{name} on GPU: {evidence}"
 
 
 def _and_join(words: Sequence[str]) -> str:
