@@ -35,7 +35,7 @@ from jfuse.config import FuseOptions, raise_internal_errors
 from jfuse.core import targets
 from jfuse.core.kernel_calls import kernel_calls
 from jfuse.core.markers import partition_context
-from jfuse.core.user_warning import warn_user
+from jfuse.core.user_warning import jfuse_frame_of, warn_user
 from jfuse.differentiation import fusing_differentiated_functions
 from jfuse.report import FusionReport
 from jfuse.rewrite import PATTERN_GROUPS, Rewriter
@@ -228,7 +228,15 @@ class FusedFunction:
                 with fusing_differentiated_functions(self._fuse_inner(inner_reports),
                                                      is_fused=_is_fused):
                     closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*dynamic)
-            except Exception:
+            except Exception as error:
+                # Code that cannot be traced (eager Python, a user's error) runs as written, as
+                # jax.jit's would fail or not; an error in jfuse's own code says so first.
+                if (where := jfuse_frame_of(error)) is not None:
+                    if raise_internal_errors():
+                        raise
+                    warn_user(f"jfuse: tracing {_describe_function(self._fn)} failed inside "
+                              f"jfuse at {where} ({type(error).__name__}: {error}); the "
+                              "function runs unfused")
                 return None
             return self._rewrite(closed, out_shape, leaves, treedef, inner_reports, layouts)
 

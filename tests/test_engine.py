@@ -3,6 +3,7 @@ effects, caching, determinism and fallbacks."""
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import chex
@@ -361,6 +362,40 @@ def test_a_block_whose_fused_op_failed_is_a_miss_with_the_reason(model, monkeypa
     assert [m.reason for m in f.report.missed] == [MissReason.NO_KERNEL, MissReason.INTERNAL_ERROR]
     assert "kernel says no" in f.report.missed[0].detail and "a jfuse bug" in f.report.missed[1].detail
     assert all(w.filename == __file__ for w in record), [w.filename for w in record]
+
+
+def _step(params, x):
+    value, grads = jax.value_and_grad(loss)(params, x)
+    return value, jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
+
+
+def test_an_error_in_jfuse_while_tracing_says_so_and_runs_unfused(model, monkeypatch):
+    # A fused op's derivative fails while jax.grad traces it inside the step: the step runs as
+    # written, with a warning naming where in jfuse (it used to fall back silently).
+    params, x = model
+    # The bug: the derivative's activation lookup is gone, so jfuse's own line raises.
+    monkeypatch.setattr(sys.modules["jfuse.ops.linear"], "get_activation", None)
+    monkeypatch.setenv("JFUSE_RAISE", "0")
+    with pytest.warns(RuntimeWarning,
+                      match=r"failed inside jfuse at jfuse/ops/linear.py:\d+ \(TypeError"):
+        got = jfuse.jit(_step)(params, x)
+    chex.assert_trees_all_close(got, jax.jit(_step)(params, x), rtol=1e-6, atol=1e-6)
+    monkeypatch.setenv("JFUSE_RAISE", "1")
+    with pytest.raises(TypeError, match="not callable"):
+        jfuse.jit(_step)(params, x)
+
+
+def test_code_that_cannot_be_traced_runs_as_written_without_a_warning(model, monkeypatch):
+    params, x = model
+    monkeypatch.setenv("JFUSE_RAISE", "0")
+
+    def eager(params, x):  # Python control flow on a value: jax.jit cannot trace it either
+        return mlp(params, x) if float(jnp.sum(x)) > 0 else -mlp(params, x)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = jfuse.fuse(eager)(params, x)  # called eagerly, as written
+    chex.assert_trees_all_close(got, eager(params, x), rtol=1e-6, atol=1e-6)
 
 
 def test_kernel_refusal_in_interpret_mode_falls_back_per_site(rng, monkeypatch):

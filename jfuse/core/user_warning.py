@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 import warnings
 
 import jax
@@ -33,3 +34,22 @@ def warn_user(message: str, category: type[Warning] = RuntimeWarning) -> None:
     while frame is not None and _is_library_frame(frame.f_code.co_filename):
         frame, stacklevel = frame.f_back, stacklevel + 1
     warnings.warn(message, category, stacklevel=stacklevel if frame is not None else 2)
+
+
+def jfuse_frame_of(error: BaseException) -> str | None:
+    """Where ``error`` came from, as ``"jfuse/ops/attention.py:123"``, when the innermost frame
+    of its traceback outside JAX and jaxlib is jfuse's own; None when it is the user's (their code
+    failed to trace) or unknown. An error a public op raises about its arguments (its message
+    starts with ``"jfuse."``) is the caller's, not jfuse's."""
+    if str(error).startswith("jfuse."):
+        return None
+    jax_dirs = tuple(d for d in _LIBRARY_DIRS if d != _JFUSE_DIR + os.sep)
+    for frame in reversed(traceback.extract_tb(error.__traceback__)):
+        path = os.path.abspath(frame.filename)
+        if path.startswith(jax_dirs) or frame.filename.startswith("<frozen"):
+            continue
+        if path.startswith(_JFUSE_DIR + os.sep):
+            where = os.path.relpath(path, os.path.dirname(_JFUSE_DIR))
+            return f"{where}:{frame.lineno}"
+        return None
+    return None
