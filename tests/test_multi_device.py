@@ -74,9 +74,10 @@ def test_no_collectives_beyond_jax_jit(results, layout):
     case = results[layout]
     if layout in DECLINED:
         assert case["collectives_without_attention"] <= case["collectives_jit"], case
-        # Known limitation (README): a declined attention runs its blockwise XLA version, which
-        # XLA partitions with more collectives than the user's dense attention.
-        assert case["collectives_default"] > case["collectives_jit"], case
+        # A declined attention runs its blockwise XLA version, partitioned by XLA: with its
+        # backward written out (not JAX's transpose of a checkpointed tangent) that takes no
+        # more collectives than the user's dense attention (it took 12 against 8 before).
+        assert case["collectives_default"] <= case["collectives_jit"], case
         return
     assert case["collectives_default"] <= case["collectives_jit"], case
     assert case["collectives_interpret"] <= case["collectives_jit"], case

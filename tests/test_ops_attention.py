@@ -333,17 +333,23 @@ def test_gradients_run_the_kernels_own_backward(platform, rng):
     assert count_kernel_calls(grads(bias=bias), platform) == 0
 
 
-def test_a_cpu_program_keeps_the_xla_derivative(rng):
-    # Only a program that may be lowered for a kernel's platform carries the kernel backward.
+def test_backward_runs_the_kernel_or_the_blockwise_backward(rng):
+    # Where a kernel serves the forward, jax.grad runs the kernel's backward on its platform and
+    # the blockwise XLA backward elsewhere; a CPU program runs only the latter. Either way the
+    # gradient is the transpose of the tangent primitive, never JAX's transpose of the
+    # checkpointed tangent (no remat in the gradient's program).
     from jfuse.core import targets
 
     q, k, v = _inputs(rng, t=128, s=128, h=32)  # shapes the TPU and GPU kernels serve
     grad = jax.grad(lambda q, k, v: jnp.sum(jfuse.ops.attention(q, k, v, is_causal=True)))
     with targets.lowering_for(None):
-        assert "jfuse_kernel_transposed_backward" in str(jax.make_jaxpr(grad)(q, k, v))
+        everywhere = str(jax.make_jaxpr(grad)(q, k, v))
+    assert "jfuse_kernel_transposed_backward" in everywhere and "platform_index" in everywhere
     # Another batch size: JAX caches a derivative rule's trace per shape.
     with targets.lowering_for({"cpu"}):
-        assert "jfuse_kernel_transposed" not in str(jax.make_jaxpr(grad)(q[:1], k[:1], v[:1]))
+        cpu = str(jax.make_jaxpr(grad)(q[:1], k[:1], v[:1]))
+    assert "jfuse_kernel_transposed_backward" in cpu and "platform_index" not in cpu
+    assert "remat" not in cpu and "checkpoint" not in cpu
 
 
 @pytest.mark.parametrize("case,kernels_expected", [

@@ -194,7 +194,7 @@ batching.primitive_batchers[backward_p] = _batcher(backward_p)
 
 def kernel_transposed(tangent: Callable, backward: Callable | dict[str, Callable],
                       residuals: Any, linear: Any, out_like: Any,
-                      kernel_outputs: Any = None) -> Any:
+                      kernel_outputs: Any = None, default: Callable | None = None) -> Any:
     """``tangent(residuals, linear)``, whose transpose runs ``backward``.
 
     ``tangent`` is plain JAX and linear in ``linear`` (a pytree of arrays); ``out_like`` is its
@@ -202,7 +202,8 @@ def kernel_transposed(tangent: Callable, backward: Callable | dict[str, Callable
     must equal the transpose of ``tangent`` in ``linear``, with ``linear``'s structure; it is
     what ``jax.grad`` runs, and it is never differentiated (derivatives in the residuals use
     ``tangent``'s). A dict ``{platform: backward}`` picks one per lowering platform
-    (``lax.platform_dependent``); any other platform runs ``tangent``'s plain-JAX transpose. ``kernel_outputs`` (a pytree of bools like ``out_like``, default all True)
+    (``lax.platform_dependent``); any other platform runs ``default`` (same signature), or
+    ``tangent``'s plain-JAX transpose without one. ``kernel_outputs`` (a pytree of bools like ``out_like``, default all True)
     marks the outputs whose cotangent ``backward`` reads; a backward pass that sends a cotangent
     to any other output uses ``tangent``'s plain-JAX transpose instead.
     """
@@ -229,9 +230,11 @@ def kernel_transposed(tangent: Callable, backward: Callable | dict[str, Callable
         flat_backward = flat(backward)
     else:  # per lowering platform; the others run the plain-JAX transpose
         branches = {platform: flat(fn) for platform, fn in backward.items()}
+        otherwise = None if default is None else flat(default)
 
         def flat_backward(res, cts):
-            return lax.platform_dependent(res, cts, default=pair.transpose_xla, **branches)
+            return lax.platform_dependent(res, cts, default=otherwise or pair.transpose_xla,
+                                          **branches)
 
     pair = _Pair(flat_tangent, lambda res, cts: flat_backward(res, cts), len(res_flat),
                  [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in lin_flat],

@@ -403,6 +403,88 @@ def _tangent_xla(spec: AttentionSpec, operands, tangents, out, m, l):
     return _ungrouped(dout, spec.layout).astype(out.dtype), c
 
 
+def _vjp_xla(spec: AttentionSpec, operands, out, m, l, dout, present):
+    """The cotangents of the operands at ``present`` (indices into q, k, v, bias) from the
+    output's ``dout``: the transpose of :func:`_tangent_xla`, written out the way a flash
+    attention backward is (recompute each key block's probabilities from ``m`` and ``l``, then
+    ``dV = Pᵀ·dO``, ``dS = P·(dO·Vᵀ − D)``, ``dQ = dS·K``, ``dK = dSᵀ·Q``), so ``jax.grad``
+    runs it instead of JAX's transpose of the checkpointed tangent. ``D`` is ``Σ P·(dO·Vᵀ)``
+    with one key block (dense autodiff's softmax backward, exact for a peaked row) and
+    ``Σ dO·O`` across blocks."""
+    p = _problem(spec, operands)
+    probs_dtype, acc = spec.probs_dtype or p.v.dtype, p.acc
+    q_in, k_in, v_in, bias_in = operands[:4]
+    b, kv, g, t, _ = p.q.shape
+    do = _grouped(dout, k_in, v_in, spec.layout)[0].astype(acc)
+    want_k, want_v, want_bias = 1 in present, 2 in present, 3 in present
+    row = None
+    if p.blocks > 1:
+        o32 = _grouped(out, k_in, v_in, spec.layout)[0].astype(acc)
+        row = jnp.sum(do * o32, axis=-1)
+
+    def block(j):
+        start = j * p.block
+        kj = _block_slice(p.k, start, p.block, axis=2)
+        vj = _block_slice(p.v, start, p.block, axis=2)
+        tj, s, keep, exists = _scores(spec, p, p.q, kj, start)
+        probs = jnp.exp(s - m[..., None]) / l[..., None]
+        pv = probs.astype(probs_dtype)
+        dp = _grouped_einsum("bkgth,bksh->bkgts", do.astype(probs_dtype), vj,
+                             preferred_element_type=acc)
+        d = jnp.sum(probs * dp, axis=-1) if row is None else row
+        ds = probs * (dp - d[..., None])
+        if keep is not None:
+            ds = jnp.where(keep, ds, 0.0)
+        if exists is not None:
+            ds = jnp.where(exists, ds, 0.0)
+        dbias = ds if want_bias else None
+        if spec.soft_cap is not None:
+            th = jnp.tanh(tj / acc(spec.soft_cap))
+            ds = ds * (1.0 - th * th)
+        ds = ds * acc(spec.scale)
+        dq = _grouped_einsum("bkgts,bksh->bkgth", ds.astype(p.q.dtype), kj,
+                             preferred_element_type=acc)
+        dk = (jnp.einsum("bkgts,bkgth->bksh", ds.astype(p.q.dtype), p.q,
+                         preferred_element_type=acc) if want_k else None)
+        dv = (jnp.einsum("bkgts,bkgth->bksh", pv, do.astype(probs_dtype),
+                         preferred_element_type=acc) if want_v else None)
+        return dq, dk, dv, dbias
+
+    if p.blocks == 1:
+        dq, dk, dv, dbias = block(0)
+    else:
+        def body(dq, j):
+            dq_j, dk, dv, dbias = block(j)
+            return dq + dq_j, (dk, dv, dbias)
+
+        dq, (dk, dv, dbias) = lax.scan(body, jnp.zeros(p.q.shape, acc), jnp.arange(p.blocks))
+        dk = None if dk is None else _unsplit_blocks(dk, 2)
+        dv = None if dv is None else _unsplit_blocks(dv, 2)
+        dbias = None if dbias is None else _unsplit_blocks(dbias, -1)
+
+    def key_side(a, like):  # (B, K, Sp, H) back to the caller's layout and S
+        a = a[:, :, :p.seq_k]
+        return (jnp.swapaxes(a, 1, 2) if spec.layout == "BTNH" else a).astype(like.dtype)
+
+    grads = {0: _ungrouped(dq, spec.layout).astype(q_in.dtype)}
+    if want_k:
+        grads[1] = key_side(dk, k_in)
+    if want_v:
+        grads[2] = key_side(dv, v_in)
+    if want_bias:
+        full = jnp.reshape(dbias[..., :p.seq_k], (b, kv * g, t, p.seq_k))
+        axes = tuple(i for i, n in enumerate(bias_in.shape) if n == 1 and full.shape[i] != 1)
+        grads[3] = jnp.sum(full, axis=axes, keepdims=True).astype(bias_in.dtype)
+    return [grads[i] for i in present]
+
+
+def _unsplit_blocks(a, axis: int):
+    """The inverse of :func:`_split_blocks`: the leading block index joined into ``axis``."""
+    axis = axis % (a.ndim - 1)
+    a = jnp.moveaxis(a, 0, axis)
+    return jnp.reshape(a, a.shape[:axis] + (-1,) + a.shape[axis + 2:])
+
+
 class Attention(FusedOp):
     """softmax(Q·Kᵀ·scale + bias, masked)·V. Operands as :data:`OPERANDS`; full outputs
     ``(out, m, l)``: each query's score max and softmax denominator, (B, K, G, T) f32."""
@@ -425,24 +507,28 @@ class Attention(FusedOp):
         zero_m = jnp.zeros(m.shape, m.dtype)  # m only stabilizes: lse = m + log l moves by l
         if all(t is None for t in d):
             return jnp.zeros(out.shape, out.dtype), zero_m, jnp.zeros(l.shape, l.dtype)
-        backward = self._kernel_backward(spec, operands, d)
-        if backward is None:
-            dout, dlse = _tangent_xla(spec, operands, d, out, m, l)
-        else:
-            # The same tangent, whose transpose (jax.grad's backward) is the kernel's own.
-            present = [i for i, t in enumerate(d) if t is not None]
+        # The tangent is evaluated as the blockwise XLA tangent (forward mode); jax.grad runs
+        # its transpose: the kernel's own backward where a kernel serves the forward, else the
+        # blockwise backward written out (_vjp_xla).
+        present = [i for i, t in enumerate(d) if t is not None]
 
-            def tangent(res, lin):
-                d_all = [None] * 4
-                for i, t in zip(present, lin):
-                    d_all[i] = t
-                return _tangent_xla(spec, res[0], d_all, *res[1:])
+        def tangent(res, lin):
+            d_all = [None] * 4
+            for i, t in zip(present, lin):
+                d_all[i] = t
+            return _tangent_xla(spec, res[0], d_all, *res[1:])
 
-            dout, dlse = kernel_transposed(
-                tangent, backward, (operands, out, m, l), [d[i] for i in present],
-                out_like=(jax.ShapeDtypeStruct(out.shape, out.dtype),
-                          jax.ShapeDtypeStruct(l.shape, l.dtype)),
-                kernel_outputs=(True, False))  # the kernels take no log-sum-exp cotangent
+        def xla_backward(res, cts):
+            operands_, out_, m_, l_ = res
+            return _vjp_xla(spec, operands_, out_, m_, l_, cts[0], present)
+
+        dout, dlse = kernel_transposed(
+            tangent, self._kernel_backward(spec, operands, d) or xla_backward,
+            (operands, out, m, l), [d[i] for i in present],
+            out_like=(jax.ShapeDtypeStruct(out.shape, out.dtype),
+                      jax.ShapeDtypeStruct(l.shape, l.dtype)),
+            kernel_outputs=(True, False),  # the backwards take no log-sum-exp cotangent
+            default=xla_backward)
         return dout, zero_m, l * dlse
 
     def _kernel_backward(self, spec: AttentionSpec, operands, d):
