@@ -35,7 +35,8 @@ import pytest
 import jfuse
 from jfuse._jax import cudnn
 from jfuse.benchmarking import kernel_calls
-from jfuse.ops import _dispatch, _kernel_transpose
+from jfuse._jax import kernel_transpose as _kernel_transpose
+from jfuse.ops import _dispatch
 from jfuse.ops.attention import ATTENTION, AttentionSpec, fused_attention
 from jfuse.pallas import attention as kernels
 

@@ -1,4 +1,4 @@
-"""`jfuse.ops._kernel_transpose`: a plain-JAX tangent whose backward runs a given (kernel) VJP.
+"""`jfuse._jax.kernel_transpose`: a plain-JAX tangent whose backward runs a given (kernel) VJP.
 
 A toy op, ``sin``, whose tangent is written in plain JAX and whose "kernel" backward is the exact
 transpose times ``BACKWARD_SCALE``: at 1 every transform must give ``sin``'s own derivatives, and
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jfuse.ops._kernel_transpose import kernel_transposed
+from jfuse._jax.kernel_transpose import kernel_transposed
 
 STATE = {"scale": 1.0}
 

@@ -42,7 +42,7 @@ from jax import lax
 from jfuse.ops import _partitionable
 from jfuse.ops._autodiff import _lowered_kernel_platforms, recompute_in_backward
 from jfuse.ops._dispatch import check_implementation
-from jfuse.ops._kernel_transpose import kernel_transposed
+from jfuse._jax.kernel_transpose import kernel_transposed
 from jfuse.ops._op import KERNEL_BACKENDS, Benchmark, FusedOp, OpSpec, apply, is_zero
 from jfuse.pallas import attention as kernels
 from jfuse.sharding.attention_rule import attention_layout

@@ -21,7 +21,7 @@ this module adapts jfuse's call to them and says what each cannot serve.
 Each returns each query's log-sum-exp (f32) where asked (``with_lse``), which jfuse's XLA
 derivative uses to recompute the probabilities block by block. Where a kernel serves the forward,
 ``jax.grad`` runs that kernel's own backward (its VJP, from a forward without the log-sum-exp,
-the form each library differentiates; see :mod:`jfuse.ops._kernel_transpose`). None of them takes a bias, a dense mask,
+the form each library differentiates; see :mod:`jfuse._jax.kernel_transpose`). None of them takes a bias, a dense mask,
 segment ids or key lengths here (see :func:`_common_reason`).
 
 Shapes here: q ``(B, N, T, H)``, k and v ``(B, K, S, H)``; outputs ``(out (B, N, T, Hv),

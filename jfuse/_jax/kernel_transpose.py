@@ -7,9 +7,12 @@ the transposed XLA tangent (on an H200, attention's forward+backward took 13.5 m
 XLA derivative against 2.5 ms with cuDNN's own backward). :func:`kernel_transposed` gives a
 tangent both: it *evaluates* the plain-JAX tangent (forward mode, ``jax.jvp``, and anything that
 evaluates tangents), and its *transpose* (reverse mode: ``jax.grad``, ``jax.vjp``) runs the
-backward the caller gives, e.g. a kernel's VJP.
+backward the caller gives: a kernel's VJP, per lowering platform, or a backward written out in
+plain JAX, which XLA compiles smaller than JAX's transpose of a checkpointed tangent (attention's
+blockwise backward: 40 fewer kernels in an 8-layer step on jax 0.12).
 
-It is two primitives, each the other's transpose, in the spirit of JAX's own ``linear_call``,
+It is two primitives (so it lives with jfuse's other uses of JAX's internals: ``ad``, ``batching``
+and ``mlir`` rules), each the other's transpose, in the spirit of JAX's own ``linear_call``,
 which cannot serve here: its JVP asserts that its residual arguments are not differentiated (a
 Hessian-vector product through a fused op differentiates them), and it has no batching rule.
 
