@@ -444,10 +444,8 @@ def _vjp_xla(spec: AttentionSpec, operands, out, m, l, dout, present):
         ds = ds * acc(spec.scale)
         dq = _grouped_einsum("bkgts,bksh->bkgth", ds.astype(p.q.dtype), kj,
                              preferred_element_type=acc)
-        dk = (jnp.einsum("bkgts,bkgth->bksh", ds.astype(p.q.dtype), p.q,
-                         preferred_element_type=acc) if want_k else None)
-        dv = (jnp.einsum("bkgts,bkgth->bksh", pv, do.astype(probs_dtype),
-                         preferred_element_type=acc) if want_v else None)
+        dk = (_to_keys(ds.astype(p.q.dtype), p.q, acc) if want_k else None)
+        dv = (_to_keys(pv, do.astype(probs_dtype), acc) if want_v else None)
         return dq, dk, dv, dbias
 
     if p.blocks == 1:
@@ -476,6 +474,17 @@ def _vjp_xla(spec: AttentionSpec, operands, out, m, l, dout, present):
         axes = tuple(i for i, n in enumerate(bias_in.shape) if n == 1 and full.shape[i] != 1)
         grads[3] = jnp.sum(full, axis=axes, keepdims=True).astype(bias_in.dtype)
     return [grads[i] for i in present]
+
+
+def _to_keys(weights, rows, acc):
+    """``Σ_g Σ_t weights[b,k,g,t,s]·rows[b,k,g,t,h]`` as (B, K, S, H): a key block's gradient.
+    The group and query axes are merged first (adjacent, so a free reshape) and contracted as
+    one: XLA:CPU lays a 5-D product contracting two axes out with a copy of its (G, T, S)
+    operand (+20% temp memory with GQA, and likewise with a unit group axis)."""
+    b, k, g, t, s = weights.shape
+    return jnp.einsum("bkts,bkth->bksh", jnp.reshape(weights, (b, k, g * t, s)),
+                      jnp.reshape(rows, (b, k, g * t, rows.shape[-1])),
+                      preferred_element_type=acc)
 
 
 def _unsplit_blocks(a, axis: int):
