@@ -240,6 +240,45 @@ def test_transforms_through_the_kernels_backward(rng):
     np.testing.assert_allclose(hvp(f), hvp(g), atol=5e-5)
 
 
+def test_second_order_with_integer_and_boolean_operands(rng):
+    """Hessian-vector products differentiate the backward's residuals, among them the segment
+    ids, key lengths and dense mask, which carry no tangent (float0)."""
+    q, k, v = _inputs(rng)
+    masks = _masks(rng)
+    kw = dict(q_seg=masks["segments"]["q_seg"], kv_seg=masks["segments"]["kv_seg"],
+              lengths=jnp.asarray([S, 30], jnp.int32), mask=masks["dense_mask"]["mask"])
+    f = lambda q, k, v: _fused(q, k, v, **kw)  # noqa: E731
+    g = lambda q, k, v: dense(q, k, v, **kw)  # noqa: E731
+    tangent = jnp.asarray(rng.standard_normal(q.shape), q.dtype)
+
+    def hvp(fn):
+        first = jax.grad(lambda q, k: jnp.sum(jnp.sin(fn(q, k, v))), argnums=(0, 1))
+        return jax.jit(lambda q, k: jax.jvp(first, (q, k), (tangent, k))[1])(q, k)
+
+    for got, want in zip(hvp(f), hvp(g)):
+        np.testing.assert_allclose(got, want, atol=5e-5)
+
+
+def test_a_broadcast_bias_gradient_stays_bias_sized(rng):
+    """The backward reduces a broadcast bias's gradient block by block: a (1, 1, T, S) bias
+    over 8 key blocks must not cost a stacked (B, N, T, S) buffer (64 MiB here)."""
+    b, n, t, h = 4, 4, 1024, 16
+    q = jnp.asarray(rng.standard_normal((b, t, n, h)), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal((1, 1, t, t)), jnp.float32)
+    grad = jax.jit(jax.grad(lambda q, bias: jnp.sum(_fused(q, q, q, bias, block_k=128)),
+                            argnums=(0, 1)))
+    temp = grad.lower(q, bias).compile().memory_analysis().temp_size_in_bytes
+    # The per-block buffers (scores, probabilities, their gradients: 8 MiB each) remain.
+    assert temp < b * n * t * t * 4, temp / 2**20
+    # And it is the right gradient, against dense attention's on a smaller problem.
+    small_q, small_bias = q[:, :128], bias[:, :, :128, :128]
+    got = jax.grad(lambda bias: jnp.sum(jnp.sin(_fused(small_q, small_q, small_q, bias,
+                                                       block_k=32))))(small_bias)
+    want = jax.grad(lambda bias: jnp.sum(jnp.sin(dense(small_q, small_q, small_q, bias))))(
+        small_bias)
+    np.testing.assert_allclose(got, want, atol=2e-5)
+
+
 # --- kernels -------------------------------------------------------------------------------
 
 KERNEL_CASES = {

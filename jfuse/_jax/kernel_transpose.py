@@ -101,6 +101,23 @@ def _any_nonzero(tangents) -> bool:
     return any(type(t) is not ad.Zero for t in tangents)
 
 
+def _jvp_in_residuals(fn, res, d_res):
+    """The tangent of ``fn(res)`` (a list of arrays) along ``d_res``, over the residuals that
+    carry one: integer and boolean residuals (a mask, segment ids) have none to give."""
+    moving = [i for i, (r, t) in enumerate(zip(res, d_res))
+              if type(t) is not ad.Zero and jnp.issubdtype(jnp.result_type(r), jnp.inexact)]
+
+    def of_moving(*values):
+        full = list(res)
+        for i, value in zip(moving, values):
+            full[i] = value
+        return tuple(fn(full))
+
+    _, tangent = jax.jvp(of_moving, tuple(res[i] for i in moving),
+                         tuple(d_res[i] for i in moving))
+    return tangent
+
+
 # --- the tangent: evaluated as plain JAX, transposed to the backward -----------------------------
 
 tangent_p.def_impl(lambda *args, pair: pair.tangent(*_split(args, pair)))
@@ -117,8 +134,7 @@ def _tangent_jvp(primals, tangents, *, pair):
     if _any_nonzero(d_lin):
         d_out = tangent_p.bind(*res, *_instantiate(d_lin, pair.lin_avals), pair=pair)
     if _any_nonzero(d_res):  # second order: the plain-JAX tangent's own derivative
-        _, by_res = jax.jvp(lambda *r: tuple(pair.tangent(list(r), lin)), tuple(res),
-                            tuple(_instantiate(d_res, [jax.typeof(r) for r in res])))
+        by_res = _jvp_in_residuals(lambda r: pair.tangent(r, lin), res, d_res)
         d_out = [a + b for a, b in zip(d_out, by_res)]
     return out, d_out
 
@@ -156,8 +172,7 @@ def _backward_jvp(primals, tangents, *, pair):
     if _any_nonzero(d_cts):
         d_out = backward_p.bind(*res, *_instantiate(d_cts, pair.out_avals), pair=pair)
     if _any_nonzero(d_res):  # the plain-JAX transpose's own derivative in the residuals
-        _, by_res = jax.jvp(lambda *r: tuple(pair.transpose_xla(list(r), cts)), tuple(res),
-                            tuple(_instantiate(d_res, [jax.typeof(r) for r in res])))
+        by_res = _jvp_in_residuals(lambda r: pair.transpose_xla(r, cts), res, d_res)
         d_out = [a + b for a, b in zip(d_out, by_res)]
     return out, d_out
 

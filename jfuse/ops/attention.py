@@ -437,7 +437,12 @@ def _vjp_xla(spec: AttentionSpec, operands, out, m, l, dout, present):
             ds = jnp.where(keep, ds, 0.0)
         if exists is not None:
             ds = jnp.where(exists, ds, 0.0)
-        dbias = ds if want_bias else None
+        # The bias's gradient reduced to its broadcast shape here, block by block: a (1, N, T, S)
+        # bias must not cost a (B, N, T, S) buffer in the backward.
+        dbias = None
+        if want_bias:
+            axes = tuple(i for i, n in enumerate(p.bias.shape) if n == 1 and ds.shape[i] != 1)
+            dbias = jnp.sum(ds, axis=axes, keepdims=True)
         if spec.soft_cap is not None:
             th = jnp.tanh(tj / acc(spec.soft_cap))
             ds = ds * (1.0 - th * th)
@@ -448,17 +453,25 @@ def _vjp_xla(spec: AttentionSpec, operands, out, m, l, dout, present):
         dv = (_to_keys(pv, do.astype(probs_dtype), acc) if want_v else None)
         return dq, dk, dv, dbias
 
+    # A bias broadcast along S has one gradient for every key block: summed in the carry.
+    bias_per_block = want_bias and p.bias.shape[-1] != 1
     if p.blocks == 1:
         dq, dk, dv, dbias = block(0)
     else:
-        def body(dq, j):
+        def body(carry, j):
             dq_j, dk, dv, dbias = block(j)
-            return dq + dq_j, (dk, dv, dbias)
+            dq, dbias_sum = carry
+            if want_bias and not bias_per_block:
+                dbias_sum, dbias = dbias_sum + dbias, None
+            return (dq + dq_j, dbias_sum), (dk, dv, dbias)
 
-        dq, (dk, dv, dbias) = lax.scan(body, jnp.zeros(p.q.shape, acc), jnp.arange(p.blocks))
+        bias_init = (jnp.zeros(p.bias.shape, acc) if want_bias and not bias_per_block
+                     else None)
+        (dq, dbias_sum), (dk, dv, dbias) = lax.scan(
+            body, (jnp.zeros(p.q.shape, acc), bias_init), jnp.arange(p.blocks))
         dk = None if dk is None else _unsplit_blocks(dk, 2)
         dv = None if dv is None else _unsplit_blocks(dv, 2)
-        dbias = None if dbias is None else _unsplit_blocks(dbias, -1)
+        dbias = dbias_sum if dbias is None else _unsplit_blocks(dbias, -1)
 
     def key_side(a, like):  # (B, K, Sp, H) back to the caller's layout and S
         a = a[:, :, :p.seq_k]
@@ -469,10 +482,12 @@ def _vjp_xla(spec: AttentionSpec, operands, out, m, l, dout, present):
         grads[1] = key_side(dk, k_in)
     if want_v:
         grads[2] = key_side(dv, v_in)
-    if want_bias:
-        full = jnp.reshape(dbias[..., :p.seq_k], (b, kv * g, t, p.seq_k))
-        axes = tuple(i for i, n in enumerate(bias_in.shape) if n == 1 and full.shape[i] != 1)
-        grads[3] = jnp.sum(full, axis=axes, keepdims=True).astype(bias_in.dtype)
+    if want_bias:  # the grouped (B|1, K|1, G|1, T|1, Sp|1) layout back to the caller's bias
+        if dbias.shape[-1] != 1:
+            dbias = dbias[..., :p.seq_k]
+        db, dk_, dg, dt, ds_ = dbias.shape
+        dbias = jnp.reshape(dbias, (db, dk_ * dg, dt, ds_))
+        grads[3] = jnp.reshape(dbias, bias_in.shape).astype(bias_in.dtype)
     return [grads[i] for i in present]
 
 
@@ -569,6 +584,9 @@ class Attention(FusedOp):
             return run
 
         if platforms is None:  # interpret mode: every platform runs the interpreted kernels
+            avals = [None if o is None else jax.typeof(o) for o in operands]
+            if self._choice(spec, "tpu", avals, interpret=True)[0] is None:
+                return None  # the interpreted forward is the blockwise XLA one: its backward
             return vjp("tpu", True)
         return {p: vjp(KERNEL_BACKENDS[p], False) for p in sorted(platforms)}
 
