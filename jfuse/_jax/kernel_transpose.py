@@ -118,25 +118,34 @@ def _jvp_in_residuals(fn, res, d_res):
     return tangent
 
 
+def _define(primitive, run, in_avals, out_avals, plain):
+    """``primitive`` evaluates ``run(pair)(residuals, x)`` (eagerly and when lowered), linear in
+    ``x`` (of ``in_avals(pair)``), with outputs of ``out_avals(pair)``. Its JVP: in ``x`` the
+    primitive itself; in the residuals (second order) the plain-JAX ``plain(pair)``'s own."""
+    primitive.def_impl(lambda *args, pair: run(pair)(*_split(args, pair)))
+    primitive.def_abstract_eval(lambda *args, pair: _avals(out_avals(pair)))
+    mlir.register_lowering(primitive, mlir.lower_fun(
+        lambda *args, pair: run(pair)(*_split(args, pair)), multiple_results=True))
+
+    def jvp(primals, tangents, *, pair):
+        res, x = _split(primals, pair)
+        d_res, d_x = _split(tangents, pair)
+        out = primitive.bind(*res, *x, pair=pair)
+        d_out = [jnp.zeros(a.shape, a.dtype) for a in out_avals(pair)]
+        if _any_nonzero(d_x):
+            d_out = primitive.bind(*res, *_instantiate(d_x, in_avals(pair)), pair=pair)
+        if _any_nonzero(d_res):
+            by_res = _jvp_in_residuals(lambda r: plain(pair)(r, x), res, d_res)
+            d_out = [a + b for a, b in zip(d_out, by_res)]
+        return out, d_out
+
+    ad.primitive_jvps[primitive] = jvp
+
+
 # --- the tangent: evaluated as plain JAX, transposed to the backward -----------------------------
 
-tangent_p.def_impl(lambda *args, pair: pair.tangent(*_split(args, pair)))
-tangent_p.def_abstract_eval(lambda *args, pair: _avals(pair.out_avals))
-mlir.register_lowering(tangent_p, mlir.lower_fun(
-    lambda *args, pair: pair.tangent(*_split(args, pair)), multiple_results=True))
-
-
-def _tangent_jvp(primals, tangents, *, pair):
-    res, lin = _split(primals, pair)
-    d_res, d_lin = _split(tangents, pair)
-    out = tangent_p.bind(*res, *lin, pair=pair)
-    d_out = [jnp.zeros(a.shape, a.dtype) for a in pair.out_avals]
-    if _any_nonzero(d_lin):
-        d_out = tangent_p.bind(*res, *_instantiate(d_lin, pair.lin_avals), pair=pair)
-    if _any_nonzero(d_res):  # second order: the plain-JAX tangent's own derivative
-        by_res = _jvp_in_residuals(lambda r: pair.tangent(r, lin), res, d_res)
-        d_out = [a + b for a, b in zip(d_out, by_res)]
-    return out, d_out
+_define(tangent_p, run=lambda pair: pair.tangent, in_avals=lambda pair: pair.lin_avals,
+        out_avals=lambda pair: pair.out_avals, plain=lambda pair: pair.tangent)
 
 
 def _tangent_transpose(cts, *args, pair):
@@ -152,29 +161,15 @@ def _tangent_transpose(cts, *args, pair):
     return [None] * len(res) + list(d_lin)
 
 
-ad.primitive_jvps[tangent_p] = _tangent_jvp
 ad.primitive_transposes[tangent_p] = _tangent_transpose
 
 
 # --- the backward: runs the caller's (kernel) backward, transposed to the tangent ---------------
 
-backward_p.def_impl(lambda *args, pair: pair.backward(*_split(args, pair)))
-backward_p.def_abstract_eval(lambda *args, pair: _avals(pair.lin_avals))
-mlir.register_lowering(backward_p, mlir.lower_fun(
-    lambda *args, pair: pair.backward(*_split(args, pair)), multiple_results=True))
-
-
-def _backward_jvp(primals, tangents, *, pair):
-    res, cts = _split(primals, pair)
-    d_res, d_cts = _split(tangents, pair)
-    out = backward_p.bind(*res, *cts, pair=pair)
-    d_out = [jnp.zeros(a.shape, a.dtype) for a in pair.lin_avals]
-    if _any_nonzero(d_cts):
-        d_out = backward_p.bind(*res, *_instantiate(d_cts, pair.out_avals), pair=pair)
-    if _any_nonzero(d_res):  # the plain-JAX transpose's own derivative in the residuals
-        by_res = _jvp_in_residuals(lambda r: pair.transpose_xla(r, cts), res, d_res)
-        d_out = [a + b for a, b in zip(d_out, by_res)]
-    return out, d_out
+# Differentiated in the residuals, it is the plain-JAX transpose's own derivative: never the
+# kernel's.
+_define(backward_p, run=lambda pair: pair.backward, in_avals=lambda pair: pair.out_avals,
+        out_avals=lambda pair: pair.lin_avals, plain=lambda pair: pair.transpose_xla)
 
 
 def _backward_transpose(cts, *args, pair):
@@ -185,7 +180,6 @@ def _backward_transpose(cts, *args, pair):
     return [None] * len(res) + list(d_cts)
 
 
-ad.primitive_jvps[backward_p] = _backward_jvp
 ad.primitive_transposes[backward_p] = _backward_transpose
 
 
